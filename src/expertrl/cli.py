@@ -1,0 +1,150 @@
+"""The `expertrl` command: `train`, `sft` and `eval`, each generated from its config dataclass.
+
+    expertrl train --config configs/tiny.yaml --rollout.group_size 8 --loss.kwargs '{"eps_high": 0.28}'
+
+Settings apply in order: dataclass defaults <- ``--config FILE.yaml`` <- dotted ``--section.key VALUE`` overrides
+(values are parsed as YAML). A bad setting prints ``expertrl <cmd>: error: <message>`` and exits with code 2.
+The command modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from expertrl.config import ConfigError, EvalConfig, SFTJobConfig, TrainConfig
+from expertrl.configio import format_help, load_config, to_dict
+
+
+def _train(cfg: TrainConfig) -> None:
+    from expertrl.train import train
+
+    train(cfg)
+
+
+def _sft(cfg: SFTJobConfig) -> None:
+    from expertrl.sft import run_sft
+
+    run_sft(cfg)
+
+
+def _eval(cfg: EvalConfig) -> None:
+    from expertrl.evaluate import run_eval
+
+    run_eval(cfg)
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type
+    """the config dataclass the command's settings come from"""
+    run: Callable[[Any], None]
+    """runs the command on a validated config"""
+
+    @property
+    def summary(self) -> str:
+        return (self.config.__doc__ or "").strip().splitlines()[0]
+
+
+COMMANDS = {
+    "train": Command(TrainConfig, _train),
+    "sft": Command(SFTJobConfig, _sft),
+    "eval": Command(EvalConfig, _eval),
+}
+
+_OPTIONS = "[--config FILE.yaml] [--print-config] [--section.key VALUE ...]"
+
+
+def _top_help() -> str:
+    width = max(map(len, COMMANDS))
+    rows = [f"  {name:<{width}}  {cmd.summary.removeprefix(f'`expertrl {name}`: ')}" for name, cmd in COMMANDS.items()]
+    return "\n".join(
+        [
+            f"usage: expertrl {{{','.join(COMMANDS)}}} {_OPTIONS}",
+            "",
+            "Reinforcement-learning fine-tuning of Mixture-of-Experts models where the router is part of the policy.",
+            "",
+            "commands:",
+            *rows,
+            "",
+            "Run `expertrl <command> --help` to list every setting of a command.",
+        ]
+    )
+
+
+def _command_help(name: str, cmd: Command) -> str:
+    return "\n".join(
+        [
+            f"usage: expertrl {name} {_OPTIONS}",
+            "",
+            cmd.summary,
+            "",
+            "  -h, --help          show this help and exit",
+            "  --config FILE.yaml  YAML file of settings (nested sections, as --print-config writes)",
+            "  --print-config      print the resolved config as YAML and exit",
+            "",
+            "Settings (defaults <- --config file <- --section.key VALUE overrides; values are parsed as YAML):",
+            format_help(cmd.config),
+        ]
+    )
+
+
+def _split_args(args: list[str]) -> tuple[str | None, bool, list[str]]:
+    """Pull --config FILE and --print-config out of a command's arguments; the rest are overrides."""
+    config_path, print_config, overrides = None, False, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--print-config":
+            print_config = True
+        elif arg == "--config" or arg.startswith("--config="):
+            if config_path is not None:
+                raise ConfigError("--config given twice; merge the files into one")
+            if arg == "--config":
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ConfigError("--config: missing file name (write --config FILE.yaml)")
+                i += 1
+                config_path = args[i]
+            else:
+                config_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+        i += 1
+    return config_path, print_config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `expertrl` and `python -m expertrl`; returns 0, or exits with code 2 on a bad setting."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_top_help(), file=sys.stdout if args else sys.stderr)
+        if not args:
+            raise SystemExit(2)
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"usage: expertrl {{{','.join(COMMANDS)}}} {_OPTIONS}", file=sys.stderr)
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"expertrl: error: unknown command {name!r}{hint}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    cmd = COMMANDS[name]
+    if "-h" in rest or "--help" in rest:
+        print(_command_help(name, cmd))
+        return 0
+    try:
+        config_path, print_config, overrides = _split_args(rest)
+        cfg = load_config(cmd.config, config_path, overrides)
+        if print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        cmd.run(cfg)
+    except ConfigError as e:
+        print(f"expertrl {name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0

@@ -1,0 +1,48 @@
+"""Metric sinks: one JSON line per step in ``metrics.jsonl`` and a short console line. Rank 0 writes.
+
+Metrics arrive as a flat dict of detached tensors (0-d or 1-d) and floats; they are turned into Python numbers
+once per step here, never inside the losses (STYLE.md §6).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def to_number(v):
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().cpu()
+        return v.item() if v.dim() == 0 else [round(x, 6) for x in v.tolist()]
+    return v
+
+
+def mean_metrics(records: list[dict]) -> dict:
+    """Average a list of metric dicts key by key (tensors stacked, so one sync at the end)."""
+    out = {}
+    for key in records[0]:
+        vals = [r[key] for r in records if key in r]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack([v.detach().float() for v in vals]).mean(0)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+class MetricsLogger:
+    """Appends ``{"step": s, **metrics}`` lines to ``path`` (flushed every line, so a killed run keeps its log)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, metrics: dict, step: int) -> dict:
+        record = {"step": step, **{k: to_number(v) for k, v in metrics.items()}}
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record

@@ -1,0 +1,177 @@
+"""Tiny Mixture-of-Experts causal LMs built in-process from a config (no Hub), and loading local checkpoints.
+
+A size preset is written once in family-neutral names (``PRESETS``); ``build_moe_config`` translates it into the
+field names of each supported transformers 5.23 family. Token-id conventions come from ``expertrl.tokenizer``
+(pad 0, bos 1, eos 2). Embeddings are untied, the context is 512 positions, and every layer is an MoE layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
+
+PRESETS: dict[str, dict] = {
+    # Unit tests: builds and runs generate in milliseconds.
+    "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, moe_intermediate=32, experts=4, top_k=2),
+    # The default RL job on CPU.
+    "small": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, moe_intermediate=128, experts=8, top_k=2),
+    # PLATFORM.md §1: 4.40M parameters at vocab 4096 (Qwen3-MoE).
+    "5M": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, moe_intermediate=256, experts=8, top_k=2),
+    # PLATFORM.md §1: 48.0M parameters (16.15M active) at vocab 4096 (Qwen3-MoE).
+    "50M": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, moe_intermediate=768, experts=8, top_k=2),
+}
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
+
+
+def _family_fields(family: str, p: dict) -> dict:
+    """The preset ``p`` in the field names of ``family``'s config class."""
+    hidden, heads, head_dim, inter, experts = (
+        p["hidden"],
+        p["heads"],
+        p["head_dim"],
+        p["moe_intermediate"],
+        p["experts"],
+    )
+    if family == "qwen3_moe":
+        # norm_topk_prob defaults to False in the config class, but real Qwen3-MoE checkpoints ship True.
+        return dict(head_dim=head_dim, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
+                    num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
+    if family == "qwen2_moe":
+        # One always-on shared expert as wide as a routed one (gated by shared_expert_gate).
+        return dict(head_dim=head_dim, moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
+                    intermediate_size=inter, num_experts=experts, num_key_value_heads=p["kv_heads"],
+                    norm_topk_prob=True)  # fmt: skip
+    if family == "olmoe":
+        # OLMoE's experts are sized by intermediate_size (it has no moe_intermediate_size).
+        return dict(head_dim=head_dim, intermediate_size=inter, num_experts=experts,
+                    num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
+    if family == "mixtral":
+        # Mixtral always renormalises the top-k weights; it has no norm_topk_prob flag.
+        return dict(head_dim=head_dim, intermediate_size=inter, num_local_experts=experts,
+                    num_key_value_heads=p["kv_heads"])  # fmt: skip
+    if family == "deepseek_v3":
+        # MLA: no low-rank query, latent KV of hidden/2. KV heads must equal query heads, otherwise MLA + SDPA fails
+        # as soon as a padding mask is passed (PLATFORM.md §1). Every layer is MoE (first_k_dense_replace=0) and
+        # group-limited routing is disabled (one group).
+        return dict(moe_intermediate_size=inter, intermediate_size=inter, n_routed_experts=experts,
+                    n_shared_experts=1, num_key_value_heads=heads, q_lora_rank=None, kv_lora_rank=hidden // 2,
+                    qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
+                    n_group=1, topk_group=1, first_k_dense_replace=0)  # fmt: skip
+    raise ValueError(f"unknown MoE family {family!r}; choose from {FAMILIES}")
+
+
+def build_moe_config(
+    family: str,
+    preset: str,
+    vocab_size: int,
+    *,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    experts_implementation: str = "grouped_mm",
+    **overrides,
+) -> PretrainedConfig:
+    """A transformers config for ``family`` at size ``preset``.
+
+    Args:
+        family: one of ``FAMILIES`` (the transformers ``model_type``).
+        preset: a key of ``PRESETS``.
+        vocab_size: V.
+        num_experts: E, replacing the preset's.
+        top_k: K, replacing the preset's.
+        experts_implementation: ``"grouped_mm"`` (fastest on CPU, PLATFORM.md §2), ``"eager"`` or ``"batched_mm"``.
+        **overrides: config fields in the family's own names, applied last. A name the family's config does not
+            have raises, because transformers configs silently store unknown keyword arguments.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = dict(PRESETS[preset])
+    p["experts"] = p["experts"] if num_experts is None else num_experts
+    p["top_k"] = p["top_k"] if top_k is None else top_k
+    assert p["hidden"] == p["heads"] * p["head_dim"], p
+    assert 1 <= p["top_k"] <= p["experts"], p
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_experts_per_tok=p["top_k"],
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        use_cache=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    fields |= _family_fields(family, p)
+    known = AutoConfig.for_model(family)
+    unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
+    if unknown:
+        raise ValueError(f"{family} config has no field(s) {unknown}")
+    fields |= overrides
+    return AutoConfig.for_model(family, experts_implementation=experts_implementation, **fields)
+
+
+def build_tiny_moe(
+    family: str = "qwen3_moe",
+    preset: str = "tiny",
+    vocab_size: int = CHAR_VOCAB_SIZE,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    experts_implementation: str = "grouped_mm",
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    **overrides,
+) -> PreTrainedModel:
+    """A randomly initialised MoE causal LM; the same arguments give bit-identical weights.
+
+    ``from_config`` runs each family's ``_init_weights``, which draws router weights from
+    normal(0, initializer_range); the router constructors alone would leave them at zero (uniform routing, and
+    ties broken by expert index), so this is asserted.
+    """
+    config = build_moe_config(
+        family,
+        preset,
+        vocab_size,
+        num_experts=num_experts,
+        top_k=top_k,
+        experts_implementation=experts_implementation,
+        **overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, param in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            assert param.abs().sum() > 0, f"router {name} initialised to zeros"
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return model
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    experts_implementation: str = "grouped_mm",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a local ``save_pretrained`` directory; never touches the network."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (only local directories are loaded)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a save_pretrained directory?")
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        experts_implementation=experts_implementation,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )

@@ -1,0 +1,222 @@
+"""Scoped routing: install a routing policy on every router of a model, record what it chose, replay it later.
+
+    with route(model, Multinomial(), generator=g) as rec:        # every router samples K experts
+        model.generate(...)
+    trace = rec.trace(batch_size=B)                              # (L, B, S-1, K) compact routes
+
+    with route(model, Replay.from_trace(trace)) as rec:          # force those experts, live router weights
+        logits = model(ids).logits
+    gate_logp = rec.gate_logp(batch_size=B)                      # (L, B, S, K) differentiable log p_θ(e)
+
+The context manager patches each router module's ``forward`` on the instance (the class is untouched, HF's own
+output-recording hooks keep firing) and restores the previous ``forward`` on exit, also on error. Inside, each
+router call:
+1. computes logits (N, E) exactly as the native router does, and the routing distribution
+   ``logp = log_softmax(mask(logits) / T)`` that the policy chooses from;
+2. asks the policy (or the replayed trace) for the experts (N, K) in draw order;
+3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
+   gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
+4. records experts (int16), their log-probs under ``logp`` (differentiable when grad is on) and, if asked, the
+   full probabilities (N, E) for the load-balancing loss and diagnostics.
+With ``TopK`` and no mask this reproduces the native router bit for bit (tested).
+
+Sigmoid-scored routers (DeepSeek-V3) support ``TopK`` (the native group-limited selection, recorded) and
+``Replay`` (native weights at the replayed experts); stochastic policies on them raise until a sampling
+distribution for sigmoid scores is decided. Their recorded log-probs are log of the scores normalised over E
+(experimental, not a softmax).
+
+Gradient checkpointing re-runs routers in backward; a recorder would see the recompute twice, so keep
+checkpointing off inside ``route`` (sampled routes must be replayed, never resampled, in a recompute).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from expertrl.moe.adapters import RouterSite, find_routers
+from expertrl.moe.policies import Multinomial, NoisyTopK, Replay, TopK
+from expertrl.types import RoutingTrace
+
+Policy = TopK | Multinomial | NoisyTopK | Replay
+AllowedFn = Callable[[int, int], Tensor | None]
+"""``allowed(layer_pos, n_tokens) -> (N, E) bool`` experts a token may use at that layer, or None for all."""
+
+
+@dataclass
+class RoutingRecorder:
+    """What the routers did inside one ``route`` block: per layer, a list of chunks (one per router call).
+
+    A plain forward makes one chunk of B*S tokens per layer; ``generate`` makes a prefill chunk of B*P tokens and
+    one chunk of B tokens per decode step. ``trace``/``gate_logp``/``probs`` reassemble them as (L, B, S, ·).
+    """
+
+    sites: list[RouterSite]
+    num_experts: int
+    keep_probs: bool = False
+    experts: list[list[Tensor]] = field(default_factory=list)
+    logp: list[list[Tensor]] = field(default_factory=list)
+    full_probs: list[list[Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.sites)
+        self.experts, self.logp, self.full_probs = (
+            [[] for _ in range(n)],
+            [[] for _ in range(n)],
+            [[] for _ in range(n)],
+        )
+
+    def _assemble(self, chunks: list[list[Tensor]], batch_size: int) -> Tensor:
+        """Per-layer chunks of (n, X) -> (L, B, S, X), time-concatenating chunks per sequence."""
+        assert chunks and chunks[0], "nothing was recorded: did a forward pass run inside route(...)?"
+        layers = []
+        for per_layer in chunks:
+            parts = [c.reshape(batch_size, -1, c.shape[-1]) for c in per_layer]  # (B, n/B, X) each
+            layers.append(torch.cat(parts, dim=1))  # (B, S, X)
+        return torch.stack(layers)  # (L, B, S, X)
+
+    def trace(self, batch_size: int) -> RoutingTrace:
+        """The compact routing trace (detached) of everything recorded."""
+        return RoutingTrace(
+            experts=self._assemble(self.experts, batch_size),
+            logp=self._assemble(self.logp, batch_size).detach(),
+            layers=tuple(s.layer for s in self.sites),
+            num_experts=self.num_experts,
+        )
+
+    def gate_logp(self, batch_size: int) -> Tensor:
+        """(L, B, S, K) log-probs of the chosen experts; differentiable if recorded with grad enabled."""
+        return self._assemble(self.logp, batch_size)
+
+    def probs(self, batch_size: int) -> Tensor:
+        """(L, B, S, E) full routing probabilities (needs ``keep_probs=True``)."""
+        assert self.keep_probs, "route(..., keep_probs=True) is needed to read full router probabilities"
+        return self._assemble(self.full_probs, batch_size)
+
+    def clear(self) -> None:
+        for lists in (self.experts, self.logp, self.full_probs):
+            for per_layer in lists:
+                per_layer.clear()
+
+
+def _record(rec: RoutingRecorder, pos: int, experts: Tensor, logp_chosen: Tensor, probs: Tensor) -> None:
+    rec.experts[pos].append(experts.to(torch.int16))
+    rec.logp[pos].append(logp_chosen if torch.is_grad_enabled() else logp_chosen.detach())
+    if rec.keep_probs:
+        rec.full_probs[pos].append(probs)
+
+
+def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | None) -> Tensor:
+    if isinstance(policy, Replay):
+        return policy.select_layer(logp, k, pos)
+    return policy.select(logp, k, generator)
+
+
+def _softmax_forward(
+    site: RouterSite,
+    pos: int,
+    policy: Policy,
+    temperature: float,
+    allowed: AllowedFn | None,
+    generator: torch.Generator | None,
+    rec: RoutingRecorder,
+    hidden_states: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    router = site.module
+    h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
+    logits = F.linear(h, router.weight)  # (N, E), the native router's logits
+    scores = logits.float()  # (N, E) softmax in float32 like every native softmax router
+    mask = allowed(pos, scores.shape[0]) if allowed is not None else None
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
+    logp_route = torch.log_softmax(scores / temperature if temperature != 1.0 else scores, dim=-1)  # (N, E)
+    with torch.no_grad():
+        experts = _choose(policy, logp_route.detach(), site.top_k, pos, generator)  # (N, K) int64
+    probs = torch.softmax(scores, dim=-1)  # (N, E) untempered: expert weights always use the model's router
+    weights = probs.gather(1, experts)  # (N, K) gradient reaches the router through the chosen experts
+    if site.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    _record(rec, pos, experts, logp_route.gather(1, experts), probs)
+    weights = weights if site.family.weights_float32 else weights.to(logits.dtype)
+    return logits, weights, experts
+
+
+def _sigmoid_forward(
+    site: RouterSite,
+    pos: int,
+    policy: Policy,
+    native: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
+    rec: RoutingRecorder,
+    hidden_states: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    router = site.module
+    if isinstance(policy, TopK):
+        logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection
+    else:  # Replay
+        h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
+        logits = F.linear(h.float(), router.weight.float())  # (N, E) DeepSeek-V3 scores in float32
+        experts = policy.select_layer(torch.log_softmax(logits, -1).detach(), site.top_k, pos)
+        weights = logits.sigmoid().gather(1, experts)  # (N, K)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * router.routed_scaling_factor
+    scores = logits.float().sigmoid()  # (N, E)
+    logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
+    _record(rec, pos, experts, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True))
+    return logits, weights, experts
+
+
+@contextmanager
+def route(
+    model: nn.Module,
+    policy: Policy,
+    *,
+    temperature: float = 1.0,
+    allowed: AllowedFn | None = None,
+    generator: torch.Generator | None = None,
+    keep_probs: bool = False,
+    sites: list[RouterSite] | None = None,
+) -> Iterator[RoutingRecorder]:
+    """Route every MoE layer of ``model`` with ``policy`` inside the block; yields the recorder.
+
+    Args:
+        model: a Hugging Face MoE model of a family in ``expertrl.moe.adapters.FAMILIES``.
+        policy: ``TopK``, ``Multinomial``, ``NoisyTopK`` or ``Replay``.
+        temperature: temperature of the distribution the policy chooses from (weights always use T=1).
+        allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
+        generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
+        keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
+        sites: routers to patch (default: ``find_routers(model)``).
+    """
+    sites = find_routers(model) if sites is None else sites
+    if policy.stochastic or temperature != 1.0 or allowed is not None:
+        bad = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
+        if bad:
+            raise ValueError(
+                f"{type(policy).__name__} routing (or a temperature/mask) needs softmax routers; {bad} score experts "
+                "with a sigmoid. Use TopK or Replay on this family."
+            )
+    rec = RoutingRecorder(sites=sites, num_experts=sites[0].num_experts, keep_probs=keep_probs)
+    saved = []
+    try:
+        for pos, site in enumerate(sites):
+            module = site.module
+            saved.append((module, module.__dict__.get("forward")))
+            if site.family.scoring == "softmax":
+                fwd = functools.partial(_softmax_forward, site, pos, policy, temperature, allowed, generator, rec)
+            else:
+                fwd = functools.partial(_sigmoid_forward, site, pos, policy, module.forward, rec)
+            module.forward = fwd
+        yield rec
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

@@ -1,0 +1,128 @@
+"""Rollout engine: prompts in, groups of G completions out, with everything the losses need recorded.
+
+Knows nothing about losses or rewards. For each prompt it generates G completions under a routing policy (MoE-GRPO:
+multinomial expert sampling and greedy tokens, so all exploration comes from the experts), records the routing
+trace, then recomputes the behaviour log-probs with one replayed forward so the old and new log-probs come from the
+same code path (the first inner update then has ratio exactly 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from expertrl.moe.hooks import AllowedFn, route
+from expertrl.moe.policies import Multinomial, NoisyTopK, TopK, replay_policy_for
+from expertrl.ops import token_logp
+from expertrl.types import UNROUTED, Rollout, RoutingTrace
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, S) positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask(completion: Tensor, eos_token_id: int) -> Tensor:
+    """(B, C) float mask: 1 up to and including the first EOS, 0 after (generate pads finished rows)."""
+    is_eos = completion == eos_token_id  # (B, C)
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # (B, C) strictly after the first EOS
+    return (~after_eos).float()
+
+
+def policy_forward(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_width: int,
+    routing: RoutingTrace,
+    *,
+    keep_probs: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Forward with the recorded routes replayed; log-probs of the completion tokens and of the chosen experts.
+
+    Returns:
+        logp: (B, C) float32 log-prob of each completion token.
+        gate_logp: (L, B, S, K) log-prob of each replayed expert under the live router (differentiable).
+        probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
+    """
+    B, S = input_ids.shape
+    C = S - prompt_width
+    with route(model, replay_policy_for(routing), keep_probs=keep_probs) as rec:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
+            use_cache=False,
+        )
+    logp = token_logp(out.logits[:, :-1], input_ids[:, prompt_width:])  # (B, C)
+    probs = rec.probs(B) if keep_probs else None
+    return logp, rec.gate_logp(B), probs
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: nn.Module,
+    tokenizer,
+    items: list[dict],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    policy: TopK | Multinomial | NoisyTopK,
+    routing_temperature: float = 1.0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    allowed: AllowedFn | None = None,
+) -> Rollout:
+    """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
+
+    Args:
+        items: task items with a ``prompt`` string; each is repeated G times.
+        policy: routing policy of the rollout (its randomness draws from ``generator``).
+        do_sample, temperature: token decoding (MoE-GRPO: greedy).
+    """
+    device = next(model.parameters()).device
+    prompts = [it["prompt"] for it in items for _ in range(group_size)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P)
+    B, P = prompt_ids.shape
+    with route(model, policy, temperature=routing_temperature, allowed=allowed, generator=generator) as rec:
+        sequences = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # (B, S)
+    S = sequences.shape[1]
+    trace = rec.trace(B)  # (L, B, S-1, K): the last token is generated but never fed back
+    L, _, S_rec, K = trace.experts.shape
+    assert S_rec == S - 1, (S_rec, S)
+    trace = RoutingTrace(
+        experts=torch.cat([trace.experts, trace.experts.new_full((L, B, 1, K), UNROUTED)], dim=2),  # (L, B, S, K)
+        logp=torch.cat([trace.logp, trace.logp.new_zeros((L, B, 1, K))], dim=2),
+        layers=trace.layers,
+        num_experts=trace.num_experts,
+    )
+    completion = sequences[:, P:]  # (B, C)
+    mask = completion_mask(completion, tokenizer.eos_token_id)  # (B, C)
+    attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S) pads after EOS are not attended
+    old_logp, old_gate_logp, _ = policy_forward(model, sequences, attention_mask, P, trace)
+    texts = [tokenizer.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
+    return Rollout(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        prompt_width=P,
+        mask=mask,
+        old_logp=old_logp,
+        routing=trace,
+        old_gate_logp=old_gate_logp,
+        group_size=group_size,
+        completions=texts,
+        items=[it for it in items for _ in range(group_size)],
+    )

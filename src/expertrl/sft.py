@@ -1,0 +1,134 @@
+"""Supervised fine-tuning on (prompt, answer) pairs, reusing the routing layer.
+
+The MoE-GRPO paper's baselines are SFT configs: Det-FT (``routing=topk``), Stoch-FT-Multi (``multinomial``) and
+Stoch-FT-Noise (``noisy_topk``), each with the Switch load-balancing loss on the experts actually used. The same
+function is the warm-up stage of ``expertrl train``, so a model that starts from random weights can earn reward.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from expertrl.config import SFTConfig, SFTJobConfig
+from expertrl.losses.routing import switch_load_balancing
+from expertrl.moe.hooks import route
+from expertrl.moe.policies import make_policy
+from expertrl.rollout import position_ids_from_mask
+
+
+def supervised_batch(tokenizer, items: list[dict], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokenise ``prompt + answer + EOS`` (left-padded); loss mask on the answer and EOS tokens.
+
+    Returns:
+        input_ids (B, S), attention_mask (B, S), loss_mask (B, S-1) aligned with ``logits[:, :-1]``.
+    """
+    rows, masks = [], []
+    for it in items:
+        p = tokenizer(it["prompt"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(it["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        masks.append([0] * len(p) + [1] * len(a))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.zeros((len(rows), width), dtype=torch.float)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        attn[i, width - len(r) :] = 1
+        target[i, width - len(r) :] = torch.tensor(m, dtype=torch.float)
+    return ids.to(device), attn.to(device), target[:, 1:].to(device)
+
+
+def supervised_train(
+    model: nn.Module,
+    tokenizer,
+    items: list[dict],
+    cfg: SFTConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    log=None,
+) -> dict:
+    """Train ``model`` in place for ``cfg.steps`` steps of cross-entropy on the answers; returns final metrics."""
+    from expertrl.runtime import clip_grad, optimizer_and_schedule
+
+    device = next(model.parameters()).device
+    policy = make_policy(cfg.routing)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, cfg.steps)
+    model.train()
+    last: dict = {}
+    bar = tqdm(range(cfg.steps), desc="sft", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = [items[rng.randrange(len(items))] for _ in range(cfg.batch_size)]
+        ids, attn, target = supervised_batch(tokenizer, batch, device)
+        with route(model, policy, generator=generator, keep_probs=cfg.lb_coef > 0) as rec:
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        ce = (ce * target.flatten()).sum() / target.sum()
+        loss = ce
+        lb = torch.zeros(())
+        if cfg.lb_coef > 0:
+            B = ids.shape[0]
+            probs, experts = rec.probs(B), rec.trace(B).experts.long()  # (L, B, S, E), (L, B, S, K)
+            L, _, S, E = probs.shape
+            lb = switch_load_balancing(probs.reshape(L, -1, E), experts.reshape(L, B * S, -1), attn.reshape(-1).float())
+            loss = loss + cfg.lb_coef * lb
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad(model, cfg.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        last = {"sft/loss": ce.detach(), "sft/lb_loss": lb.detach(), "sft/grad_norm": grad_norm.detach()}
+        last["sft/step_time"] = time.perf_counter() - t0
+        if log is not None:
+            log(last, step)
+        bar.set_postfix(loss=f"{ce.item():.3f}")
+    model.eval()
+    return {k: float(v) for k, v in last.items()}
+
+
+def run_sft(cfg: SFTJobConfig) -> dict:
+    """`expertrl sft`: supervised fine-tuning, held-out accuracy before and after, final model saved."""
+    from expertrl.checkpoint import save_model
+    from expertrl.configio import save_yaml
+    from expertrl.evaluate import evaluate
+    from expertrl.logging import MetricsLogger
+    from expertrl.runtime import model_and_tokenizer, seed_everything
+    from expertrl.tasks import load_task
+
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    task = load_task(
+        cfg.task.name,
+        train_size=cfg.task.train_size,
+        eval_size=cfg.task.eval_size,
+        seed=cfg.task.seed,
+        verifier=cfg.task.verifier,
+        **cfg.task.kwargs,
+    )
+    max_new = max(len(tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
+    before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
+    logger = MetricsLogger(out / "metrics.jsonl")
+    supervised_train(
+        model, tokenizer, task.train, cfg.sft, seed=cfg.seed, progress=cfg.progress, log=lambda m, s: logger.log(m, s)
+    )
+    after = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
+    save_model(model, tokenizer, out / "final")
+    summary = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "model": str(out / "final")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"sft: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}; model saved to {out / 'final'}")
+    return summary

@@ -1,0 +1,279 @@
+"""`expertrl train`: optional supervised warm-up, then MoE-GRPO. The whole RL loop is ``train`` below.
+
+One step: rollout (G completions per prompt, sampled experts, greedy tokens; routing trace recorded) -> rewards ->
+group advantages -> ``inner_updates`` optimiser steps over the rollout batch, each a pass of replayed forwards
+(token log-probs + live router log-probs of the recorded expert sets) -> Token-GRPO + Gate-GRPO + Switch LB loss ->
+metrics. See docs/architecture.md for which module owns each step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from expertrl.advantages import group_advantages
+from expertrl.checkpoint import save_model
+from expertrl.config import TrainConfig
+from expertrl.configio import save_yaml
+from expertrl.evaluate import evaluate
+from expertrl.logging import MetricsLogger, mean_metrics, to_number
+from expertrl.losses import get_loss
+from expertrl.losses.aggregate import aggregate
+from expertrl.losses.gate import gate_grpo
+from expertrl.losses.routing import switch_load_balancing
+from expertrl.moe.adapters import find_routers
+from expertrl.moe.policies import make_policy
+from expertrl.moe.setprob import SET_LOGPROBS
+from expertrl.ops import entropy, masked_mean
+from expertrl.rewards import compute_rewards
+from expertrl.rollout import generate_rollout, policy_forward
+from expertrl.runtime import clip_grad, derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything
+from expertrl.sft import supervised_train
+from expertrl.tasks import load_task
+from expertrl.types import Rollout
+
+
+def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_logprob, num_seqs: int):
+    """Token-GRPO + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch, scaled to its batch share.
+
+    Returns:
+        loss: 0-d tensor to backpropagate (micro-batch losses sum to the full-batch loss).
+        metrics: detached 0-d tensors.
+    """
+    P, C = micro.prompt_width, micro.completion_width
+    lc = cfg.loss
+    logp, gate_logp, probs = policy_forward(
+        model, micro.input_ids, micro.attention_mask, P, micro.routing, keep_probs=True
+    )  # (B, C), (L, B, S, K), (L, B, S, E)
+    per_token, metrics = token_loss(logp, micro.old_logp, micro.advantages, micro.mask)
+    agg = dict(num_tokens=None, num_seqs=num_seqs, norm_const=float(cfg.rollout.max_new_tokens))
+    loss = aggregate(per_token, micro.mask, lc.agg, **agg)
+    # Gate-GRPO (MoE-GRPO Eq. 5): the ratio of the live router's probability of the recorded expert set to the old
+    # one, per layer and token. Position s routes the token predicted there, so completion token c <-> P-1+c.
+    start = P - 1 if lc.gate_tokens == "completion" else 0
+    set_logp = set_logprob(gate_logp[:, :, start:-1])  # (L, B, T)
+    old_set_logp = set_logprob(micro.old_gate_logp[:, :, start:-1])  # (L, B, T)
+    gate_mask = micro.mask
+    if lc.gate_tokens == "all":
+        gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
+    if lc.gate_coef > 0:
+        gate_per_token, gate_metrics = gate_grpo(set_logp, old_set_logp, micro.advantages, gate_mask)
+        gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **agg)
+        loss = loss + lc.gate_coef * gate_loss
+        metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
+    # Switch load balancing on the experts actually used (every routed, attended position).
+    L, B, S, E = probs.shape
+    lb_mask = micro.attention_mask.clone().float()
+    lb_mask[:, -1] = 0  # the last position was never routed by the rollout
+    experts = micro.routing.experts.long()  # (L, B, S, K)
+    lb = switch_load_balancing(probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
+    if lc.lb_coef > 0:
+        loss = loss + lc.lb_coef * lb * (B / num_seqs)
+    comp_mask = micro.mask  # (B, C)
+    router_h = entropy(probs[:, :, P - 1 : -1].detach())  # (L, B, C) per-token router entropy
+    metrics = {f"loss/{k}" if not k.startswith("loss/") else k: v for k, v in metrics.items()}
+    metrics["loss/token"] = aggregate(per_token, comp_mask, lc.agg).detach()
+    metrics["loss/lb"] = lb.detach()
+    metrics["moe/router_entropy"] = masked_mean(router_h, comp_mask.expand_as(router_h))
+    return loss, metrics
+
+
+def routing_usage(rollout: Rollout) -> dict:
+    """Expert load per layer and the entropy of aggregate expert usage over the completion positions."""
+    P = rollout.prompt_width
+    experts = rollout.routing.experts[:, :, P - 1 : -1].long()  # (L, B, C, K)
+    E = rollout.routing.num_experts
+    valid = rollout.mask.bool()[None, :, :, None].expand_as(experts)  # (L, B, C, K)
+    out = {}
+    usage_h = []
+    for li, layer in enumerate(rollout.routing.layers):
+        counts = torch.bincount(experts[li][valid[li]], minlength=E).float()  # (E,)
+        load = counts / counts.sum().clamp(min=1)
+        out[f"moe/load/layer{layer}"] = load
+        usage_h.append(entropy(load))
+    out["moe/usage_entropy"] = torch.stack(usage_h).mean()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    is_main = accelerator.is_main_process
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    logger = MetricsLogger(out / "metrics.jsonl", enabled=is_main)
+    t_start = time.perf_counter()
+
+    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    model.to(accelerator.device)
+    sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers
+    k_max = max(s.top_k for s in sites)
+    if cfg.loss.gate_coef > 0 and cfg.routing.policy == "noisy_topk":
+        raise ValueError(
+            "loss.gate_coef > 0 needs a routing policy with a closed-form set probability; noisy_topk has none. "
+            "Use routing.policy=multinomial, or set loss.gate_coef=0 for a noise-exploration ablation."
+        )
+    if cfg.routing.set_logprob == "unordered" and k_max > 4:
+        raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
+    task = load_task(
+        cfg.task.name,
+        train_size=cfg.task.train_size,
+        eval_size=cfg.task.eval_size,
+        seed=cfg.task.seed,
+        verifier=cfg.task.verifier,
+        **cfg.task.kwargs,
+    )
+    token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)  # misspelled kwargs fail here, not at step 500
+    set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
+    policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {len(sites)} MoE layers, "
+        f"E={sites[0].num_experts}, K={k_max}), task {task.name} ({len(task.train)} train / {len(task.eval)} "
+        f"held-out), routing {cfg.routing.policy}, loss {cfg.loss.name} + {cfg.loss.gate_coef} x gate"
+    )
+
+    def held_out(tag: str) -> dict:
+        res = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+        logger.log({"eval/accuracy": res["accuracy"], "eval/stage": 0.0}, step=-1 if tag == "sft" else step_now)
+        return res
+
+    summary: dict = {"output_dir": str(out)}
+    step_now = 0
+    if cfg.sft.steps > 0:
+        before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+        summary["accuracy_init"] = before["accuracy"]
+        sft_log = MetricsLogger(out / "sft_metrics.jsonl", enabled=is_main)
+        supervised_train(
+            model,
+            tokenizer,
+            task.train,
+            cfg.sft,
+            seed=cfg.seed,
+            progress=cfg.progress and is_main,
+            log=lambda m, s: sft_log.log(m, s),
+        )
+    start_eval = held_out("start")
+    summary["accuracy_start"] = start_eval["accuracy"]
+    print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
+
+    total_opt_steps = cfg.steps * cfg.inner_updates
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, total_opt_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.eval()  # no dropout/jitter: rollout, old log-probs and updates share one deterministic forward
+    rng = random.Random(cfg.seed)
+    bar = tqdm(range(cfg.steps), desc="rl", disable=not (cfg.progress and is_main))
+    for step in bar:
+        step_now = step
+        t0 = time.perf_counter()
+        items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
+        generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(cfg.seed, step, 1))
+        torch.manual_seed(derive_seed(cfg.seed, step, 2))  # token sampling, when on
+        rollout = generate_rollout(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            items,
+            group_size=cfg.rollout.group_size,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            policy=policy,
+            routing_temperature=cfg.routing.temperature,
+            do_sample=cfg.rollout.do_sample,
+            temperature=cfg.rollout.temperature,
+            generator=generator,
+        )
+        t_rollout = time.perf_counter() - t0
+        rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
+        rollout.rewards = rewards.to(accelerator.device)
+        rollout.reward_parts = parts
+        rollout.advantages, adv_metrics = group_advantages(
+            rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
+        )
+        t_update = time.perf_counter()
+        B = rollout.batch_size
+        step_metrics = []
+        grad_norms = []
+        for inner in range(cfg.inner_updates):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, 3, inner)))
+            optimizer.zero_grad(set_to_none=True)
+            for micro_idx in order.split(cfg.micro_batch_size):
+                micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
+                loss, metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
+                accelerator.backward(loss)
+                step_metrics.append(metrics)
+            grad_norms.append(clip_grad(model, cfg.optim.grad_clip).detach())
+            optimizer.step()
+            schedule.step()
+        t_end = time.perf_counter()
+        n_tokens = rollout.mask.sum()
+        metrics = mean_metrics(step_metrics)
+        metrics |= {
+            "reward": rollout.rewards.mean(),
+            "reward_std": rollout.rewards.std(unbiased=False),
+            "reward_group_std": adv_metrics["reward_std"],
+            "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
+            "completions/mean_length": rollout.mask.sum(-1).mean(),
+            "grad_norm": torch.stack(grad_norms).mean(),
+            "lr": schedule.get_last_lr()[0],
+            "num_tokens": n_tokens,
+            "time/step": t_end - t0,
+            "time/rollout": t_rollout,
+            "time/update": t_end - t_update,
+            "tokens_per_s": n_tokens / (t_end - t0),
+            "moe/trace_bytes": float(rollout.routing.nbytes()),
+        }
+        metrics |= routing_usage(rollout)
+        do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
+        if do_eval:
+            metrics["eval/accuracy"] = evaluate(
+                accelerator.unwrap_model(model),
+                tokenizer,
+                task.eval,
+                task.score,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+            )["accuracy"]
+        record = logger.log(metrics, step)
+        bar.set_postfix(
+            reward=f"{record['reward']:.2f}",
+            gate_clip=f"{record.get('loss/gate_clip_frac', 0.0):.2f}",
+            **({"eval": f"{record['eval/accuracy']:.2f}"} if do_eval else {}),
+        )
+        if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and is_main:
+            save_model(accelerator.unwrap_model(model), tokenizer, out / "checkpoint-last")
+
+    unwrapped = accelerator.unwrap_model(model)
+    final_eval = evaluate(unwrapped, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+    logger.log({"eval/accuracy": final_eval["accuracy"]}, step=cfg.steps)
+    summary["accuracy_end"] = final_eval["accuracy"]
+    summary["per_category_end"] = final_eval["per_category"]
+    summary["examples_end"] = final_eval["examples"]
+    summary["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    if is_main:
+        summary["model"] = str(save_model(unwrapped, tokenizer, out / "final"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    print("\n=== expertrl train: summary ===")
+    if "accuracy_init" in s:
+        print(f"held-out accuracy, random init      : {s['accuracy_init']:.3f}")
+    print(f"held-out accuracy, start of RL       : {s['accuracy_start']:.3f}")
+    print(f"held-out accuracy, end of RL         : {s['accuracy_end']:.3f}")
+    print(f"wall time                           : {s['wall_time_s']:.0f} s")
+    for prompt, completion in s.get("examples_end", []):
+        print(f"  {prompt!r} -> {completion!r}")
+    print(f"final model (Hugging Face format)   : {s.get('model')}")
+    print(f"metrics                             : {s['output_dir']}/metrics.jsonl")
+
+
+__all__ = ["train", "to_number"]
