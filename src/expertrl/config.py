@@ -91,7 +91,7 @@ class RoutingConfig:
 class RolloutConfig:
     group_size: int = 8
     """G completions per prompt (MoE-GRPO: 8)"""
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     """prompts per step; the rollout batch is prompts_per_step * group_size sequences"""
     max_new_tokens: int = 8
     """completion length budget"""
@@ -156,7 +156,7 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 150
+    steps: int = 200
     """supervised steps (0 = no warm-up); also the whole job of `expertrl sft`"""
     batch_size: int = 64
     """sequences per supervised step"""
@@ -190,7 +190,7 @@ class TrainConfig:
     """RL optimiser and schedule"""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """supervised warm-up run before RL (sft.steps = 0 to skip)"""
-    steps: int = 60
+    steps: int = 150
     """RL steps (one rollout batch each)"""
     inner_updates: int = 2
     """mu: optimiser passes over each rollout batch, so ratios really leave 1"""
@@ -200,7 +200,7 @@ class TrainConfig:
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"
     """run directory: config.yaml, metrics.jsonl, checkpoints, final model"""
-    eval_every: int = 20
+    eval_every: int = 30
     """evaluate on held-out prompts every this many RL steps (and at start and end); 0 = start and end only"""
     save_every: int = 0
     """write a resumable checkpoint every this many steps; 0 = only the final model"""

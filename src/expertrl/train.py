@@ -46,7 +46,7 @@ def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_
         loss: 0-d tensor to backpropagate (micro-batch losses sum to the full-batch loss).
         metrics: detached 0-d tensors.
     """
-    P, C = micro.prompt_width, micro.completion_width
+    P = micro.prompt_width
     lc = cfg.loss
     logp, gate_logp, probs = policy_forward(
         model, micro.input_ids, micro.attention_mask, P, micro.routing, keep_probs=True
@@ -142,13 +142,7 @@ def train(cfg: TrainConfig) -> dict:
         f"held-out), routing {cfg.routing.policy}, loss {cfg.loss.name} + {cfg.loss.gate_coef} x gate"
     )
 
-    def held_out(tag: str) -> dict:
-        res = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-        logger.log({"eval/accuracy": res["accuracy"], "eval/stage": 0.0}, step=-1 if tag == "sft" else step_now)
-        return res
-
     summary: dict = {"output_dir": str(out)}
-    step_now = 0
     if cfg.sft.steps > 0:
         before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
         summary["accuracy_init"] = before["accuracy"]
@@ -162,7 +156,8 @@ def train(cfg: TrainConfig) -> dict:
             progress=cfg.progress and is_main,
             log=lambda m, s: sft_log.log(m, s),
         )
-    start_eval = held_out("start")
+    start_eval = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+    logger.log({"eval/accuracy": start_eval["accuracy"]}, step=-1)
     summary["accuracy_start"] = start_eval["accuracy"]
     print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
 
@@ -173,7 +168,6 @@ def train(cfg: TrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     bar = tqdm(range(cfg.steps), desc="rl", disable=not (cfg.progress and is_main))
     for step in bar:
-        step_now = step
         t0 = time.perf_counter()
         items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
         generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(cfg.seed, step, 1))

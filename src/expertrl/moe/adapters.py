@@ -80,7 +80,8 @@ def family_of(model: nn.Module) -> Family:
     if mt not in FAMILIES:
         raise ValueError(
             f"model_type {mt!r} is not a supported MoE family; supported: {sorted(FAMILIES)}. "
-            "Add a row to expertrl.moe.adapters.FAMILIES (router class, scoring, renormalisation) and a tiny-model test."
+            "Add a row to expertrl.moe.adapters.FAMILIES (router class, scoring, renormalisation) "
+            "and a tiny-model test."
         )
     return FAMILIES[mt]
 

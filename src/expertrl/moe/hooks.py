@@ -161,7 +161,8 @@ def _sigmoid_forward(
     else:  # Replay
         h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
         logits = F.linear(h.float(), router.weight.float())  # (N, E) DeepSeek-V3 scores in float32
-        experts = policy.select_layer(torch.log_softmax(logits, -1).detach(), site.top_k, pos)
+        with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
+            experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
         weights = logits.sigmoid().gather(1, experts)  # (N, K)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -74,7 +74,8 @@ class Replay:
     experts: Tensor
     stochastic = False
 
-    def select_layer(self, logp: Tensor, k: int, layer_pos: int) -> Tensor:
+    def select_layer(self, logp: Tensor, k: int, layer_pos: int, fallback=None) -> Tensor:
+        """Recorded experts of layer ``layer_pos``; unrouted rows take ``fallback()`` (default: top-K of ``logp``)."""
         recorded = self.experts[layer_pos]  # (N, K)
         assert recorded.shape == (logp.shape[0], k), (
             f"replayed routes {tuple(recorded.shape)} do not match this forward's {logp.shape[0]} tokens x K={k}; "
@@ -83,7 +84,8 @@ class Replay:
         recorded = recorded.to(device=logp.device, dtype=torch.long)
         missing = recorded[:, :1] == UNROUTED  # (N, 1) a position is recorded whole or not at all
         if missing.any():
-            recorded = torch.where(missing, logp.topk(k, dim=-1).indices, recorded)
+            native = logp.topk(k, dim=-1).indices if fallback is None else fallback()
+            recorded = torch.where(missing, native, recorded)
         return recorded  # (N, K)
 
 

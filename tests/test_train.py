@@ -1,0 +1,69 @@
+"""End-to-end: the CLI runs two RL steps after a short warm-up, writes its run directory, and the final model
+loads with plain transformers."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from expertrl.config import TrainConfig
+from expertrl.configio import load_config
+from expertrl.train import train
+
+TINY = [
+    "--model.preset", "tiny", "--sft.steps", "3", "--sft.batch_size", "8", "--steps", "2",
+    "--rollout.prompts_per_step", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "4",
+    "--task.train_size", "50", "--task.eval_size", "8", "--micro_batch_size", "4", "--progress", "false",
+]  # fmt: skip
+
+
+def test_cli_train_two_steps(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertrl", "train", *TINY, "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out accuracy, end of RL" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [0, 1]
+    for key in ("loss/clip_frac", "loss/gate_clip_frac", "moe/router_entropy", "moe/usage_entropy", "grad_norm"):
+        assert key in steps[0], key
+    assert len(steps[0]["moe/load/layer0"]) == 4 and abs(sum(steps[0]["moe/load/layer0"]) - 1) < 1e-4
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["accuracy_end"] <= 1.0
+    assert (out / "config.yaml").is_file()
+    # the final model is plain Hugging Face format
+    model = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out / "final", local_files_only=True)
+    ids = torch.tensor([tok("1+2=", add_special_tokens=False)["input_ids"]])
+    assert model(ids).logits.shape == (1, 4, len(tok))
+
+
+def test_train_updates_router_and_experts(tmp_path):
+    cfg = load_config(TrainConfig, None, [*TINY, "--sft.steps", "0", "--output_dir", str(tmp_path / "r")])
+    cfg.optim.lr = 1e-2
+    from expertrl.runtime import model_and_tokenizer
+
+    before, _ = model_and_tokenizer(cfg.model, cfg.seed)
+    train(cfg)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "final", local_files_only=True)
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    assert not torch.equal(b["model.layers.0.mlp.gate.weight"], a["model.layers.0.mlp.gate.weight"])
+    assert not torch.equal(b["model.layers.0.mlp.experts.gate_up_proj"], a["model.layers.0.mlp.experts.gate_up_proj"])
+
+
+def test_bad_config_is_named(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "expertrl", "train", "--rollout.group_size", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "rollout.group_size" in proc.stderr and "Traceback" not in proc.stderr
