@@ -241,7 +241,7 @@ def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tok
         seqs = state["seqs"]
         comp_mask = completion_mask(seqs[:, P:], tokenizer.eos_token_id)
         attn = torch.cat([prompt_mask, comp_mask.long()], dim=1)
-        old_logp, old_gate_logp, _ = policy_forward(model, seqs, attn, P, state["trace"])
+        old_logp, old_gate_logp, _, _ = policy_forward(model, seqs, attn, P, state["trace"])
         rewards = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(2)).float()
         adv, _ = group_advantages(rewards, group_size, scale=cfg.loss.advantage_scale)
         state["rollout"] = Rollout(

@@ -106,12 +106,40 @@ def test_contract_zero_advantages_give_zero_gradient(name):
     assert (logp.grad == 0).all()
 
 
+SEQUENCE_ADVANTAGE_LOSSES = {"gspo", "gmpo"}
+"""Losses defined only for one advantage per sequence: they must refuse (B, T) advantages with a clear error."""
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_contract_per_token_advantages_accepted(name):
     logp, old_logp, adv, mask = _inputs()
     loss_seq, _ = LOSSES[name](logp, old_logp, adv, mask)
+    if name in SEQUENCE_ADVANTAGE_LOSSES:
+        with pytest.raises(ValueError, match=r"one advantage per sequence"):
+            LOSSES[name](logp, old_logp, adv[:, None].expand_as(logp), mask)
+        return
     loss_tok, _ = LOSSES[name](logp, old_logp, adv[:, None].expand_as(logp), mask)
     torch.testing.assert_close(loss_seq, loss_tok)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_contract_on_policy_gradient_is_reinforce(name):
+    # ρ ≡ 1 (one update per rollout batch): every loss in the family reduces to REINFORCE with baseline,
+    # d/d logp of the seq_mean_token_mean aggregate = −A_i / (|y_i| · B) (METHODS.md §0).
+    _, _, adv, mask = _inputs()
+    logp = (-torch.rand(mask.shape, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    loss, _ = LOSSES[name](logp, logp.detach(), adv, mask)
+    aggregate(loss, mask, "seq_mean_token_mean").backward()
+    expected = -adv[:, None] * mask / (mask.sum(-1, keepdim=True) * mask.shape[0])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_contract_metrics_have_clip_frac_and_ratio_mean(name):
+    logp, old_logp, adv, mask = _inputs()
+    _, metrics = LOSSES[name](logp, old_logp, adv, mask)
+    assert {"clip_frac", "ratio_mean"} <= set(metrics), sorted(metrics)
+    assert not any(k.startswith("loss/") for k in metrics), "metric keys are un-prefixed; the caller adds loss/"
 
 
 # ---------------------------------------------------------------- registry

@@ -87,6 +87,7 @@ def _command_help(name: str, cmd: Command) -> str:
             "  -h, --help          show this help and exit",
             "  --config FILE.yaml  YAML file of settings (nested sections, as --print-config writes)",
             "  --print-config      print the resolved config as YAML and exit",
+            "  --preset NAME[,NAME] named method presets (expertrl.presets), e.g. dapo, gspo, rspo, grpo,r3",
             "",
             "Settings (defaults <- --config file <- --section.key VALUE overrides; values are parsed as YAML):",
             format_help(cmd.config),
@@ -95,13 +96,27 @@ def _command_help(name: str, cmd: Command) -> str:
 
 
 def _split_args(args: list[str]) -> tuple[str | None, bool, list[str]]:
-    """Pull --config FILE and --print-config out of a command's arguments; the rest are overrides."""
-    config_path, print_config, overrides = None, False, []
+    """Pull --config FILE, --print-config and --preset NAME[,NAME] out of a command's arguments.
+
+    A preset (``expertrl.presets``) expands into dotted overrides placed before the explicit ones, so explicit
+    flags win: defaults <- --config file <- --preset <- --section.key VALUE.
+    """
+    from expertrl.presets import preset_overrides
+
+    config_path, print_config, overrides, preset = None, False, [], []
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--print-config":
             print_config = True
+        elif arg in ("--preset", "--algo"):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"{arg}: missing preset name (e.g. {arg} dapo, or {arg} grpo,r3)")
+            i += 1
+            try:
+                preset += preset_overrides(args[i])
+            except ValueError as e:
+                raise ConfigError(f"{arg}: {e}") from None
         elif arg == "--config" or arg.startswith("--config="):
             if config_path is not None:
                 raise ConfigError("--config given twice; merge the files into one")
@@ -115,7 +130,7 @@ def _split_args(args: list[str]) -> tuple[str | None, bool, list[str]]:
         else:
             overrides.append(arg)
         i += 1
-    return config_path, print_config, overrides
+    return config_path, print_config, preset + overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,12 @@ class RoutingConfig:
     """std of the Gaussian logit noise for noisy_topk; None = 1/E (V-MoE)"""
     set_logprob: Literal["plackett_luce", "unordered", "independent"] = "plackett_luce"
     """probability of a sampled expert set in Gate-GRPO (METHODS.md §3.4, ambiguity 7)"""
+    replay: Literal["rollout", "first_forward", "none"] = "rollout"
+    """routes of the training forwards: rollout = replay the rollout's routes (R3; MoE-GRPO's Token-GRPO),
+    first_forward = replay the routes of the step's first (old-log-prob) forward under live top-K (R2),
+    none = live top-K in every forward (router shift reaches the ratio; what RSPO corrects)"""
+    freeze_router: bool = False
+    """freeze every router weight during RL (the rigid remedy RSPO compares against)"""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "routing.temperature", f"must be > 0, got {self.temperature}")
@@ -99,6 +105,8 @@ class RolloutConfig:
     """sample tokens; MoE-GRPO decodes greedily so all exploration comes from expert sampling"""
     temperature: float = 1.0
     """token sampling temperature (only with do_sample)"""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal before the update (counted in frac_reward_zero_std)"""
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {self.group_size}")
@@ -127,10 +135,30 @@ class LossConfig:
     """Switch load-balancing loss on the experts actually used (value 1 at uniform routing); 0 = off"""
     advantage_scale: Literal["group", "none"] = "group"
     """divide advantages by the group std ('group', GRPO) or not ('none', Dr.GRPO)"""
+    kl_coef: float = 0.0
+    """beta of the per-token KL to a frozen copy of the RL start model (0 = no reference model, MoE-GRPO)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (k3 = DeepSeekMath's unbiased, non-negative one)"""
 
     def __post_init__(self) -> None:
         _check(self.gate_coef >= 0, "loss.gate_coef", f"must be >= 0, got {self.gate_coef}")
+        _check(self.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _check(self.lb_coef >= 0, "loss.lb_coef", f"must be >= 0, got {self.lb_coef}")
+
+
+@dataclass
+class RSPOConfig:
+    enabled: bool = False
+    """rescale each token's importance ratio by the router-shift weight (RSPO, arXiv 2510.23027)"""
+    gamma_min: float = 0.8
+    """floor of the router-shift weight (provisional default of two third-party implementations)"""
+    placement: Literal["before_clip", "after_clip"] = "before_clip"
+    """before_clip = v2 (ACL): log-ratio + log gamma, then the host clips and aggregates; after_clip = v1 reading"""
+    layer_agg: Literal["mean", "product"] = "mean"
+    """mean over layers of the per-layer shift (paper), or their sum (product of per-layer weights)"""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.gamma_min <= 1, "rspo.gamma_min", f"must be in [0, 1], got {self.gamma_min}")
 
 
 @dataclass
@@ -190,6 +218,8 @@ class TrainConfig:
     """RL optimiser and schedule"""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """supervised warm-up run before RL (sft.steps = 0 to skip)"""
+    rspo: RSPOConfig = field(default_factory=RSPOConfig)
+    """router-shift weighting (RSPO); plugs into the grpo, gspo and gmpo losses"""
     steps: int = 150
     """RL steps (one rollout batch each)"""
     inner_updates: int = 2
@@ -212,6 +242,38 @@ class TrainConfig:
         _check(self.inner_updates >= 1, "inner_updates", f"must be >= 1, got {self.inner_updates}")
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """Reject combinations of methods that make no sense (an error, not a warning)."""
+        r, lc = self.routing, self.loss
+        if lc.gate_coef > 0:
+            _check(
+                r.policy == "multinomial",
+                "loss.gate_coef",
+                f"Gate-GRPO trains the router as a stochastic policy and needs routing.policy=multinomial "
+                f"(got {r.policy!r}); set loss.gate_coef=0 for {r.policy} routing",
+            )
+            _check(
+                r.replay == "rollout",
+                "loss.gate_coef",
+                f"Gate-GRPO's ratio is over the rollout's sampled expert sets, so routing.replay must be 'rollout' "
+                f"(got {r.replay!r}); set loss.gate_coef=0 to compare replay modes",
+            )
+            _check(not r.freeze_router, "routing.freeze_router", "a frozen router cannot be trained by Gate-GRPO")
+        if r.policy != "topk":
+            _check(
+                r.replay == "rollout",
+                "routing.replay",
+                f"routes sampled by routing.policy={r.policy} exist only in the rollout, so the training forward must "
+                f"replay them (routing.replay=rollout); use routing.policy=topk for {r.replay!r}",
+            )
+        if self.rspo.enabled:
+            _check(
+                lc.name in ("grpo", "gspo", "gspo_token", "gmpo"),
+                "rspo.enabled",
+                f"the router-shift weight plugs into grpo, gspo, gspo_token or gmpo, not {lc.name!r}",
+            )
 
 
 @dataclass

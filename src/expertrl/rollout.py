@@ -8,6 +8,8 @@ same code path (the first inner update then has ratio exactly 1).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -29,25 +31,45 @@ def completion_mask(completion: Tensor, eos_token_id: int) -> Tensor:
     return (~after_eos).float()
 
 
+class ForwardOut(NamedTuple):
+    """What one policy forward produces.
+
+    Attributes:
+        logp: (B, C) float32 log-prob of each completion token.
+        gate_logp: (L, B, S, K) live log-prob of the replayed experts, or of the ``score`` trace's experts when the
+            forward routes live (differentiable).
+        probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
+        routing: the routes this forward used (the replayed trace, or the live top-K choice).
+    """
+
+    logp: Tensor
+    gate_logp: Tensor
+    probs: Tensor | None
+    routing: RoutingTrace
+
+
 def policy_forward(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     prompt_width: int,
-    routing: RoutingTrace,
+    routing: RoutingTrace | None,
     *,
     keep_probs: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Forward with the recorded routes replayed; log-probs of the completion tokens and of the chosen experts.
+    score: RoutingTrace | None = None,
+) -> ForwardOut:
+    """Forward over prompt + completion; log-probs of the completion tokens and of experts.
 
-    Returns:
-        logp: (B, C) float32 log-prob of each completion token.
-        gate_logp: (L, B, S, K) log-prob of each replayed expert under the live router (differentiable).
-        probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
+    Args:
+        routing: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
+        score: with live routing, a trace whose experts' live log-probs become ``gate_logp`` (RSPO's router shift
+            of the old-activated experts).
     """
     B, S = input_ids.shape
     C = S - prompt_width
-    with route(model, replay_policy_for(routing), keep_probs=keep_probs) as rec:
+    policy = TopK() if routing is None else replay_policy_for(routing)
+    score_experts = None if score is None else score.experts.reshape(score.experts.shape[0], B * S, -1)
+    with route(model, policy, keep_probs=keep_probs, score_experts=score_experts) as rec:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -57,7 +79,9 @@ def policy_forward(
         )
     logp = token_logp(out.logits[:, :-1], input_ids[:, prompt_width:])  # (B, C)
     probs = rec.probs(B) if keep_probs else None
-    return logp, rec.gate_logp(B), probs
+    used = routing if routing is not None else rec.trace(B)
+    gate_logp = rec.scored(B) if score is not None else rec.gate_logp(B)
+    return ForwardOut(logp, gate_logp, probs, used)
 
 
 @torch.no_grad()
@@ -74,6 +98,7 @@ def generate_rollout(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     allowed: AllowedFn | None = None,
+    old_routing: str = "rollout",
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -81,7 +106,11 @@ def generate_rollout(
         items: task items with a ``prompt`` string; each is repeated G times.
         policy: routing policy of the rollout (its randomness draws from ``generator``).
         do_sample, temperature: token decoding (MoE-GRPO: greedy).
+        old_routing: ``rollout`` replays the generation routes in the old-log-prob forward and in training (R3,
+            MoE-GRPO); ``live`` routes that forward with live top-K and keeps *its* routes as the batch's routing
+            (R2 replays them later; without replay they are the old-activated experts of RSPO's router shift).
     """
+    assert old_routing in ("rollout", "live"), old_routing
     device = next(model.parameters()).device
     prompts = [it["prompt"] for it in items for _ in range(group_size)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -112,16 +141,16 @@ def generate_rollout(
     completion = sequences[:, P:]  # (B, C)
     mask = completion_mask(completion, tokenizer.eos_token_id)  # (B, C)
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S) pads after EOS are not attended
-    old_logp, old_gate_logp, _ = policy_forward(model, sequences, attention_mask, P, trace)
+    old = policy_forward(model, sequences, attention_mask, P, trace if old_routing == "rollout" else None)
     texts = [tokenizer.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
     return Rollout(
         input_ids=sequences,
         attention_mask=attention_mask,
         prompt_width=P,
         mask=mask,
-        old_logp=old_logp,
-        routing=trace,
-        old_gate_logp=old_gate_logp,
+        old_logp=old.logp,
+        routing=old.routing,
+        old_gate_logp=old.gate_logp,
         group_size=group_size,
         completions=texts,
         items=[it for it in items for _ in range(group_size)],

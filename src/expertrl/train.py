@@ -8,6 +8,7 @@ metrics. See docs/architecture.md for which module owns each step.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -26,7 +27,9 @@ from expertrl.logging import MetricsLogger, mean_metrics, to_number
 from expertrl.losses import get_loss
 from expertrl.losses.aggregate import aggregate
 from expertrl.losses.gate import gate_grpo
+from expertrl.losses.kl import kl_penalty
 from expertrl.losses.routing import switch_load_balancing
+from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
@@ -40,47 +43,78 @@ from expertrl.types import Rollout
 
 
 def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_logprob, num_seqs: int):
-    """Token-GRPO + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch, scaled to its batch share.
+    """Token loss (+ RSPO, KL) + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch.
+
+    Micro-batch losses are scaled so that they sum to the full-batch loss (``num_seqs`` = rollout batch size).
 
     Returns:
-        loss: 0-d tensor to backpropagate (micro-batch losses sum to the full-batch loss).
-        metrics: detached 0-d tensors.
+        loss: 0-d tensor to backpropagate.
+        metrics: detached tensors.
     """
     P = micro.prompt_width
-    lc = cfg.loss
-    logp, gate_logp, probs = policy_forward(
-        model, micro.input_ids, micro.attention_mask, P, micro.routing, keep_probs=True
-    )  # (B, C), (L, B, S, K), (L, B, S, E)
-    per_token, metrics = token_loss(logp, micro.old_logp, micro.advantages, micro.mask)
+    lc, replay = cfg.loss, cfg.routing.replay
+    fwd = policy_forward(
+        model,
+        micro.input_ids,
+        micro.attention_mask,
+        P,
+        None if replay == "none" else micro.routing,  # live top-K, or the recorded routes (R3 / R2)
+        keep_probs=True,
+        score=micro.routing if replay == "none" else None,  # old-activated experts scored by the live router
+    )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
+    # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
+    comp = slice(P - 1, -1)
+    log_gamma, metrics = router_shift(
+        fwd.gate_logp[:, :, comp],
+        micro.old_gate_logp[:, :, comp],
+        micro.mask,
+        gamma_min=cfg.rspo.gamma_min,
+        layer_agg=cfg.rspo.layer_agg,
+    )  # (B, C) log of RSPO's floored, detached router-shift weight; its metrics are logged for every method
+    old_logp = micro.old_logp
+    if cfg.rspo.enabled and cfg.rspo.placement == "before_clip":
+        old_logp = apply_router_shift(old_logp, log_gamma)  # the host loss sees log ratio + log gamma (RSPO v2)
+    per_token, token_metrics = token_loss(fwd.logp, old_logp, micro.advantages, micro.mask)
+    if cfg.rspo.enabled and cfg.rspo.placement == "after_clip":
+        per_token = after_clip_weight(per_token, log_gamma)
+    metrics |= {f"loss/{k}": v for k, v in token_metrics.items()}
+    if lc.kl_coef > 0:
+        kl = kl_penalty(fwd.logp, micro.ref_logp, estimator=lc.kl_estimator)  # (B, C)
+        per_token = per_token + lc.kl_coef * kl
+        metrics["loss/kl"] = masked_mean(kl.detach(), micro.mask)
     agg = dict(num_tokens=None, num_seqs=num_seqs, norm_const=float(cfg.rollout.max_new_tokens))
     loss = aggregate(per_token, micro.mask, lc.agg, **agg)
-    # Gate-GRPO (MoE-GRPO Eq. 5): the ratio of the live router's probability of the recorded expert set to the old
-    # one, per layer and token. Position s routes the token predicted there, so completion token c <-> P-1+c.
+    # Gate-GRPO (MoE-GRPO Eq. 5): ratio of the live router's probability of each recorded expert set to the old one.
     start = P - 1 if lc.gate_tokens == "completion" else 0
-    set_logp = set_logprob(gate_logp[:, :, start:-1])  # (L, B, T)
-    old_set_logp = set_logprob(micro.old_gate_logp[:, :, start:-1])  # (L, B, T)
-    gate_mask = micro.mask
-    if lc.gate_tokens == "all":
-        gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
     if lc.gate_coef > 0:
+        set_logp = set_logprob(fwd.gate_logp[:, :, start:-1])  # (L, B, T)
+        old_set_logp = set_logprob(micro.old_gate_logp[:, :, start:-1])  # (L, B, T)
+        gate_mask = micro.mask
+        if lc.gate_tokens == "all":
+            gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
         gate_per_token, gate_metrics = gate_grpo(set_logp, old_set_logp, micro.advantages, gate_mask)
         gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **agg)
         loss = loss + lc.gate_coef * gate_loss
         metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
-    # Switch load balancing on the experts actually used (every routed, attended position).
-    L, B, S, E = probs.shape
+    # Switch load balancing on the experts this forward actually used (every routed, attended position).
+    L, B, S, E = fwd.probs.shape
     lb_mask = micro.attention_mask.clone().float()
-    lb_mask[:, -1] = 0  # the last position was never routed by the rollout
-    experts = micro.routing.experts.long()  # (L, B, S, K)
-    lb = switch_load_balancing(probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
+    lb_mask[:, -1] = 0  # the rollout never routed the last position
+    experts = fwd.routing.experts.long()  # (L, B, S, K)
+    lb = switch_load_balancing(fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
     if lc.lb_coef > 0:
         loss = loss + lc.lb_coef * lb * (B / num_seqs)
-    comp_mask = micro.mask  # (B, C)
-    router_h = entropy(probs[:, :, P - 1 : -1].detach())  # (L, B, C) per-token router entropy
-    metrics = {f"loss/{k}" if not k.startswith("loss/") else k: v for k, v in metrics.items()}
-    metrics["loss/token"] = aggregate(per_token, comp_mask, lc.agg).detach()
+    with torch.no_grad():
+        probs_c = fwd.probs[:, :, comp]  # (L, B, C, E)
+        k = micro.routing.experts.shape[-1]
+        live_top = probs_c.topk(k, dim=-1).indices  # (L, B, C, K) what top-K routing would pick now
+        old = micro.routing.experts[:, :, comp].long()  # (L, B, C, K) what the old policy activated
+        overlap = (live_top[..., :, None] == old[..., None, :]).any(-1).float().mean(-1)  # (L, B, C)
+        metrics["router_shift/topk_overlap"] = masked_mean(overlap, micro.mask.expand_as(overlap))
+        router_h = entropy(probs_c)  # (L, B, C) per-token router entropy
+        metrics["moe/router_entropy"] = masked_mean(router_h, micro.mask.expand_as(router_h))
+    metrics["loss/token"] = aggregate(per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None})).detach()
     metrics["loss/lb"] = lb.detach()
-    metrics["moe/router_entropy"] = masked_mean(router_h, comp_mask.expand_as(router_h))
     return loss, metrics
 
 
@@ -161,8 +195,15 @@ def train(cfg: TrainConfig) -> dict:
     summary["accuracy_start"] = start_eval["accuracy"]
     print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
 
+    if cfg.routing.freeze_router:
+        for site in sites:
+            site.weight.requires_grad_(False)
+    ref_model = None
+    if cfg.loss.kl_coef > 0:  # frozen copy of the RL start model (after the warm-up)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     total_opt_steps = cfg.steps * cfg.inner_updates
-    optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, total_opt_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimizer_and_schedule(trainable, cfg.optim, total_opt_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.eval()  # no dropout/jitter: rollout, old log-probs and updates share one deterministic forward
     rng = random.Random(cfg.seed)
@@ -183,7 +224,14 @@ def train(cfg: TrainConfig) -> dict:
             do_sample=cfg.rollout.do_sample,
             temperature=cfg.rollout.temperature,
             generator=generator,
+            old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
         )
+        if ref_model is not None:
+            with torch.no_grad():
+                routes = None if cfg.routing.replay == "none" else rollout.routing
+                rollout.ref_logp = policy_forward(
+                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
+                ).logp
         t_rollout = time.perf_counter() - t0
         rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
         rollout.rewards = rewards.to(accelerator.device)
@@ -191,40 +239,46 @@ def train(cfg: TrainConfig) -> dict:
         rollout.advantages, adv_metrics = group_advantages(
             rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
         )
-        t_update = time.perf_counter()
-        B = rollout.batch_size
-        step_metrics = []
-        grad_norms = []
-        for inner in range(cfg.inner_updates):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, 3, inner)))
-            optimizer.zero_grad(set_to_none=True)
-            for micro_idx in order.split(cfg.micro_batch_size):
-                micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
-                loss, metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
-                accelerator.backward(loss)
-                step_metrics.append(metrics)
-            grad_norms.append(clip_grad(model, cfg.optim.grad_clip).detach())
-            optimizer.step()
-            schedule.step()
-        t_end = time.perf_counter()
-        n_tokens = rollout.mask.sum()
-        metrics = mean_metrics(step_metrics)
-        metrics |= {
+        metrics = {
             "reward": rollout.rewards.mean(),
             "reward_std": rollout.rewards.std(unbiased=False),
             "reward_group_std": adv_metrics["reward_std"],
             "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
             "completions/mean_length": rollout.mask.sum(-1).mean(),
-            "grad_norm": torch.stack(grad_norms).mean(),
+            "moe/trace_bytes": float(rollout.routing.nbytes()),
+        } | routing_usage(rollout)
+        if cfg.rollout.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
+            G = cfg.rollout.group_size
+            informative = rollout.rewards.view(-1, G).std(-1) > 0  # (B/G,)
+            keep = informative.repeat_interleave(G).nonzero().squeeze(-1)  # (B',)
+            rollout = rollout.index_batch(keep)
+        t_update = time.perf_counter()
+        B = rollout.batch_size
+        step_metrics = []
+        grad_norms = []
+        for inner in range(cfg.inner_updates if B > 0 else 0):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, 3, inner)))
+            optimizer.zero_grad(set_to_none=True)
+            for micro_idx in order.split(cfg.micro_batch_size):
+                micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
+                loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
+                accelerator.backward(loss)
+                step_metrics.append(micro_metrics)
+            grad_norms.append(clip_grad(model, cfg.optim.grad_clip).detach())
+            optimizer.step()
+            schedule.step()
+        t_end = time.perf_counter()
+        n_tokens = rollout.mask.sum()
+        if step_metrics:  # empty when dynamic sampling dropped every group
+            metrics |= mean_metrics(step_metrics) | {"grad_norm": torch.stack(grad_norms).mean()}
+        metrics |= {
             "lr": schedule.get_last_lr()[0],
             "num_tokens": n_tokens,
             "time/step": t_end - t0,
             "time/rollout": t_rollout,
             "time/update": t_end - t_update,
             "tokens_per_s": n_tokens / (t_end - t0),
-            "moe/trace_bytes": float(rollout.routing.nbytes()),
         }
-        metrics |= routing_usage(rollout)
         do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
         if do_eval:
             metrics["eval/accuracy"] = evaluate(

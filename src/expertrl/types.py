@@ -81,6 +81,7 @@ class Rollout:
         completions: B decoded completion strings.
         items: the task item behind each sequence (B dicts; the G samples of a prompt share one).
         reward_parts: named (B,) reward components before weighting, for logging.
+        ref_logp: (B, C) log-probs under the frozen reference model, when a KL penalty is on.
     """
 
     input_ids: Tensor
@@ -96,6 +97,7 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     reward_parts: dict[str, Tensor] = field(default_factory=dict)
+    ref_logp: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -121,4 +123,5 @@ class Rollout:
             rewards=None if self.rewards is None else self.rewards[index],
             advantages=None if self.advantages is None else self.advantages[index],
             reward_parts={k: v[index] for k, v in self.reward_parts.items()},
+            ref_logp=None if self.ref_logp is None else self.ref_logp[index],
         )

@@ -55,4 +55,4 @@ def get_loss(name: str, **kwargs) -> functools.partial:
 
 
 # Import the loss modules so that their @register_loss decorators run.
-from expertrl.losses import grpo as _grpo  # noqa: E402, F401
+from expertrl.losses import cispo, gmpo, grpo, gspo, sapo  # noqa: E402, F401

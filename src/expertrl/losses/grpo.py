@@ -5,6 +5,8 @@ Per token, with ρ = π_θ / π_old and advantage Â (maximised objective J, los
     loss_t = −min( ρ_t Â, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â )
 
 ``ε_low = ε_high`` is PPO/GRPO; ``ε_high > ε_low`` is DAPO's clip-higher (a preset, not a separate loss).
+``dual_clip = c`` adds the dual clip of Ye et al. 2020 (arXiv:1912.09729): for Â < 0 the loss is bounded by −c·Â,
+so a token whose ratio has exploded (ρ > c) on a bad sample stops pushing (its gradient is 0).
 ``clipped_surrogate`` holds the math and is shared with Gate-GRPO (``losses.gate``), whose ratio is over expert
 sets instead of tokens.
 """
@@ -89,8 +91,11 @@ def grpo(
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO clipped objective per token (METHODS.md §4.1; MoE-GRPO Eq. 4 with replayed routes).
+
+    Paper aggregation: ``seq_mean_token_mean`` (GRPO); DAPO uses ``token_mean``, Dr.GRPO ``seq_mean_token_sum_norm``.
 
     Args:
         logp: (B, T) log π_θ of the sampled tokens (gradient).
@@ -100,12 +105,26 @@ def grpo(
             to the loss).
         eps_low: lower clip width.
         eps_high: upper clip width (DAPO clip-higher: 0.28).
+        dual_clip: c > 1 (typically 3) turns on the dual clip: where A < 0 the loss is min(loss, −c·A);
+            None = off.
     Returns:
         loss: (B, T) per-token loss −min(ρA, clip(ρ)A), not yet masked or aggregated.
         metrics: ``clip_frac``, ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean``, ``ratio_max``,
-            ``approx_kl``: detached 0-d tensors, masked means over tokens.
+            ``approx_kl``: detached 0-d tensors, masked means over tokens. With ``dual_clip`` also
+            ``clip_frac_dual`` (A < 0 and ρ > c), which is then included in ``clip_frac``.
     """
     assert logp.shape == old_logp.shape == mask.shape and logp.dim() == 2, (logp.shape, old_logp.shape, mask.shape)
-    adv = broadcast_advantages(advantages, logp)  # (B, 1) or (B, T)
-    loss, log_ratio, clip_low, clip_high = clipped_surrogate(logp - old_logp.detach(), adv.detach(), eps_low, eps_high)
-    return loss, ratio_metrics(log_ratio, clip_low, clip_high, mask)
+    assert dual_clip is None or dual_clip > 1, f"dual_clip must be > 1 (typically 3) or None, got {dual_clip}"
+    adv = broadcast_advantages(advantages, logp).detach()  # (B, 1) or (B, T)
+    loss, log_ratio, clip_low, clip_high = clipped_surrogate(logp - old_logp.detach(), adv, eps_low, eps_high)
+    metrics = ratio_metrics(log_ratio, clip_low, clip_high, mask)
+    if dual_clip is not None:
+        # For A < 0 and ρ > c > 1 the clipped surrogate is ρ|A| > c|A|: replace it by the constant −cA (no gradient).
+        bound = -dual_clip * adv  # (B, 1) or (B, T)
+        dual = (adv < 0) & (loss > bound)  # (B, T); disjoint from clip_low (ρ < 1 − ε_low < c) and clip_high (A > 0)
+        loss = torch.where(dual, bound.expand_as(loss), loss)
+        with torch.no_grad():
+            frac_dual = masked_mean(dual.to(loss.dtype), mask.to(loss.dtype))
+        metrics["clip_frac_dual"] = frac_dual
+        metrics["clip_frac"] = metrics["clip_frac"] + frac_dual
+    return loss, metrics

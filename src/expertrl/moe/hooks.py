@@ -60,17 +60,16 @@ class RoutingRecorder:
     sites: list[RouterSite]
     num_experts: int
     keep_probs: bool = False
+    score_experts: Tensor | None = None
     experts: list[list[Tensor]] = field(default_factory=list)
     logp: list[list[Tensor]] = field(default_factory=list)
     full_probs: list[list[Tensor]] = field(default_factory=list)
+    scored_logp: list[list[Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.sites)
-        self.experts, self.logp, self.full_probs = (
-            [[] for _ in range(n)],
-            [[] for _ in range(n)],
-            [[] for _ in range(n)],
-        )
+        self.experts, self.logp = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.full_probs, self.scored_logp = [[] for _ in range(n)], [[] for _ in range(n)]
 
     def _assemble(self, chunks: list[list[Tensor]], batch_size: int) -> Tensor:
         """Per-layer chunks of (n, X) -> (L, B, S, X), time-concatenating chunks per sequence."""
@@ -99,8 +98,16 @@ class RoutingRecorder:
         assert self.keep_probs, "route(..., keep_probs=True) is needed to read full router probabilities"
         return self._assemble(self.full_probs, batch_size)
 
+    def scored(self, batch_size: int) -> Tensor:
+        """(L, B, S, K) log-probs of the ``score_experts`` ids under the live routing distribution (differentiable).
+
+        This is how RSPO reads the current router's score of the experts the *old* policy activated when the forward
+        itself routes live (no replay)."""
+        assert self.score_experts is not None, "route(..., score_experts=...) is needed to score reference experts"
+        return self._assemble(self.scored_logp, batch_size)
+
     def clear(self) -> None:
-        for lists in (self.experts, self.logp, self.full_probs):
+        for lists in (self.experts, self.logp, self.full_probs, self.scored_logp):
             for per_layer in lists:
                 per_layer.clear()
 
@@ -143,6 +150,11 @@ def _softmax_forward(
     if site.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     _record(rec, pos, experts, logp_route.gather(1, experts), probs)
+    if rec.score_experts is not None:
+        ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
+        ref_ok = ref >= 0
+        scored = logp_route.gather(1, ref.clamp(min=0)) * ref_ok  # (N, K); unrouted slots score 0
+        rec.scored_logp[pos].append(scored if torch.is_grad_enabled() else scored.detach())
     weights = weights if site.family.weights_float32 else weights.to(logits.dtype)
     return logits, weights, experts
 
@@ -182,6 +194,7 @@ def route(
     allowed: AllowedFn | None = None,
     generator: torch.Generator | None = None,
     keep_probs: bool = False,
+    score_experts: Tensor | None = None,
     sites: list[RouterSite] | None = None,
 ) -> Iterator[RoutingRecorder]:
     """Route every MoE layer of ``model`` with ``policy`` inside the block; yields the recorder.
@@ -193,17 +206,21 @@ def route(
         allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
         generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
         keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
+        score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
+            (``rec.scored``), whatever the policy chooses; softmax routers only.
         sites: routers to patch (default: ``find_routers(model)``).
     """
     sites = find_routers(model) if sites is None else sites
-    if policy.stochastic or temperature != 1.0 or allowed is not None:
+    if policy.stochastic or temperature != 1.0 or allowed is not None or score_experts is not None:
         bad = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
         if bad:
             raise ValueError(
                 f"{type(policy).__name__} routing (or a temperature/mask) needs softmax routers; {bad} score experts "
                 "with a sigmoid. Use TopK or Replay on this family."
             )
-    rec = RoutingRecorder(sites=sites, num_experts=sites[0].num_experts, keep_probs=keep_probs)
+    rec = RoutingRecorder(
+        sites=sites, num_experts=sites[0].num_experts, keep_probs=keep_probs, score_experts=score_experts
+    )
     saved = []
     try:
         for pos, site in enumerate(sites):

@@ -1,0 +1,147 @@
+"""Named methods as data: each preset is a dict of dotted ``TrainConfig`` overrides (STYLE.md §2, §18).
+
+A preset only fills fields; it adds no code path. ``preset_overrides`` turns one into the CLI override list that
+``configio.load_config`` accepts, so ``--preset`` and explicit flags go through the same parser (later flags win).
+
+The token-loss presets (grpo, dr_grpo, dapo, gspo, gmpo, sapo, cispo, rspo) use the papers' own MoE setting:
+deterministic top-K routing, sampled tokens, live routing in every forward (so the router shift is real), no
+Gate-GRPO. ``moe_grpo`` is the default job (sampled experts, greedy tokens, Token- + Gate-GRPO). ``r3``, ``r2``
+and ``freeze_router`` are stabilisers to combine with a loss preset (``--preset grpo,r3``); the ablation grid
+"GRPO vs GSPO vs GMPO vs RSPO vs replay vs freezing" is then one preset list per run.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+PRESETS: dict[str, dict] = {
+    # GRPO (DeepSeekMath; METHODS §4.1): symmetric clip 0.2, per-sequence token mean.
+    "grpo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "grpo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"eps_low": 0.2, "eps_high": 0.2},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # Dr.GRPO (METHODS §4.2): no std division, Σ_t / constant instead of the per-sequence mean.
+    "dr_grpo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "grpo",
+        "loss.agg": "seq_mean_token_sum_norm",
+        "loss.kwargs": {"eps_low": 0.2, "eps_high": 0.2},
+        "loss.advantage_scale": "none",
+        "loss.gate_coef": 0.0,
+    },
+    # DAPO (METHODS §4.3): clip-higher and token-level normalisation (dynamic sampling / overlong: see above).
+    "dapo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "grpo",
+        "loss.agg": "token_mean",
+        "loss.kwargs": {"eps_low": 0.2, "eps_high": 0.28},
+        "rollout.dynamic_sampling": True,
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # GSPO (METHODS §4.4): sequence ratio, clip 3e-4 / 4e-4.
+    "gspo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "gspo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"eps_low": 3e-4, "eps_high": 4e-4},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # GMPO (METHODS §4.5): token clip in log space (0.4 / 0.4), geometric mean; needs a mean over sequences.
+    "gmpo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "gmpo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"eps_low": 0.4, "eps_high": 0.4},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # SAPO (METHODS §4.6): soft gate, τ_pos 1.0, τ_neg 1.05.
+    "sapo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "sapo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"tau_pos": 1.0, "tau_neg": 1.05},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # CISPO (METHODS §4.7): truncated IS weight on REINFORCE, lower bound off, 1/Σ|y| normalisation.
+    "cispo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "cispo",
+        "loss.agg": "token_mean",
+        "loss.kwargs": {"eps_low": 1.0, "eps_high": 5.0},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # MoE-GRPO (METHODS §3, Eq. 6): Token-GRPO + 1.0 × Gate-GRPO, the default job.
+    "moe_grpo": {
+        "loss.name": "grpo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"eps_low": 0.2, "eps_high": 0.2},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 1.0,
+    },
+    # RSPO (METHODS §1): GMPO host + router-shift weighting before the clip (v2), gamma_min 0.8.
+    "rspo": {
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "rspo.enabled": True,
+        "rspo.gamma_min": 0.8,
+        "rspo.placement": "before_clip",
+        "loss.name": "gmpo",
+        "loss.agg": "seq_mean_token_mean",
+        "loss.kwargs": {"eps_low": 0.4, "eps_high": 0.4},
+        "loss.advantage_scale": "group",
+        "loss.gate_coef": 0.0,
+    },
+    # MoE stabilisers, to combine with a loss preset: `--preset grpo,r3`. Later presets override earlier ones.
+    "r3": {"routing.replay": "rollout"},  # replay the rollout's routes in every training forward (Ma et al.)
+    "r2": {"routing.replay": "first_forward"},  # replay the routes of the step's first forward (GSPO paper)
+    "freeze_router": {"routing.freeze_router": True},
+}
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The preset ``name`` as CLI overrides for ``configio.load_config``: ``["--loss.name", "gspo", ...]``.
+
+    Values are written as flow-style YAML, which the override parser reads back unchanged (JSON would not do: YAML
+    1.1 reads JSON's ``1e-05`` as a string).
+
+    Raises:
+        ValueError: unknown ``name`` (lists the valid ones).
+    """
+    out: list[str] = []
+    for one in name.split(","):
+        if one not in PRESETS:
+            raise ValueError(f"unknown preset {one!r}; choose from {sorted(PRESETS)} (combine with commas)")
+        out += _one_preset(one)
+    return out
+
+
+def _one_preset(name: str) -> list[str]:
+    out: list[str] = []
+    for key, value in PRESETS[name].items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")  # scalar end marker
+        out += [f"--{key}", text]
+    return out
