@@ -124,3 +124,17 @@ def test_router_shift_appears_without_replay(tmp_path):
     for name, p in start.named_parameters():
         if name.endswith("mlp.gate.weight"):
             assert torch.equal(p, dict(final.named_parameters())[name]), name
+
+
+def test_eval_command_scores_a_saved_checkpoint(tmp_path, capsys):
+    from expertrl.checkpoint import save_model
+    from expertrl.cli import main
+    from expertrl.models import build_tiny_moe
+    from expertrl.tokenizer import build_char_tokenizer
+
+    save_model(build_tiny_moe("qwen3_moe", "tiny"), build_char_tokenizer(), tmp_path / "ckpt")
+    args = ["eval", "--model.path", str(tmp_path / "ckpt"), "--task.eval_size", "8", "--max_new_tokens", "3"]
+    assert main(args) == 0
+    assert "held-out prompts" in capsys.readouterr().out
+    result = json.loads((tmp_path / "ckpt" / "eval.json").read_text())
+    assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0

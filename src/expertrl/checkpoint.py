@@ -1,17 +1,33 @@
-"""Saving models atomically: write into a temporary sibling directory, then rename over the target.
+"""Runs that survive: atomic saves, resumable RL checkpoints, resuming, and stopping cleanly on Ctrl-C / SIGTERM.
 
-A reader (or a resumed run) therefore sees either the previous complete checkpoint or the new complete one, never
-a half-written directory. Weights are safetensors (``save_pretrained``); nothing is pickled.
+Every directory is written into a temporary sibling and then renamed, so a reader (or a resumed run) sees either
+the previous complete checkpoint or the new complete one, never a half-written directory. Weights are safetensors
+(``save_pretrained``); the optimizer state is the only ``torch.save`` file, and it is read back with
+``weights_only=True`` (tensors and plain containers, no code).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import random
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from expertrl.config import ConfigError, ModelConfig, TrainConfig
+from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
+from expertrl.models import load_model
+from expertrl.runtime import DTYPES
 
 
 def atomic_save_dir(path: str | Path, write) -> Path:
@@ -42,3 +58,223 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return atomic_save_dir(path, write)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resumable RL checkpoints: RUN_DIR/checkpoints/step-{N:06d}/, N = completed RL steps
+#
+#   model/                  save_pretrained (safetensors) + tokenizer: the policy after step N
+#   reference/              the frozen KL reference model (only when loss.kl_coef > 0)
+#   optimizer.pt            optimizer.state_dict(), read back with torch.load(weights_only=True)
+#   trainer_state.json      step, scheduler state, summary so far, fault counters, global RNG states
+#   config.yaml             the run's config; a resumed run must match it (train.check_resume_config)
+#
+# The directory is written by ``atomic_save_dir``, and ``trainer_state.json`` is what marks it complete: a killed
+# writer leaves only a hidden ``.step-....tmp-*`` directory, which resume ignores and deletes.
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"step-(\d+)")
+# config.json keys that are bookkeeping, not architecture (dtype is set by model.dtype at load time)
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache"}
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` completed RL steps lives."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    config,
+    reference: nn.Module | None = None,
+) -> Path:
+    """Write a complete, resumable checkpoint directory atomically (see the layout above)."""
+
+    def write(tmp: Path) -> None:
+        for name, module in (("model", model), ("reference", reference)):
+            if module is not None:
+                module.save_pretrained(tmp / name, safe_serialization=True)
+                tokenizer.save_pretrained(tmp / name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_yaml(config, tmp / "config.yaml")
+        state = trainer_state | {"rng": rng_state()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
+
+    return atomic_save_dir(path, write)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete ``step-N`` directories (with ``trainer_state.json``), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-numbered complete checkpoint of a run, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recent complete checkpoints."""
+    assert keep >= 1, keep
+    for path in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path)
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete the temporary directories a killed writer left behind (``.step-N.tmp-*``, ``.step-N.old-*``)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if re.fullmatch(r"\.step-\d+\.(tmp|old)-.+", p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def load_optimizer_state(path: str | Path) -> dict:
+    """The optimizer state of a checkpoint; ``weights_only`` so a tampered file cannot run code."""
+    return torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def architecture_diff(expected: dict, found: dict) -> list[str]:
+    """The config.json fields (as dicts) that make two models different networks, as 'key: expected vs found'."""
+    keys = sorted((expected.keys() | found.keys()) - _NOT_ARCHITECTURE)
+    return [f"{k}: {expected.get(k)!r} vs {found.get(k)!r}" for k in keys if expected.get(k) != found.get(k)]
+
+
+def rng_state() -> dict:
+    """Global RNG states (torch, CUDA, Python, NumPy) as JSON-safe lists."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resuming a run, and stopping one cleanly
+
+# Settings a resumed run may change; everything else must equal the checkpoint's config.yaml. output_dir must be
+# the resume directory itself, so a run directory that was moved can still be resumed.
+RESUMABLE_CHANGES = ("resume", "steps", "progress", "output_dir")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k: v}
+    return out
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path:
+    """The checkpoint ``cfg.resume`` continues from, after checking that ``cfg`` describes the same run."""
+    run_dir = Path(cfg.resume)
+    if run_dir.resolve() != Path(cfg.output_dir).resolve():
+        raise ConfigError(
+            f"resume: a resumed run continues in its own directory, but output_dir is {cfg.output_dir!r}; "
+            f"pass --output_dir {run_dir} as well (a run directory that was moved keeps its old one in config.yaml)"
+        )
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(
+            f"resume: {str(run_dir)!r} has no complete checkpoint ({CHECKPOINTS}/step-N with trainer_state.json); "
+            "checkpoints are written every save_every steps, at the end of a run with save_every > 0, and on Ctrl-C"
+        )
+    saved = _flatten(to_dict(from_dict(TrainConfig, load_yaml(ckpt / "config.yaml"))))
+    now = _flatten(to_dict(cfg))
+    diff = [k for k in sorted(saved.keys() | now.keys()) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if diff:
+        detail = "; ".join(f"{k} is {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+        raise ConfigError(
+            f"{', '.join(diff)}: not what the run being resumed used ({detail}; see {ckpt / 'config.yaml'}). Only "
+            "steps and progress may change on resume; start a new run (another output_dir) to change anything else"
+        )
+    done = load_trainer_state(ckpt)["step"]
+    if cfg.steps < done:
+        raise ConfigError(f"steps: the checkpoint {ckpt} has already done {done} steps; set steps >= {done}")
+    return ckpt
+
+
+def load_weights(model: nn.Module, path: Path, cfg: ModelConfig) -> None:
+    """Copy the weights of the ``save_pretrained`` directory ``path`` into ``model``, which must be the same network."""
+    saved = load_model(
+        path,
+        dtype=DTYPES[cfg.dtype],
+        experts_implementation=cfg.experts_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    diff = architecture_diff(model.config.to_dict(), saved.config.to_dict())
+    if diff:
+        raise ConfigError(
+            f"model: the checkpoint {path} holds a different network than the model settings build "
+            f"({'; '.join(diff)}; settings vs checkpoint config.json); resume with the run's own model settings"
+        )
+    model.load_state_dict(saved.state_dict())
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps >= ``step`` (logged after the checkpoint a run resumes from) and any line a kill
+    cut short, so the resumed run appends to a log without duplicates."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run
+            continue
+        if record["step"] < step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)  # a kill now leaves the old log or the new one, never a cut one
+
+
+@contextlib.contextmanager
+def stop_requests(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, Ctrl-C / SIGTERM only set ``stop["signal"]`` so the loop can finish its step and save;
+    a second one aborts at once. The previous handlers come back on exit."""
+    stop: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        tqdm.write(f"\n{stop['signal']}: stopping after this step and saving a checkpoint (send it again to abort now)")
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -236,9 +236,18 @@ class TrainConfig:
     """write a resumable checkpoint every this many steps; 0 = only the final model"""
     progress: bool = True
     """show a progress bar"""
+    resume: str | None = None
+    """continue the run in this directory from its latest complete checkpoint (checkpoints/step-N); output_dir must
+    name the same directory, and every other setting except steps and progress must equal the checkpoint's"""
+    keep_checkpoints: int = 2
+    """number of most recent checkpoints kept in output_dir/checkpoints (older ones are deleted)"""
+    max_bad_steps: int = 3
+    """stop after this many steps in a row whose loss or gradient norm is NaN/Inf (each one is skipped)"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
         _check(self.inner_updates >= 1, "inner_updates", f"must be >= 1, got {self.inner_updates}")
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")

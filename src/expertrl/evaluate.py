@@ -70,3 +70,42 @@ def evaluate(
         "n": len(scores),
         "examples": examples,
     }
+
+
+def run_eval(cfg) -> dict:
+    """`expertrl eval`: held-out accuracy of ``cfg.model`` on ``cfg.task`` (top-K routing, greedy); JSON + table."""
+    import json
+    from pathlib import Path
+
+    from expertrl.runtime import model_and_tokenizer, seed_everything
+    from expertrl.tasks import load_task
+
+    seed_everything(cfg.seed)
+    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    task = load_task(
+        cfg.task.name,
+        train_size=cfg.task.train_size,
+        eval_size=cfg.task.eval_size,
+        seed=cfg.task.seed,
+        verifier=cfg.task.verifier,
+        **cfg.task.kwargs,
+    )
+    result = evaluate(
+        model,
+        tokenizer,
+        task.eval,
+        task.score,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        progress=True,
+    )
+    print(f"expertrl eval: {task.name}, {result['n']} held-out prompts, top-K routing, greedy decoding")
+    print(f"{'category':<16} accuracy")
+    for cat, acc in result["per_category"].items():
+        print(f"{cat:<16} {acc:.3f}")
+    print(f"{'all':<16} {result['accuracy']:.3f}")
+    if cfg.model.path is not None:
+        out = Path(cfg.model.path) / "eval.json"
+        out.write_text(json.dumps({"task": task.name, **result}, indent=2))
+        print(f"results: {out}")
+    return result

@@ -9,6 +9,7 @@ metrics. See docs/architecture.md for which module owns each step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -19,8 +20,23 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from expertrl.advantages import group_advantages
-from expertrl.checkpoint import save_model
-from expertrl.config import TrainConfig
+from expertrl.checkpoint import (
+    checkpoint_path,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    load_weights,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+    stop_requests,
+    truncate_metrics,
+)
+from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, mean_metrics, to_number
@@ -136,18 +152,31 @@ def routing_usage(rollout: Rollout) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``."""
+    """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``.
+
+    With ``cfg.resume`` it continues from the run's latest checkpoint (no warm-up, no start evaluation). Every
+    per-step random choice derives from (seed, step), so on CPU a resumed run logs the same metrics, step for step,
+    as one that was never interrupted.
+    """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
+    resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
+    if resume_from is None and complete_checkpoints(out):
+        raise ConfigError(
+            f"output_dir: {str(out)!r} holds checkpoints of an earlier run; continue it with "
+            f"--config {out}/config.yaml --resume {out}, or choose another output_dir"
+        )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        save_yaml(dataclasses.replace(cfg, resume=None), out / "config.yaml")  # describes the run, not this launch
     logger = MetricsLogger(out / "metrics.jsonl", enabled=is_main)
     t_start = time.perf_counter()
 
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    if resume_from is not None:
+        load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
     model.to(accelerator.device)
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers
     k_max = max(s.top_k for s in sites)
@@ -177,23 +206,31 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     summary: dict = {"output_dir": str(out)}
-    if cfg.sft.steps > 0:
-        before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-        summary["accuracy_init"] = before["accuracy"]
-        sft_log = MetricsLogger(out / "sft_metrics.jsonl", enabled=is_main)
-        supervised_train(
-            model,
-            tokenizer,
-            task.train,
-            cfg.sft,
-            seed=cfg.seed,
-            progress=cfg.progress and is_main,
-            log=lambda m, s: sft_log.log(m, s),
-        )
-    start_eval = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-    logger.log({"eval/accuracy": start_eval["accuracy"]}, step=-1)
-    summary["accuracy_start"] = start_eval["accuracy"]
-    print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        summary |= state["summary"]
+        if is_main:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
+            remove_partial_checkpoints(out)
+        print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
+    else:
+        if cfg.sft.steps > 0:
+            before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+            summary["accuracy_init"] = before["accuracy"]
+            sft_log = MetricsLogger(out / "sft_metrics.jsonl", enabled=is_main)
+            supervised_train(
+                model,
+                tokenizer,
+                task.train,
+                cfg.sft,
+                seed=cfg.seed,
+                progress=cfg.progress and is_main,
+                log=lambda m, s: sft_log.log(m, s),
+            )
+        start_eval = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+        logger.log({"eval/accuracy": start_eval["accuracy"]}, step=-1)
+        summary["accuracy_start"] = start_eval["accuracy"]
+        print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
 
     if cfg.routing.freeze_router:
         for site in sites:
@@ -201,101 +238,184 @@ def train(cfg: TrainConfig) -> dict:
     ref_model = None
     if cfg.loss.kl_coef > 0:  # frozen copy of the RL start model (after the warm-up)
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if resume_from is not None:
+            load_weights(ref_model, resume_from / "reference", cfg.model)
     total_opt_steps = cfg.steps * cfg.inner_updates
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, cfg.optim, total_opt_steps)
+    start_step, skipped, elapsed_before = 0, 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(load_optimizer_state(resume_from))
+        schedule.load_state_dict(state["scheduler"])
+        start_step, skipped, elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
+        set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
     model, optimizer = accelerator.prepare(model, optimizer)
     model.eval()  # no dropout/jitter: rollout, old log-probs and updates share one deterministic forward
-    rng = random.Random(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="rl", disable=not (cfg.progress and is_main))
-    for step in bar:
-        t0 = time.perf_counter()
-        items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
-        generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(cfg.seed, step, 1))
-        torch.manual_seed(derive_seed(cfg.seed, step, 2))  # token sampling, when on
-        rollout = generate_rollout(
-            accelerator.unwrap_model(model),
-            tokenizer,
-            items,
-            group_size=cfg.rollout.group_size,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            policy=policy,
-            routing_temperature=cfg.routing.temperature,
-            do_sample=cfg.rollout.do_sample,
-            temperature=cfg.rollout.temperature,
-            generator=generator,
-            old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
-        )
-        if ref_model is not None:
-            with torch.no_grad():
-                routes = None if cfg.routing.replay == "none" else rollout.routing
-                rollout.ref_logp = policy_forward(
-                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
-                ).logp
-        t_rollout = time.perf_counter() - t0
-        rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
-        rollout.rewards = rewards.to(accelerator.device)
-        rollout.reward_parts = parts
-        rollout.advantages, adv_metrics = group_advantages(
-            rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
-        )
-        metrics = {
-            "reward": rollout.rewards.mean(),
-            "reward_std": rollout.rewards.std(unbiased=False),
-            "reward_group_std": adv_metrics["reward_std"],
-            "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
-            "completions/mean_length": rollout.mask.sum(-1).mean(),
-            "moe/trace_bytes": float(rollout.routing.nbytes()),
-        } | routing_usage(rollout)
-        if cfg.rollout.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
-            G = cfg.rollout.group_size
-            informative = rollout.rewards.view(-1, G).std(-1) > 0  # (B/G,)
-            keep = informative.repeat_interleave(G).nonzero().squeeze(-1)  # (B',)
-            rollout = rollout.index_batch(keep)
-        t_update = time.perf_counter()
-        B = rollout.batch_size
-        step_metrics = []
-        grad_norms = []
-        for inner in range(cfg.inner_updates if B > 0 else 0):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, 3, inner)))
-            optimizer.zero_grad(set_to_none=True)
-            for micro_idx in order.split(cfg.micro_batch_size):
-                micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
-                loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
-                accelerator.backward(loss)
-                step_metrics.append(micro_metrics)
-            grad_norms.append(clip_grad(model, cfg.optim.grad_clip).detach())
-            optimizer.step()
-            schedule.step()
-        t_end = time.perf_counter()
-        n_tokens = rollout.mask.sum()
-        if step_metrics:  # empty when dynamic sampling dropped every group
-            metrics |= mean_metrics(step_metrics) | {"grad_norm": torch.stack(grad_norms).mean()}
-        metrics |= {
-            "lr": schedule.get_last_lr()[0],
-            "num_tokens": n_tokens,
-            "time/step": t_end - t0,
-            "time/rollout": t_rollout,
-            "time/update": t_end - t_update,
-            "tokens_per_s": n_tokens / (t_end - t0),
+
+    def save(step_done: int) -> Path:
+        trainer_state = {
+            "step": step_done,
+            "scheduler": schedule.state_dict(),
+            "summary": summary,
+            "skipped_steps": skipped,
+            "wall_time_s": elapsed_before + time.perf_counter() - t_start,
         }
-        do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
-        if do_eval:
-            metrics["eval/accuracy"] = evaluate(
+        path = save_checkpoint(
+            checkpoint_path(out, step_done),
+            model=accelerator.unwrap_model(model),
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            trainer_state=trainer_state,
+            config=dataclasses.replace(cfg, resume=None),
+            reference=ref_model,
+        )
+        prune_checkpoints(out, cfg.keep_checkpoints)
+        return path
+
+    bad_in_row = 0
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        initial=start_step,
+        total=cfg.steps,
+        desc="rl",
+        disable=not (cfg.progress and is_main),
+    )
+    with stop_requests() as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            rng = random.Random(derive_seed(cfg.seed, step, 0))  # prompts depend on (seed, step) only: resumable
+            items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
+            generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(cfg.seed, step, 1))
+            torch.manual_seed(derive_seed(cfg.seed, step, 2))  # token sampling, when on
+            rollout = generate_rollout(
                 accelerator.unwrap_model(model),
                 tokenizer,
-                task.eval,
-                task.score,
+                items,
+                group_size=cfg.rollout.group_size,
                 max_new_tokens=cfg.rollout.max_new_tokens,
-            )["accuracy"]
-        record = logger.log(metrics, step)
-        bar.set_postfix(
-            reward=f"{record['reward']:.2f}",
-            gate_clip=f"{record.get('loss/gate_clip_frac', 0.0):.2f}",
-            **({"eval": f"{record['eval/accuracy']:.2f}"} if do_eval else {}),
-        )
-        if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and is_main:
-            save_model(accelerator.unwrap_model(model), tokenizer, out / "checkpoint-last")
+                policy=policy,
+                routing_temperature=cfg.routing.temperature,
+                do_sample=cfg.rollout.do_sample,
+                temperature=cfg.rollout.temperature,
+                generator=generator,
+                old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
+            )
+            if ref_model is not None:
+                with torch.no_grad():
+                    routes = None if cfg.routing.replay == "none" else rollout.routing
+                    rollout.ref_logp = policy_forward(
+                        ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
+                    ).logp
+            t_rollout = time.perf_counter() - t0
+            rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
+            rollout.rewards = rewards.to(accelerator.device)
+            rollout.reward_parts = parts
+            rollout.advantages, adv_metrics = group_advantages(
+                rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
+            )
+            metrics = {
+                "reward": rollout.rewards.mean(),
+                "reward_std": rollout.rewards.std(unbiased=False),
+                "reward_group_std": adv_metrics["reward_std"],
+                "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
+                "completions/mean_length": rollout.mask.sum(-1).mean(),
+                "moe/trace_bytes": float(rollout.routing.nbytes()),
+            } | routing_usage(rollout)
+            if cfg.rollout.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
+                G = cfg.rollout.group_size
+                informative = rollout.rewards.view(-1, G).std(-1) > 0  # (B/G,)
+                keep = informative.repeat_interleave(G).nonzero().squeeze(-1)  # (B',)
+                rollout = rollout.index_batch(keep)
+            t_update = time.perf_counter()
+            B = rollout.batch_size
+            step_metrics = []
+            grad_norms = []
+            bad = False
+            for inner in range(cfg.inner_updates if B > 0 else 0):
+                seed = derive_seed(cfg.seed, step, 3, inner)
+                order = torch.randperm(B, generator=torch.Generator().manual_seed(seed))
+                optimizer.zero_grad(set_to_none=True)
+                losses, pass_metrics = [], []
+                for micro_idx in order.split(cfg.micro_batch_size):
+                    micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
+                    loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
+                    accelerator.backward(loss)
+                    losses.append(loss.detach())
+                    pass_metrics.append(micro_metrics)
+                grad_norm = clip_grad(model, cfg.optim.grad_clip).detach()
+                # One sync per update, the price of skipping a NaN/Inf update before it reaches the weights.
+                if not torch.isfinite(torch.stack(losses).sum() + grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    bad = True
+                    break
+                step_metrics += pass_metrics
+                grad_norms.append(grad_norm)
+                optimizer.step()
+                schedule.step()
+            t_end = time.perf_counter()
+            bad_in_row = bad_in_row + 1 if bad else 0
+            if bad:
+                skipped += 1
+                tqdm.write(
+                    f"step {step}: NaN/Inf loss or gradient norm, update skipped "
+                    f"({bad_in_row} in a row; the run stops at max_bad_steps={cfg.max_bad_steps})"
+                )
+            n_tokens = rollout.mask.sum()
+            if step_metrics:  # empty when dynamic sampling dropped every group, or the first update was skipped
+                metrics |= mean_metrics(step_metrics) | {"grad_norm": torch.stack(grad_norms).mean()}
+            metrics |= {
+                "lr": schedule.get_last_lr()[0],
+                "num_tokens": n_tokens,
+                "faults/skipped_steps": skipped,
+                "time/step": t_end - t0,
+                "time/rollout": t_rollout,
+                "time/update": t_end - t_update,
+                "tokens_per_s": n_tokens / (t_end - t0),
+            }
+            do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
+            if do_eval:
+                metrics["eval/accuracy"] = evaluate(
+                    accelerator.unwrap_model(model),
+                    tokenizer,
+                    task.eval,
+                    task.score,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                )["accuracy"]
+            record = logger.log(metrics, step)
+            bar.set_postfix(
+                reward=f"{record['reward']:.2f}",
+                gate_clip=f"{record.get('loss/gate_clip_frac', 0.0):.2f}",
+                **({"eval": f"{record['eval/accuracy']:.2f}"} if do_eval else {}),
+            )
+            if bad_in_row >= cfg.max_bad_steps:
+                last = latest_checkpoint(out)
+                where = (
+                    f"The last good checkpoint {last} is intact; fix the cause (e.g. lower optim.lr), then continue "
+                    f"with --config {out}/config.yaml --resume {out}"
+                    if last is not None
+                    else "No checkpoint had been written yet (save_every=0 or before the first save)"
+                )
+                raise RuntimeError(
+                    f"step {step}: {bad_in_row} steps in a row had a NaN/Inf loss or gradient norm "
+                    f"(max_bad_steps={cfg.max_bad_steps}); stopping without writing a checkpoint. {where}."
+                )
+            last_step = step + 1 == cfg.steps
+            periodic = cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or last_step)
+            saved = None
+            if (periodic or stop["signal"]) and bad_in_row == 0 and is_main:  # never save a state that just failed
+                saved = save(step + 1)
+            if stop["signal"] and not last_step:
+                bar.close()
+                note = (
+                    f"checkpoint {saved}"
+                    if saved is not None
+                    else f"no new checkpoint; latest {latest_checkpoint(out)}"
+                )
+                print(
+                    f"{stop['signal']}: stopped after {step + 1} of {cfg.steps} RL steps ({note}). Resume with:\n"
+                    f"  expertrl train --config {out}/config.yaml --resume {out}"
+                )
+                return summary | {"interrupted": stop["signal"], "steps_done": step + 1}
 
     unwrapped = accelerator.unwrap_model(model)
     final_eval = evaluate(unwrapped, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
@@ -303,7 +423,8 @@ def train(cfg: TrainConfig) -> dict:
     summary["accuracy_end"] = final_eval["accuracy"]
     summary["per_category_end"] = final_eval["per_category"]
     summary["examples_end"] = final_eval["examples"]
-    summary["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    summary["skipped_steps"] = skipped
+    summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 1)
     if is_main:
         summary["model"] = str(save_model(unwrapped, tokenizer, out / "final"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
