@@ -40,9 +40,9 @@ from expertrl.moe.policies import Multinomial, TopK
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rollout import completion_mask, policy_forward
 from expertrl.runtime import clip_grad, optimizer_and_schedule
+from expertrl.step import loss_on_microbatch
 from expertrl.tasks import load_task
 from expertrl.tokenizer import CHAR_VOCAB_SIZE, EOS_ID, PAD_ID, build_char_tokenizer
-from expertrl.train import loss_on_microbatch
 from expertrl.types import UNROUTED, Rollout, RoutingTrace
 
 FAMILY = "qwen3_moe"

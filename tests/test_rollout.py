@@ -13,8 +13,8 @@ from expertrl.moe.policies import Multinomial
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.ops import token_logp
 from expertrl.rollout import completion_mask, generate_rollout, policy_forward
+from expertrl.step import loss_on_microbatch, routing_usage
 from expertrl.tokenizer import EOS_ID, PAD_ID, build_char_tokenizer
-from expertrl.train import loss_on_microbatch, routing_usage
 from expertrl.types import UNROUTED
 
 ITEMS = [{"prompt": "12+3=", "answer": "15"}, {"prompt": "ab", "answer": "c"}]  # different widths: left padding

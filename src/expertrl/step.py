@@ -1,0 +1,113 @@
+"""The loss of one micro-batch of a rollout, and the routing statistics of a rollout.
+
+``loss_on_microbatch`` is where the method switches meet: the replay mode decides how the forward routes, RSPO
+rescales the token ratios, the registry's token loss and Gate-GRPO give per-token terms, the aggregation makes
+them one scalar, and the Switch load-balancing loss is added on the experts actually used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertrl.config import TrainConfig
+from expertrl.losses.aggregate import aggregate
+from expertrl.losses.gate import gate_grpo
+from expertrl.losses.kl import kl_penalty
+from expertrl.losses.routing import switch_load_balancing
+from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
+from expertrl.ops import entropy, masked_mean
+from expertrl.rollout import policy_forward
+from expertrl.types import Rollout
+
+
+def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_logprob, num_seqs: int):
+    """Token loss (+ RSPO, KL) + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch.
+
+    Micro-batch losses are scaled so that they sum to the full-batch loss (``num_seqs`` = rollout batch size).
+
+    Returns:
+        loss: 0-d tensor to backpropagate.
+        metrics: detached tensors.
+    """
+    P = micro.prompt_width
+    lc, replay = cfg.loss, cfg.routing.replay
+    fwd = policy_forward(
+        model,
+        micro.input_ids,
+        micro.attention_mask,
+        P,
+        None if replay == "none" else micro.routing,  # live top-K, or the recorded routes (R3 / R2)
+        keep_probs=True,
+        score=micro.routing if replay == "none" else None,  # old-activated experts scored by the live router
+    )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
+    # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
+    comp = slice(P - 1, -1)
+    log_gamma, metrics = router_shift(
+        fwd.gate_logp[:, :, comp],
+        micro.old_gate_logp[:, :, comp],
+        micro.mask,
+        gamma_min=cfg.rspo.gamma_min,
+        layer_agg=cfg.rspo.layer_agg,
+    )  # (B, C) log of RSPO's floored, detached router-shift weight; its metrics are logged for every method
+    old_logp = micro.old_logp
+    if cfg.rspo.enabled and cfg.rspo.placement == "before_clip":
+        old_logp = apply_router_shift(old_logp, log_gamma)  # the host loss sees log ratio + log gamma (RSPO v2)
+    per_token, token_metrics = token_loss(fwd.logp, old_logp, micro.advantages, micro.mask)
+    if cfg.rspo.enabled and cfg.rspo.placement == "after_clip":
+        per_token = after_clip_weight(per_token, log_gamma)
+    metrics |= {f"loss/{k}": v for k, v in token_metrics.items()}
+    if lc.kl_coef > 0:
+        kl = kl_penalty(fwd.logp, micro.ref_logp, estimator=lc.kl_estimator)  # (B, C)
+        per_token = per_token + lc.kl_coef * kl
+        metrics["loss/kl"] = masked_mean(kl.detach(), micro.mask)
+    agg = dict(num_tokens=None, num_seqs=num_seqs, norm_const=float(cfg.rollout.max_new_tokens))
+    loss = aggregate(per_token, micro.mask, lc.agg, **agg)
+    # Gate-GRPO (MoE-GRPO Eq. 5): ratio of the live router's probability of each recorded expert set to the old one.
+    start = P - 1 if lc.gate_tokens == "completion" else 0
+    if lc.gate_coef > 0:
+        set_logp = set_logprob(fwd.gate_logp[:, :, start:-1])  # (L, B, T)
+        old_set_logp = set_logprob(micro.old_gate_logp[:, :, start:-1])  # (L, B, T)
+        gate_mask = micro.mask
+        if lc.gate_tokens == "all":
+            gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
+        gate_per_token, gate_metrics = gate_grpo(set_logp, old_set_logp, micro.advantages, gate_mask)
+        gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **agg)
+        loss = loss + lc.gate_coef * gate_loss
+        metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
+    # Switch load balancing on the experts this forward actually used (every routed, attended position).
+    L, B, S, E = fwd.probs.shape
+    lb_mask = micro.attention_mask.clone().float()
+    lb_mask[:, -1] = 0  # the rollout never routed the last position
+    experts = fwd.routing.experts.long()  # (L, B, S, K)
+    lb = switch_load_balancing(fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
+    if lc.lb_coef > 0:
+        loss = loss + lc.lb_coef * lb * (B / num_seqs)
+    with torch.no_grad():
+        probs_c = fwd.probs[:, :, comp]  # (L, B, C, E)
+        k = micro.routing.experts.shape[-1]
+        live_top = probs_c.topk(k, dim=-1).indices  # (L, B, C, K) what top-K routing would pick now
+        old = micro.routing.experts[:, :, comp].long()  # (L, B, C, K) what the old policy activated
+        overlap = (live_top[..., :, None] == old[..., None, :]).any(-1).float().mean(-1)  # (L, B, C)
+        metrics["router_shift/topk_overlap"] = masked_mean(overlap, micro.mask.expand_as(overlap))
+        router_h = entropy(probs_c)  # (L, B, C) per-token router entropy
+        metrics["moe/router_entropy"] = masked_mean(router_h, micro.mask.expand_as(router_h))
+    metrics["loss/token"] = aggregate(per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None})).detach()
+    metrics["loss/lb"] = lb.detach()
+    return loss, metrics
+
+
+def routing_usage(rollout: Rollout) -> dict:
+    """Expert load per layer and the entropy of aggregate expert usage over the completion positions."""
+    P = rollout.prompt_width
+    experts = rollout.routing.experts[:, :, P - 1 : -1].long()  # (L, B, C, K)
+    E = rollout.routing.num_experts
+    valid = rollout.mask.bool()[None, :, :, None].expand_as(experts)  # (L, B, C, K)
+    out = {}
+    usage_h = []
+    for li, layer in enumerate(rollout.routing.layers):
+        counts = torch.bincount(experts[li][valid[li]], minlength=E).float()  # (E,)
+        load = counts / counts.sum().clamp(min=1)
+        out[f"moe/load/layer{layer}"] = load
+        usage_h.append(entropy(load))
+    out["moe/usage_entropy"] = torch.stack(usage_h).mean()
+    return out
