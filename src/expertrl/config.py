@@ -76,8 +76,9 @@ class TaskConfig:
 class RoutingConfig:
     policy: Literal["multinomial", "topk", "noisy_topk"] = "multinomial"
     """how rollouts choose experts (expertrl.moe.policies.POLICIES); MoE-GRPO samples (multinomial)"""
-    temperature: float = 1.0
-    """temperature of the router softmax that rollouts sample from (expert weights always use T=1)"""
+    temperature: float = 0.5
+    """temperature of the router softmax that rollouts sample from (expert weights always use T=1); the default
+    job's 0.5 keeps sampled routes near the top-K routes that inference uses, MoE-GRPO's paper does not say"""
     noise_std: float | None = None
     """std of the Gaussian logit noise for noisy_topk; None = 1/E (V-MoE)"""
     set_logprob: Literal["plackett_luce", "unordered", "independent"] = "plackett_luce"
@@ -163,7 +164,7 @@ class RSPOConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 1e-4
     """peak AdamW learning rate"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
@@ -184,11 +185,11 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 200
+    steps: int = 480
     """supervised steps (0 = no warm-up); also the whole job of `expertrl sft`"""
     batch_size: int = 64
     """sequences per supervised step"""
-    routing: Literal["topk", "multinomial", "noisy_topk"] = "topk"
+    routing: Literal["topk", "multinomial", "noisy_topk"] = "multinomial"
     """routing during SFT: topk = Det-FT, multinomial = Stoch-FT-Multi, noisy_topk = Stoch-FT-Noise"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=10))
     """optimiser of the supervised stage"""
@@ -220,7 +221,7 @@ class TrainConfig:
     """supervised warm-up run before RL (sft.steps = 0 to skip)"""
     rspo: RSPOConfig = field(default_factory=RSPOConfig)
     """router-shift weighting (RSPO); plugs into the grpo, gspo and gmpo losses"""
-    steps: int = 150
+    steps: int = 300
     """RL steps (one rollout batch each)"""
     inner_updates: int = 2
     """mu: optimiser passes over each rollout batch, so ratios really leave 1"""
@@ -230,7 +231,7 @@ class TrainConfig:
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"
     """run directory: config.yaml, metrics.jsonl, checkpoints, final model"""
-    eval_every: int = 30
+    eval_every: int = 50
     """evaluate on held-out prompts every this many RL steps (and at start and end); 0 = start and end only"""
     save_every: int = 0
     """write a resumable checkpoint every this many steps; 0 = only the final model"""

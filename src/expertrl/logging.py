@@ -46,3 +46,31 @@ class MetricsLogger:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+
+SUMMED_ACROSS_RANKS = ("num_tokens", "tokens_per_s")
+
+
+def reduce_across_ranks(records: list[dict]) -> dict:
+    """One step's record from the per-rank records (plain numbers or lists, as ``to_number`` gives them).
+
+    Counts and throughputs (``SUMMED_ACROSS_RANKS``) are summed, ``time/*`` is the slowest rank's, everything else
+    is the mean over the ranks that logged the key (lists element-wise): with equal per-rank batches the mean of
+    per-rank means is the global mean. A rank whose batch dynamic sampling emptied logs no loss metrics.
+    """
+    out = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        vals = [r[key] for r in records if key in r and r[key] is not None]
+        if not vals or not isinstance(vals[0], (int, float, list)) or isinstance(vals[0], bool):
+            out[key] = records[0].get(key, vals[0] if vals else None)
+        elif all(v == vals[0] for v in vals):  # lr, step counters, a synced grad norm: keep the value as is
+            out[key] = vals[0] if key not in SUMMED_ACROSS_RANKS else vals[0] * len(vals)
+        elif isinstance(vals[0], list):
+            out[key] = [round(sum(col) / len(col), 6) for col in zip(*vals, strict=True)]
+        elif key in SUMMED_ACROSS_RANKS:
+            out[key] = sum(vals)
+        elif key.startswith("time/"):
+            out[key] = max(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out

@@ -20,10 +20,23 @@ from expertrl.rollout import policy_forward
 from expertrl.types import Rollout
 
 
-def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_logprob, num_seqs: int):
+def loss_on_microbatch(
+    model,
+    micro: Rollout,
+    cfg: TrainConfig,
+    token_loss,
+    set_logprob,
+    num_seqs: float,
+    num_tokens: float | None = None,
+    num_gate_tokens: float | None = None,
+):
     """Token loss (+ RSPO, KL) + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch.
 
-    Micro-batch losses are scaled so that they sum to the full-batch loss (``num_seqs`` = rollout batch size).
+    Micro-batch losses are scaled so that they sum to the full-batch loss: ``num_seqs`` is the rollout batch size,
+    ``num_tokens`` its completion-token count (``token_mean`` only) and ``num_gate_tokens`` the count of tokens the
+    gate loss covers (``token_mean`` with ``loss.gate_tokens=all``; defaults to ``num_tokens``). Under DDP, which
+    averages gradients over ranks, pass the global counts divided by the world size: the average of the per-rank
+    losses is then the global-batch loss. ``None`` normalises by the micro-batch's own count.
 
     Returns:
         loss: 0-d tensor to backpropagate.
@@ -60,7 +73,7 @@ def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_
         kl = kl_penalty(fwd.logp, micro.ref_logp, estimator=lc.kl_estimator)  # (B, C)
         per_token = per_token + lc.kl_coef * kl
         metrics["loss/kl"] = masked_mean(kl.detach(), micro.mask)
-    agg = dict(num_tokens=None, num_seqs=num_seqs, norm_const=float(cfg.rollout.max_new_tokens))
+    agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_const=float(cfg.rollout.max_new_tokens))
     loss = aggregate(per_token, micro.mask, lc.agg, **agg)
     # Gate-GRPO (MoE-GRPO Eq. 5): ratio of the live router's probability of each recorded expert set to the old one.
     start = P - 1 if lc.gate_tokens == "completion" else 0
@@ -71,7 +84,8 @@ def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_
         if lc.gate_tokens == "all":
             gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
         gate_per_token, gate_metrics = gate_grpo(set_logp, old_set_logp, micro.advantages, gate_mask)
-        gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **agg)
+        gate_den = num_tokens if lc.gate_tokens == "completion" or num_gate_tokens is None else num_gate_tokens
+        gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **(agg | {"num_tokens": gate_den}))
         loss = loss + lc.gate_coef * gate_loss
         metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
     # Switch load balancing on the experts this forward actually used (every routed, attended position).
@@ -91,7 +105,9 @@ def loss_on_microbatch(model, micro: Rollout, cfg: TrainConfig, token_loss, set_
         metrics["router_shift/topk_overlap"] = masked_mean(overlap, micro.mask.expand_as(overlap))
         router_h = entropy(probs_c)  # (L, B, C) per-token router entropy
         metrics["moe/router_entropy"] = masked_mean(router_h, micro.mask.expand_as(router_h))
-    metrics["loss/token"] = aggregate(per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None})).detach()
+    metrics["loss/token"] = aggregate(
+        per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None, "num_tokens": None})
+    ).detach()
     metrics["loss/lb"] = lb.detach()
     return loss, metrics
 

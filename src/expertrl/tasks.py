@@ -68,7 +68,7 @@ def _score_exact(completion: str, item: dict) -> float:
     return exact_match(extract_answer(completion), item["answer"])
 
 
-def _addition(train_size: int, eval_size: int, seed: int, *, max_value: int = 20, num_terms: int = 2):
+def _addition(train_size: int, eval_size: int, seed: int, *, max_value: int = 99, num_terms: int = 2):
     """Sums of ``num_terms`` operands uniform in [0, max_value]. Eval prompts are distinct; train prompts are
     i.i.d. draws from the remaining space (a small space repeats them), so no train prompt is an eval prompt."""
     assert max_value >= 0 and num_terms >= 1, (max_value, num_terms)

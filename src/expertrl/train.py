@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from expertrl.advantages import group_advantages
@@ -39,7 +41,7 @@ from expertrl.checkpoint import (
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml
 from expertrl.evaluate import evaluate
-from expertrl.logging import MetricsLogger, mean_metrics, to_number
+from expertrl.logging import MetricsLogger, mean_metrics, reduce_across_ranks, to_number
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import make_policy
@@ -58,11 +60,23 @@ def train(cfg: TrainConfig) -> dict:
     With ``cfg.resume`` it continues from the run's latest checkpoint (no warm-up, no start evaluation). Every
     per-step random choice derives from (seed, step), so on CPU a resumed run logs the same metrics, step for step,
     as one that was never interrupted.
+
+    Several processes (``torchrun`` / ``accelerate launch``) train data-parallel: each step draws the same global
+    prompts as a 1-process run and rank r takes the r-th contiguous slice of them (whole groups); the losses are
+    normalised by the global counts, so the DDP-averaged gradient is the global-batch gradient. Metrics are reduced
+    over ranks once per step; rank 0 alone evaluates, logs and writes files.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(
+            f"rollout.prompts_per_step: the global number of prompts per step ({cfg.rollout.prompts_per_step}) must "
+            f"be divisible by the number of processes ({world}); each process rolls out whole groups"
+        )
+    by_rank = (rank,) if rank else ()  # rank 0 keeps the 1-process seed streams
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     if resume_from is None and complete_checkpoints(out):
         raise ConfigError(
@@ -100,11 +114,21 @@ def train(cfg: TrainConfig) -> dict:
     set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
     n_params = sum(p.numel() for p in model.parameters())
-    print(
+    accelerator.print(
         f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {len(sites)} MoE layers, "
         f"E={sites[0].num_experts}, K={k_max}), task {task.name} ({len(task.train)} train / {len(task.eval)} "
         f"held-out), routing {cfg.routing.policy}, loss {cfg.loss.name} + {cfg.loss.gate_coef} x gate"
+        + (f", {world} processes" if world > 1 else "")
     )
+
+    def main_eval(m) -> dict | None:
+        """Held-out evaluation on rank 0 (greedy, no collectives); the other ranks wait for it."""
+        result = None
+        if is_main:
+            with torch.no_grad():
+                result = evaluate(m, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
+        accelerator.wait_for_everyone()
+        return result
 
     summary: dict = {"output_dir": str(out)}
     state = load_trainer_state(resume_from) if resume_from is not None else None
@@ -113,11 +137,12 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
             remove_partial_checkpoints(out)
-        print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
+        accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
     else:
-        if cfg.sft.steps > 0:
-            before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-            summary["accuracy_init"] = before["accuracy"]
+        if cfg.sft.steps > 0:  # every rank warms up its own copy; DDP then broadcasts rank 0's weights
+            before = main_eval(model)
+            if before is not None:
+                summary["accuracy_init"] = before["accuracy"]
             sft_log = MetricsLogger(out / "sft_metrics.jsonl", enabled=is_main)
             supervised_train(
                 model,
@@ -128,10 +153,11 @@ def train(cfg: TrainConfig) -> dict:
                 progress=cfg.progress and is_main,
                 log=lambda m, s: sft_log.log(m, s),
             )
-        start_eval = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-        logger.log({"eval/accuracy": start_eval["accuracy"]}, step=-1)
-        summary["accuracy_start"] = start_eval["accuracy"]
-        print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
+        start_eval = main_eval(model)
+        if start_eval is not None:
+            logger.log({"eval/accuracy": start_eval["accuracy"]}, step=-1)
+            summary["accuracy_start"] = start_eval["accuracy"]
+            print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
 
     if cfg.routing.freeze_router:
         for site in sites:
@@ -151,6 +177,8 @@ def train(cfg: TrainConfig) -> dict:
         start_step, skipped, elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
         set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
     model, optimizer = accelerator.prepare(model, optimizer)
+    if not hasattr(model, "config"):  # a DDP wrapper: routing hooks find the routers through model.config
+        model.config = accelerator.unwrap_model(model).config
     model.eval()  # no dropout/jitter: rollout, old log-probs and updates share one deterministic forward
 
     def save(step_done: int) -> Path:
@@ -186,8 +214,11 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             rng = random.Random(derive_seed(cfg.seed, step, 0))  # prompts depend on (seed, step) only: resumable
             items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
-            generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(cfg.seed, step, 1))
-            torch.manual_seed(derive_seed(cfg.seed, step, 2))  # token sampling, when on
+            per_rank = len(items) // world
+            items = items[rank * per_rank : (rank + 1) * per_rank]  # this rank's slice of the global prompts
+            generator = torch.Generator(device=accelerator.device)
+            generator.manual_seed(derive_seed(cfg.seed, step, 1, *by_rank))  # routing samples
+            torch.manual_seed(derive_seed(cfg.seed, step, 2, *by_rank))  # token sampling, when on
             rollout = generate_rollout(
                 accelerator.unwrap_model(model),
                 tokenizer,
@@ -222,6 +253,7 @@ def train(cfg: TrainConfig) -> dict:
                 "completions/mean_length": rollout.mask.sum(-1).mean(),
                 "moe/trace_bytes": float(rollout.routing.nbytes()),
             } | routing_usage(rollout)
+            full = rollout
             if cfg.rollout.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
                 G = cfg.rollout.group_size
                 informative = rollout.rewards.view(-1, G).std(-1) > 0  # (B/G,)
@@ -229,23 +261,44 @@ def train(cfg: TrainConfig) -> dict:
                 rollout = rollout.index_batch(keep)
             t_update = time.perf_counter()
             B = rollout.batch_size
+            # Loss denominators: the whole step's counts (over all ranks), divided by the world size because DDP
+            # averages the per-rank gradients. One small gather per step under DDP.
+            P = rollout.prompt_width
+            n_gate = rollout.mask.sum() + rollout.attention_mask[:, : P - 1].sum()  # gate_tokens=all covers prompts
+            counts = torch.stack([torch.tensor(float(B), device=n_gate.device), rollout.mask.sum(), n_gate.float()])
+            if world > 1:
+                per_rank_counts = accelerator.gather(counts.double()[None])  # (world, 3)
+                B_max = int(per_rank_counts[:, 0].max())
+                B_all, n_tok_all, n_gate_all = (per_rank_counts.sum(0) / world).tolist()
+            else:
+                B_max, B_all, n_tok_all, n_gate_all = B, B, counts[1], counts[2]
+            dens = dict(num_seqs=B_all, num_tokens=n_tok_all, num_gate_tokens=n_gate_all)
+            # DDP needs the same number of backward passes on every rank: a rank that dynamic sampling left with
+            # fewer micro-batches pads with zero-weight passes over its unfiltered rollout.
+            n_pad = math.ceil(B_max / cfg.micro_batch_size) - math.ceil(B / cfg.micro_batch_size)
+            pad_idx = torch.arange(min(cfg.micro_batch_size, full.batch_size))
             step_metrics = []
             grad_norms = []
             bad = False
-            for inner in range(cfg.inner_updates if B > 0 else 0):
-                seed = derive_seed(cfg.seed, step, 3, inner)
+            for inner in range(cfg.inner_updates if B_max > 0 else 0):
+                seed = derive_seed(cfg.seed, step, 3, inner, *by_rank)
                 order = torch.randperm(B, generator=torch.Generator().manual_seed(seed))
                 optimizer.zero_grad(set_to_none=True)
                 losses, pass_metrics = [], []
-                for micro_idx in order.split(cfg.micro_batch_size):
-                    micro = rollout.index_batch(micro_idx.to(rollout.input_ids.device))
-                    loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
-                    accelerator.backward(loss)
-                    losses.append(loss.detach())
-                    pass_metrics.append(micro_metrics)
-                grad_norm = clip_grad(model, cfg.optim.grad_clip).detach()
+                passes = [(rollout, idx, 1.0) for idx in order.split(cfg.micro_batch_size)]
+                for src, micro_idx, weight in passes + [(full, pad_idx, 0.0)] * n_pad:
+                    micro = src.index_batch(micro_idx.to(src.input_ids.device))
+                    loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, **dens)
+                    accelerator.backward(loss * weight if weight != 1.0 else loss)
+                    if weight:
+                        losses.append(loss.detach())
+                        pass_metrics.append(micro_metrics)
+                grad_norm = clip_grad(model, cfg.optim.grad_clip).detach()  # of the rank-averaged gradient
                 # One sync per update, the price of skipping a NaN/Inf update before it reaches the weights.
-                if not torch.isfinite(torch.stack(losses).sum() + grad_norm):
+                nonfinite = (~torch.isfinite(sum(losses, torch.zeros((), device=grad_norm.device)) + grad_norm)).float()
+                if world > 1:  # every rank skips, or none does
+                    nonfinite = accelerator.reduce(nonfinite, reduction="sum")
+                if nonfinite.item() > 0:
                     optimizer.zero_grad(set_to_none=True)
                     bad = True
                     break
@@ -257,7 +310,7 @@ def train(cfg: TrainConfig) -> dict:
             bad_in_row = bad_in_row + 1 if bad else 0
             if bad:
                 skipped += 1
-                tqdm.write(
+                (tqdm.write if is_main else lambda _: None)(
                     f"step {step}: NaN/Inf loss or gradient norm, update skipped "
                     f"({bad_in_row} in a row; the run stops at max_bad_steps={cfg.max_bad_steps})"
                 )
@@ -273,15 +326,16 @@ def train(cfg: TrainConfig) -> dict:
                 "time/update": t_end - t_update,
                 "tokens_per_s": n_tokens / (t_end - t0),
             }
+            metrics = {k: to_number(v) for k, v in metrics.items()}
+            signal = stop["signal"]
+            if world > 1:  # one gather per step: the metrics, and whether any rank was asked to stop
+                gathered = gather_object([(metrics, signal)])
+                metrics = reduce_across_ranks([m for m, _ in gathered])
+                signal = next((s for _, s in gathered if s), None)
             do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps
             if do_eval:
-                metrics["eval/accuracy"] = evaluate(
-                    accelerator.unwrap_model(model),
-                    tokenizer,
-                    task.eval,
-                    task.score,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                )["accuracy"]
+                result = main_eval(accelerator.unwrap_model(model))
+                metrics["eval/accuracy"] = result["accuracy"] if result is not None else float("nan")
             record = logger.log(metrics, step)
             bar.set_postfix(
                 reward=f"{record['reward']:.2f}",
@@ -303,33 +357,35 @@ def train(cfg: TrainConfig) -> dict:
             last_step = step + 1 == cfg.steps
             periodic = cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or last_step)
             saved = None
-            if (periodic or stop["signal"]) and bad_in_row == 0 and is_main:  # never save a state that just failed
+            if (periodic or signal) and bad_in_row == 0 and is_main:  # never save a state that just failed
                 saved = save(step + 1)
-            if stop["signal"] and not last_step:
+            if signal and not last_step:
                 bar.close()
                 note = (
                     f"checkpoint {saved}"
                     if saved is not None
                     else f"no new checkpoint; latest {latest_checkpoint(out)}"
                 )
-                print(
-                    f"{stop['signal']}: stopped after {step + 1} of {cfg.steps} RL steps ({note}). Resume with:\n"
+                accelerator.print(
+                    f"{signal}: stopped after {step + 1} of {cfg.steps} RL steps ({note}). Resume with:\n"
                     f"  expertrl train --config {out}/config.yaml --resume {out}"
                 )
-                return summary | {"interrupted": stop["signal"], "steps_done": step + 1}
+                accelerator.wait_for_everyone()
+                return summary | {"interrupted": signal, "steps_done": step + 1}
 
     unwrapped = accelerator.unwrap_model(model)
-    final_eval = evaluate(unwrapped, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
-    logger.log({"eval/accuracy": final_eval["accuracy"]}, step=cfg.steps)
-    summary["accuracy_end"] = final_eval["accuracy"]
-    summary["per_category_end"] = final_eval["per_category"]
-    summary["examples_end"] = final_eval["examples"]
+    final_eval = main_eval(unwrapped)
     summary["skipped_steps"] = skipped
     summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 1)
     if is_main:
+        logger.log({"eval/accuracy": final_eval["accuracy"]}, step=cfg.steps)
+        summary["accuracy_end"] = final_eval["accuracy"]
+        summary["per_category_end"] = final_eval["per_category"]
+        summary["examples_end"] = final_eval["examples"]
         summary["model"] = str(save_model(unwrapped, tokenizer, out / "final"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
+    accelerator.wait_for_everyone()  # rank 0 has written the final model
     return summary
 
 
