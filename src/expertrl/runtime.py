@@ -32,8 +32,20 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int) -> tuple[nn.Module, object]
     """The policy model and its tokenizer: a local checkpoint (``cfg.path``) or a tiny in-process model."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
+        import json
+
         from transformers import AutoTokenizer
 
+        from expertrl.moe.adapters import FAMILIES
+
+        config_file = Path(cfg.path) / "config.json"
+        if config_file.is_file():  # refuse a dense or unknown family before loading any weights
+            model_type = json.loads(config_file.read_text()).get("model_type")
+            if model_type not in FAMILIES:
+                raise ValueError(
+                    f"model.path {cfg.path!r} is a {model_type!r} model, which has no MoE routers expertrl knows; "
+                    f"supported MoE families: {sorted(FAMILIES)}. Use an MoE checkpoint of one of them."
+                )
         model = load_model(
             cfg.path,
             dtype=dtype,

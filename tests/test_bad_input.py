@@ -1,0 +1,93 @@
+"""Every bad input gets one clear error that names the field, file or line and says how to fix it (table-driven)."""
+
+import json
+
+import pytest
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from expertrl.checkpoint import save_model
+from expertrl.config import ConfigError, TrainConfig
+from expertrl.configio import load_config
+from expertrl.tasks import load_task
+from expertrl.tokenizer import build_char_tokenizer
+from expertrl.train import train
+
+CONFIG_CASES = [
+    # (overrides, fragments the message must contain)
+    (["--rollout.group_sise", "8"], ["rollout.group_sise", "group_size"]),  # unknown key + suggestion
+    (["--optim.lr", "fast"], ["optim.lr", "float"]),  # wrong type
+    (["--routing.policy", "random"], ["routing.policy", "multinomial", "topk"]),  # bad choice lists the valid ones
+    (["--rollout.group_size", "1"], ["rollout.group_size", ">= 2"]),  # out of range
+    (["--model.num_experts", "4", "--model.top_k", "6"], ["model.top_k", "K=6 > E=4"]),  # K > E
+    (["--loss.name", "grpo", "--routing.policy", "topk"], ["loss.gate_coef", "multinomial"]),  # nonsense combination
+    (["--rspo.gamma_min", "1.5"], ["rspo.gamma_min", "[0, 1]"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), CONFIG_CASES)
+def test_bad_config_values_are_named(overrides, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, overrides)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_bad_config_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  group_size: [8\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(TrainConfig, str(path), [])
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragments"),
+    [
+        (['{"prompt": "1+1=", "answer": "2"}', "{not json"], [":2:", "invalid JSON"]),
+        (['{"prompt": "1+1=", "answer": "2"}', '{"prompt": "2+2="}'], [":2:", "answer"]),
+    ],
+)
+def test_bad_dataset_rows_name_file_and_line(tmp_path, rows, fragments):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_task(f"jsonl:{path}", train_size=1, eval_size=1, seed=0)
+    for fragment in [str(path.name), *fragments]:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_dense_model_for_an_moe_method_is_refused(tmp_path):
+    tok = build_char_tokenizer()
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8,
+        )
+    )  # fmt: skip
+    save_model(dense, tok, tmp_path / "dense")
+    cfg = load_config(TrainConfig, None, ["--model.path", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "r")])
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert "qwen3" in str(err.value) and "qwen3_moe" in str(err.value)  # names the family and the supported ones
+
+
+def test_unknown_task_lists_the_forms():
+    with pytest.raises(ValueError) as err:
+        load_task("adition", train_size=1, eval_size=1, seed=0)
+    assert "addition" in str(err.value) and "jsonl:" in str(err.value)
+
+
+def test_resume_from_a_different_model_is_refused(tmp_path):
+    tiny = ["--model.preset", "tiny", "--sft.steps", "0", "--steps", "1", "--rollout.prompts_per_step", "1"]
+    tiny += ["--rollout.group_size", "2", "--rollout.max_new_tokens", "2", "--task.eval_size", "2", "--save_every", "1"]
+    tiny += ["--progress", "false", "--eval_every", "0"]
+    run = tmp_path / "run"
+    train(load_config(TrainConfig, None, [*tiny, "--output_dir", str(run)]))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("preset: tiny", "preset: small"))
+    with pytest.raises(ConfigError) as err:
+        train(
+            load_config(
+                TrainConfig, None, [*tiny, "--model.preset", "small", "--output_dir", str(run), "--resume", str(run)]
+            )
+        )
+    assert "model" in str(err.value)
+    assert json.loads((run / "summary.json").read_text())  # the original run's outputs are untouched
