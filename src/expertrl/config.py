@@ -107,7 +107,9 @@ class RolloutConfig:
     temperature: float = 1.0
     """token sampling temperature (only with do_sample)"""
     dynamic_sampling: bool = False
-    """DAPO: drop groups whose rewards are all equal before the update (counted in frac_reward_zero_std)"""
+    """DAPO: drop groups whose rewards are all equal and refill the batch with newly sampled prompts"""
+    max_refill_rounds: int = 3
+    """with dynamic_sampling: at most this many extra rollout rounds per step to refill the batch"""
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {self.group_size}")

@@ -155,3 +155,73 @@ def generate_rollout(
         completions=texts,
         items=[it for it in items for _ in range(group_size)],
     )
+
+
+def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:
+    if left == 0 and right == 0:
+        return x
+    shape = list(x.shape)
+    parts = []
+    if left:
+        shape[dim] = left
+        parts.append(x.new_full(shape, value))
+    parts.append(x)
+    if right:
+        shape[dim] = right
+        parts.append(x.new_full(shape, value))
+    return torch.cat(parts, dim=dim)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One batch from several rollouts of one policy (DAPO's refill), re-padded to a common (P, C).
+
+    Prompts are left-padded to the widest P and completions right-padded to the widest C. Padded positions are
+    unattended, unmasked, and carry ``UNROUTED`` routes (replay routes them by live top-K; they affect nothing).
+    Positions ids follow the attention mask, so a sequence's real tokens see the same positions as before.
+    """
+    assert rollouts and len({r.group_size for r in rollouts}) == 1, "rollouts must share the group size"
+    P = max(r.prompt_width for r in rollouts)
+    C = max(r.completion_width for r in rollouts)
+    fields: dict[str, list] = {k: [] for k in ("ids", "attn", "mask", "old", "exp", "lp", "ogl", "ref", "rew", "adv")}
+    for r in rollouts:
+        left, right = P - r.prompt_width, C - r.completion_width
+        fields["ids"].append(_pad_to(r.input_ids, 1, left, right, pad_token_id))
+        fields["attn"].append(_pad_to(r.attention_mask, 1, left, right, 0))
+        fields["mask"].append(_pad_to(r.mask, 1, 0, right, 0.0))
+        fields["old"].append(_pad_to(r.old_logp, 1, 0, right, 0.0))
+        fields["exp"].append(_pad_to(r.routing.experts, 2, left, right, UNROUTED))
+        fields["lp"].append(_pad_to(r.routing.logp, 2, left, right, 0.0))
+        fields["ogl"].append(_pad_to(r.old_gate_logp, 2, left, right, 0.0))
+        if r.ref_logp is not None:
+            fields["ref"].append(_pad_to(r.ref_logp, 1, 0, right, 0.0))
+        fields["rew"].append(r.rewards)
+        fields["adv"].append(r.advantages)
+    first = rollouts[0]
+    return Rollout(
+        input_ids=torch.cat(fields["ids"]),
+        attention_mask=torch.cat(fields["attn"]),
+        prompt_width=P,
+        mask=torch.cat(fields["mask"]),
+        old_logp=torch.cat(fields["old"]),
+        routing=RoutingTrace(
+            experts=torch.cat(fields["exp"], dim=1),
+            logp=torch.cat(fields["lp"], dim=1),
+            layers=first.routing.layers,
+            num_experts=first.routing.num_experts,
+        ),
+        old_gate_logp=torch.cat(fields["ogl"], dim=1),
+        group_size=first.group_size,
+        completions=[c for r in rollouts for c in r.completions],
+        items=[it for r in rollouts for it in r.items],
+        rewards=None if first.rewards is None else torch.cat(fields["rew"]),
+        advantages=None if first.advantages is None else torch.cat(fields["adv"]),
+        reward_parts={k: torch.cat([r.reward_parts[k] for r in rollouts]) for k in first.reward_parts},
+        ref_logp=torch.cat(fields["ref"]) if fields["ref"] else None,
+    )
+
+
+def informative_groups(rollout: Rollout) -> Rollout:
+    """The groups whose rewards are not all equal (DAPO's dynamic sampling filter); others carry no signal."""
+    G = rollout.group_size
+    informative = rollout.rewards.view(-1, G).amax(-1) > rollout.rewards.view(-1, G).amin(-1)  # (B/G,)
+    return rollout.index_batch(informative.repeat_interleave(G).nonzero().squeeze(-1))

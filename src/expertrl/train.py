@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -47,11 +48,57 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
-from expertrl.rollout import generate_rollout, policy_forward
+from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward
 from expertrl.runtime import clip_grad, derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything
 from expertrl.sft import supervised_train
 from expertrl.step import loss_on_microbatch, routing_usage
 from expertrl.tasks import load_task
+
+
+def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, *, step, round_, rank, world):
+    """One scored rollout of this rank's share of a step's prompts: completions, routes, rewards, advantages.
+
+    Every random choice derives from (seed, step, rank, round): a resumed or multi-process run draws the same.
+    Round 0 is the step's batch; DAPO's dynamic sampling draws later rounds to refill it.
+
+    Returns:
+        the Rollout and the advantage metrics of ``group_advantages``.
+    """
+    salt = (round_,) if round_ else ()  # round 0 keeps the seeds of a run without dynamic sampling
+    by_rank = (rank,) if rank else ()  # rank 0 keeps the seeds of a 1-process run
+    rng = random.Random(derive_seed(cfg.seed, step, 0, *salt))
+    items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
+    per_rank = len(items) // world
+    items = items[rank * per_rank : (rank + 1) * per_rank]  # this rank's slice; a group never spans ranks
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, 1, *by_rank, *salt))
+    torch.manual_seed(derive_seed(cfg.seed, step, 2, *by_rank, *salt))  # token sampling, when on
+    rollout = generate_rollout(
+        model,
+        tokenizer,
+        items,
+        group_size=cfg.rollout.group_size,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        policy=policy,
+        routing_temperature=cfg.routing.temperature,
+        do_sample=cfg.rollout.do_sample,
+        temperature=cfg.rollout.temperature,
+        generator=generator,
+        old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
+    )
+    if ref_model is not None:
+        with torch.no_grad():
+            routes = None if cfg.routing.replay == "none" else rollout.routing
+            rollout.ref_logp = policy_forward(
+                ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
+            ).logp
+    rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
+    rollout.rewards = rewards.to(device)
+    rollout.reward_parts = parts
+    rollout.advantages, adv_metrics = group_advantages(
+        rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
+    )
+    return rollout, adv_metrics
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -212,39 +259,11 @@ def train(cfg: TrainConfig) -> dict:
     with stop_requests() as stop:
         for step in bar:
             t0 = time.perf_counter()
-            rng = random.Random(derive_seed(cfg.seed, step, 0))  # prompts depend on (seed, step) only: resumable
-            items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
-            per_rank = len(items) // world
-            items = items[rank * per_rank : (rank + 1) * per_rank]  # this rank's slice of the global prompts
-            generator = torch.Generator(device=accelerator.device)
-            generator.manual_seed(derive_seed(cfg.seed, step, 1, *by_rank))  # routing samples
-            torch.manual_seed(derive_seed(cfg.seed, step, 2, *by_rank))  # token sampling, when on
-            rollout = generate_rollout(
-                accelerator.unwrap_model(model),
-                tokenizer,
-                items,
-                group_size=cfg.rollout.group_size,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                policy=policy,
-                routing_temperature=cfg.routing.temperature,
-                do_sample=cfg.rollout.do_sample,
-                temperature=cfg.rollout.temperature,
-                generator=generator,
-                old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
-            )
-            if ref_model is not None:
-                with torch.no_grad():
-                    routes = None if cfg.routing.replay == "none" else rollout.routing
-                    rollout.ref_logp = policy_forward(
-                        ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
-                    ).logp
-            t_rollout = time.perf_counter() - t0
-            rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
-            rollout.rewards = rewards.to(accelerator.device)
-            rollout.reward_parts = parts
-            rollout.advantages, adv_metrics = group_advantages(
-                rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
-            )
+            collect = functools.partial(  # this step's prompts for this rank, scored; round > 0 refills
+                scored_rollout, accelerator.unwrap_model(model), tokenizer, task, cfg, policy, ref_model,
+                step=step, rank=rank, world=world,
+            )  # fmt: skip
+            rollout, adv_metrics = collect(round_=0)
             metrics = {
                 "reward": rollout.rewards.mean(),
                 "reward_std": rollout.rewards.std(unbiased=False),
@@ -254,11 +273,18 @@ def train(cfg: TrainConfig) -> dict:
                 "moe/trace_bytes": float(rollout.routing.nbytes()),
             } | routing_usage(rollout)
             full = rollout
-            if cfg.rollout.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
-                G = cfg.rollout.group_size
-                informative = rollout.rewards.view(-1, G).std(-1) > 0  # (B/G,)
-                keep = informative.repeat_interleave(G).nonzero().squeeze(-1)  # (B',)
-                rollout = rollout.index_batch(keep)
+            if cfg.rollout.dynamic_sampling:  # DAPO: drop groups whose rewards are all equal, refill with new ones
+                target = full.batch_size
+                rollout = informative_groups(rollout)
+                rounds = 0
+                while rollout.batch_size < target and rounds < cfg.rollout.max_refill_rounds:
+                    rounds += 1
+                    more, _ = collect(round_=rounds)
+                    rollout = concat_rollouts([rollout, informative_groups(more)], tokenizer.pad_token_id)
+                rollout = rollout.index_batch(torch.arange(min(rollout.batch_size, target)))
+                metrics["dynamic_sampling/refill_rounds"] = float(rounds)
+                metrics["dynamic_sampling/batch_fill"] = rollout.batch_size / target
+            t_rollout = time.perf_counter() - t0
             t_update = time.perf_counter()
             B = rollout.batch_size
             # Loss denominators: the whole step's counts (over all ranks), divided by the world size because DDP
