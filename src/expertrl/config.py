@@ -110,12 +110,22 @@ class RolloutConfig:
     """DAPO: drop groups whose rewards are all equal and refill the batch with newly sampled prompts"""
     max_refill_rounds: int = 3
     """with dynamic_sampling: at most this many extra rollout rounds per step to refill the batch"""
+    overlong_cache: int = 0
+    """DAPO soft overlong punishment: completions longer than max_new_tokens - overlong_cache lose reward
+    linearly down to -1 (0 = off)"""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: completions cut by the length budget (no EOS) get no loss"""
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {self.group_size}")
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _check(
+            0 <= self.overlong_cache <= self.max_new_tokens,
+            "rollout.overlong_cache",
+            f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}], got {self.overlong_cache}",
+        )
 
     @property
     def batch_size(self) -> int:

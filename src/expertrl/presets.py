@@ -46,6 +46,7 @@ PRESETS: dict[str, dict] = {
         "loss.agg": "token_mean",
         "loss.kwargs": {"eps_low": 0.2, "eps_high": 0.28},
         "rollout.dynamic_sampling": True,
+        "rollout.mask_truncated": True,
         "loss.advantage_scale": "group",
         "loss.gate_coef": 0.0,
     },

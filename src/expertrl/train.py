@@ -48,6 +48,7 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
+from expertrl.rewards.shaping import soft_overlong_punishment, truncated
 from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward
 from expertrl.runtime import clip_grad, derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything
 from expertrl.sft import supervised_train
@@ -93,7 +94,16 @@ def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, 
                 ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
             ).logp
     rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
-    rollout.rewards = rewards.to(device)
+    rewards = rewards.to(device)
+    if cfg.rollout.overlong_cache > 0:  # DAPO soft overlong punishment, part of the reward before advantages
+        parts["overlong"] = soft_overlong_punishment(
+            rollout.mask.sum(-1), max_len=cfg.rollout.max_new_tokens, cache=cfg.rollout.overlong_cache
+        )
+        rewards = rewards + parts["overlong"].to(device)
+    if cfg.rollout.mask_truncated:  # DAPO overlong filtering: a cut completion gets no loss
+        cut = truncated(rollout.mask, rollout.input_ids[:, rollout.prompt_width :], tokenizer.eos_token_id)
+        rollout.mask = rollout.mask * (~cut)[:, None].to(rollout.mask.dtype)
+    rollout.rewards = rewards
     rollout.reward_parts = parts
     rollout.advantages, adv_metrics = group_advantages(
         rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
