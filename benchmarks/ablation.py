@@ -14,6 +14,9 @@
     the floor, min top-K overlap, mean max ratio, mean grad norm, wall time.
     Printed and written to ``OUT/ablation.md``.
 
+Runs with one torch thread by default: with 2 threads on 2 cores shared with another job, steps stalled at
+20-46 s instead of 0.3 s (thread oversubscription; see "Loaded machine" above in README.md).
+
 A single seed on a tiny model: the table shows mechanisms (does the router shift, does clipping burst), not which
 method is better at scale.
 
@@ -28,6 +31,8 @@ import math
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from expertrl.config import SFTJobConfig, TrainConfig
 from expertrl.configio import load_config
@@ -108,8 +113,10 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=480, help="steps of the shared supervised warm-up")
     p.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the warm-up and of every RL run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared, see above)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated presets; 'a+b' = --preset a,b")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     sft_dir = out / "sft"
