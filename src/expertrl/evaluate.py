@@ -77,19 +77,11 @@ def run_eval(cfg) -> dict:
     import json
     from pathlib import Path
 
-    from expertrl.runtime import model_and_tokenizer, seed_everything
-    from expertrl.tasks import load_task
+    from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
-    task = load_task(
-        cfg.task.name,
-        train_size=cfg.task.train_size,
-        eval_size=cfg.task.eval_size,
-        seed=cfg.task.seed,
-        verifier=cfg.task.verifier,
-        **cfg.task.kwargs,
-    )
+    task = task_from_config(cfg.task)
     result = evaluate(
         model,
         tokenizer,

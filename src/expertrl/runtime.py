@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from expertrl.config import ModelConfig, OptimConfig
+from expertrl.config import ModelConfig, OptimConfig, TaskConfig
 from expertrl.models import build_tiny_moe, load_model
+from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -94,3 +95,10 @@ def clip_grad(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm (before clipping); clips only if ``max_norm > 0``."""
     params = [p for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def task_from_config(cfg: TaskConfig) -> Task:
+    """The task a ``TaskConfig`` describes (train and held-out splits, scorer)."""
+    return load_task(
+        cfg.name, train_size=cfg.train_size, eval_size=cfg.eval_size, seed=cfg.seed, verifier=cfg.verifier, **cfg.kwargs
+    )

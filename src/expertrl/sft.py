@@ -104,22 +104,14 @@ def run_sft(cfg: SFTJobConfig) -> dict:
     from expertrl.configio import save_yaml
     from expertrl.evaluate import evaluate
     from expertrl.logging import MetricsLogger
-    from expertrl.runtime import model_and_tokenizer, seed_everything
-    from expertrl.tasks import load_task
+    from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
-    task = load_task(
-        cfg.task.name,
-        train_size=cfg.task.train_size,
-        eval_size=cfg.task.eval_size,
-        seed=cfg.task.seed,
-        verifier=cfg.task.verifier,
-        **cfg.task.kwargs,
-    )
+    task = task_from_config(cfg.task)
     max_new = max(len(tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
     before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
     logger = MetricsLogger(out / "metrics.jsonl")

@@ -50,10 +50,16 @@ from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
 from expertrl.rewards.shaping import soft_overlong_punishment, truncated
 from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward
-from expertrl.runtime import clip_grad, derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything
+from expertrl.runtime import (
+    clip_grad,
+    derive_seed,
+    model_and_tokenizer,
+    optimizer_and_schedule,
+    seed_everything,
+    task_from_config,
+)
 from expertrl.sft import supervised_train
 from expertrl.step import loss_on_microbatch, routing_usage
-from expertrl.tasks import load_task
 
 
 def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, *, step, round_, rank, world):
@@ -159,14 +165,7 @@ def train(cfg: TrainConfig) -> dict:
         )
     if cfg.routing.set_logprob == "unordered" and k_max > 4:
         raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
-    task = load_task(
-        cfg.task.name,
-        train_size=cfg.task.train_size,
-        eval_size=cfg.task.eval_size,
-        seed=cfg.task.seed,
-        verifier=cfg.task.verifier,
-        **cfg.task.kwargs,
-    )
+    task = task_from_config(cfg.task)
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)  # misspelled kwargs fail here, not at step 500
     set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
