@@ -91,3 +91,12 @@ def test_resume_from_a_different_model_is_refused(tmp_path):
         )
     assert "model" in str(err.value)
     assert json.loads((run / "summary.json").read_text())  # the original run's outputs are untouched
+
+
+def test_router_logprob_methods_refuse_sigmoid_routers(tmp_path):
+    from expertrl.presets import preset_overrides
+
+    args = [*preset_overrides("rspo"), "--model.family", "deepseek_v3", "--model.preset", "tiny"]
+    cfg = load_config(TrainConfig, None, [*args, "--output_dir", str(tmp_path / "r"), "--sft.steps", "0"])
+    with pytest.raises(ValueError, match="sigmoid"):
+        train(cfg)

@@ -213,3 +213,11 @@ def test_resume_into_another_model_is_refused(run_copy):
 def test_a_fresh_run_does_not_reuse_old_checkpoints(run_copy):
     with pytest.raises(ConfigError, match="--resume"):
         run(run_copy, "--steps", "4")
+
+
+def test_incomplete_checkpoint_is_ignored_with_a_warning(tmp_path):
+    from expertrl.checkpoint import complete_checkpoints
+
+    (tmp_path / "checkpoints" / "step-000003").mkdir(parents=True)  # cut short: no trainer_state.json
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        assert complete_checkpoints(tmp_path) == []

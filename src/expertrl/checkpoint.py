@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,13 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+    complete = []
+    for _, p in sorted(found):
+        if (p / "trainer_state.json").is_file():
+            complete.append(p)
+        else:  # trainer_state.json is written last, so its absence marks a checkpoint cut short
+            warnings.warn(f"ignoring incomplete checkpoint {p} (no trainer_state.json)", stacklevel=2)
+    return complete
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

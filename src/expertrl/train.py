@@ -158,6 +158,12 @@ def train(cfg: TrainConfig) -> dict:
     model.to(accelerator.device)
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers
     k_max = max(s.top_k for s in sites)
+    sigmoid = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
+    if sigmoid and (cfg.rspo.enabled or cfg.loss.gate_coef > 0):
+        raise ValueError(
+            f"RSPO's router shift and Gate-GRPO read router log-probabilities, but {sigmoid} score experts with a "
+            "sigmoid (not a softmax); set rspo.enabled=false and loss.gate_coef=0 for this family until it is handled"
+        )
     if cfg.loss.gate_coef > 0 and cfg.routing.policy == "noisy_topk":
         raise ValueError(
             "loss.gate_coef > 0 needs a routing policy with a closed-form set probability; noisy_topk has none. "
