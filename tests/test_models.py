@@ -8,15 +8,6 @@ IDS = torch.tensor([[PAD_ID, PAD_ID, 20, 21, 22], [20, 21, 22, 23, 24]])  # (B=2
 MASK = (IDS != PAD_ID).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: with 2 OpenMP threads and another busy process on the 2 cores, each op gets ~1000x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_builds_forwards_and_generates(family):
     model = build_tiny_moe(family, "tiny")
