@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import TopK
+from expertrl.rollout import decoding_kwargs
 
 
 @torch.no_grad()
@@ -21,13 +22,7 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
         out = model.generate(
             input_ids=enc["input_ids"].to(device),
             attention_mask=enc["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens),
         )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 

@@ -84,6 +84,20 @@ def policy_forward(
     return ForwardOut(logp, gate_logp, probs, used)
 
 
+def decoding_kwargs(tokenizer, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> dict:
+    """``generate`` keyword arguments of every expertrl decode: greedy or plain temperature sampling, nothing from
+    the checkpoint's generation_config (top-p/top-k are switched off), the tokenizer's pad and EOS."""
+    return dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 @torch.no_grad()
 def generate_rollout(
     model: nn.Module,
@@ -120,21 +134,15 @@ def generate_rollout(
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
         )  # (B, S)
     S = sequences.shape[1]
     trace = rec.trace(B)  # (L, B, S-1, K): the last token is generated but never fed back
-    L, _, S_rec, K = trace.experts.shape
+    S_rec = trace.experts.shape[2]
     assert S_rec == S - 1, (S_rec, S)
     trace = RoutingTrace(
-        experts=torch.cat([trace.experts, trace.experts.new_full((L, B, 1, K), UNROUTED)], dim=2),  # (L, B, S, K)
-        logp=torch.cat([trace.logp, trace.logp.new_zeros((L, B, 1, K))], dim=2),
+        experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
+        logp=_pad_to(trace.logp, 2, 0, 1, 0.0),
         layers=trace.layers,
         num_experts=trace.num_experts,
     )
