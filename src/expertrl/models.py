@@ -155,6 +155,60 @@ def build_tiny_moe(
     return model
 
 
+DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
+"""Dense decoders with a gate/up/down SwiGLU FFN: the bases of LoRA-MoE adapters and of upcycling."""
+
+
+def build_tiny_dense(
+    family: str = "qwen3",
+    preset: str = "tiny",
+    vocab_size: int = CHAR_VOCAB_SIZE,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> PreTrainedModel:
+    """A randomly initialised dense causal LM of the same size preset (FFN width = the preset's expert width).
+
+    Args:
+        family: one of ``DENSE_FAMILIES`` (the transformers ``model_type``).
+        preset: a key of ``PRESETS`` (the MoE fields are ignored).
+        **overrides: config fields in the family's own names, applied last.
+    """
+    if family not in DENSE_FAMILIES:
+        raise ValueError(f"unknown dense family {family!r}; choose from {DENSE_FAMILIES}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        intermediate_size=p["moe_intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        head_dim=p["head_dim"],
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        use_cache=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    known = AutoConfig.for_model(family)
+    unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
+    if unknown:
+        raise ValueError(f"{family} config has no field(s) {unknown}")
+    config = AutoConfig.for_model(family, **(fields | overrides))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return model
+
+
 def load_model(
     path: str | Path,
     *,
