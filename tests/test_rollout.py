@@ -78,7 +78,7 @@ def test_rollout_shapes_and_groups(model_and_rollout):
 def test_old_logp_is_a_fresh_replayed_forward(model_and_rollout):
     model, _, r = model_and_rollout
     with torch.no_grad():
-        logp, gate_logp, probs, _ = policy_forward(model, r.input_ids, r.attention_mask, r.prompt_width, r.routing)
+        logp, gate_logp, probs, *_ = policy_forward(model, r.input_ids, r.attention_mask, r.prompt_width, r.routing)
     assert probs is None
     assert torch.equal(logp, r.old_logp)
     assert torch.equal(gate_logp, r.old_gate_logp)

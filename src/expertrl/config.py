@@ -21,11 +21,71 @@ def _check(ok: bool, field_name: str, msg: str) -> None:
 
 
 @dataclass
+class AdapterConfig:
+    kind: Literal["none", "lora_moe", "lora"] = "none"
+    """none; lora_moe = E LoRA experts + a router on each target linear of a frozen dense base (RO-GRPO); lora = one
+    plain PEFT LoRA per target (the single-LoRA baseline, no routers)"""
+    num_experts: int = 4
+    """E LoRA experts per target linear (lora_moe)"""
+    rank: int = 8
+    """LoRA rank r (of each expert for lora_moe; RO-GRPO: 8 per expert, 16 for the single-LoRA baseline)"""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank"""
+    top_k: int | None = None
+    """experts per token of lora_moe: None = dense soft mixture over all E (RO-GRPO), K = sparse top-K"""
+    targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """linear modules of each decoder layer's MLP that get adapters (RO-GRPO: gate, up and down projections)"""
+    router_init_std: float = 0.02
+    """std of the normal initialisation of the LoRA-MoE router weights (near-uniform routing at start)"""
+    path: str | None = None
+    """directory of saved adapter weights to attach (expertrl adapter or PEFT format); None = fresh adapters"""
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "model.adapter.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.rank >= 1, "model.adapter.rank", f"must be >= 1, got {self.rank}")
+        _check(bool(self.targets), "model.adapter.targets", "name at least one linear, e.g. [gate_proj, up_proj]")
+        if self.top_k is not None:
+            _check(
+                1 <= self.top_k <= self.num_experts,
+                "model.adapter.top_k",
+                f"must be in [1, model.adapter.num_experts={self.num_experts}] or null (dense), got {self.top_k}",
+            )
+
+
+@dataclass
+class UpcycleConfig:
+    num_experts: int = 0
+    """E: turn the dense model into an MoE with this many copies of each FFN (0 = no upcycling)"""
+    top_k: int = 2
+    """K experts per token of the upcycled model"""
+    noise_std: float = 0.0
+    """relative std of Gaussian noise added to each expert copy so experts can diverge (0 = exact copies)"""
+    norm_topk_prob: bool = True
+    """renormalise the top-K weights (keeps the dense function at init); false = MoE-GRPO Eq. 2 softmax weights"""
+
+    def __post_init__(self) -> None:
+        if self.num_experts:
+            _check(self.num_experts >= 2, "model.upcycle.num_experts", f"must be 0 or >= 2, got {self.num_experts}")
+            _check(
+                1 <= self.top_k <= self.num_experts,
+                "model.upcycle.top_k",
+                f"must be in [1, model.upcycle.num_experts={self.num_experts}], got {self.top_k}",
+            )
+        _check(self.noise_std >= 0, "model.upcycle.noise_std", f"must be >= 0, got {self.noise_std}")
+
+
+DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """local Hugging Face checkpoint directory (loaded with from_pretrained); None = build a tiny model in-process"""
-    family: Literal["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"] = "qwen3_moe"
-    """model family of the in-process model (ignored when path is set)"""
+    family: Literal["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3", "qwen2", "llama"] = (
+        "qwen3_moe"
+    )
+    """model family of the in-process model (ignored when path is set); the dense ones (qwen3, qwen2, llama) need
+    model.adapter or model.upcycle"""
     preset: Literal["tiny", "small", "5M", "50M"] = "small"
     """size preset of the in-process model (expertrl.models.PRESETS)"""
     num_experts: int | None = None
@@ -38,8 +98,31 @@ class ModelConfig:
     """parameter dtype"""
     trust_remote_code: bool = False
     """allow custom modelling code from the checkpoint directory (off unless you ask)"""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """LoRA-MoE (or single-LoRA) adapters on a frozen dense base"""
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    """turn a dense base into a native MoE model before training (MoE-GRPO's conversion)"""
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.adapter.kind != "none" and self.upcycle.num_experts),
+            "model.upcycle.num_experts",
+            "upcycling and adapters exclude each other: set model.upcycle.num_experts=0 or model.adapter.kind=none",
+        )
+        if self.path is None and self.family in DENSE_FAMILIES:
+            _check(
+                self.adapter.kind != "none" or self.upcycle.num_experts > 0,
+                "model.family",
+                f"{self.family!r} is a dense model: add model.adapter.kind=lora_moe (or lora), or upcycle it with "
+                "model.upcycle.num_experts=8, or pick an MoE family such as qwen3_moe",
+            )
+        if self.path is None and self.family not in DENSE_FAMILIES:
+            _check(
+                self.adapter.kind == "none" and not self.upcycle.num_experts,
+                "model.family",
+                f"adapters and upcycling start from a dense model; {self.family!r} is already MoE. "
+                "Use model.family=qwen3 (or qwen2, llama)",
+            )
         if self.num_experts is not None:
             _check(self.num_experts >= 2, "model.num_experts", f"must be >= 2, got {self.num_experts}")
         if self.top_k is not None:
@@ -75,7 +158,8 @@ class TaskConfig:
 @dataclass
 class RoutingConfig:
     policy: Literal["multinomial", "topk", "noisy_topk"] = "multinomial"
-    """how rollouts choose experts (expertrl.moe.policies.POLICIES); MoE-GRPO samples (multinomial)"""
+    """how rollouts choose experts (expertrl.moe.policies.POLICIES); MoE-GRPO samples (multinomial). Expert Choice
+    and Sinkhorn routing balance over a whole forward and are SFT baselines (sft.routing), not rollout policies"""
     temperature: float = 0.5
     """temperature of the router softmax that rollouts sample from (expert weights always use T=1); the default
     job's 0.5 keeps sampled routes near the top-K routes that inference uses, MoE-GRPO's paper does not say"""
@@ -152,11 +236,14 @@ class LossConfig:
     """beta of the per-token KL to a frozen copy of the RL start model (0 = no reference model, MoE-GRPO)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator (k3 = DeepSeekMath's unbiased, non-negative one)"""
+    z_coef: float = 0.0
+    """router z-loss (ST-MoE, mean squared logsumexp of the router logits; 1e-3 there); 0 = off"""
 
     def __post_init__(self) -> None:
         _check(self.gate_coef >= 0, "loss.gate_coef", f"must be >= 0, got {self.gate_coef}")
         _check(self.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _check(self.lb_coef >= 0, "loss.lb_coef", f"must be >= 0, got {self.lb_coef}")
+        _check(self.z_coef >= 0, "loss.z_coef", f"must be >= 0, got {self.z_coef}")
 
 
 @dataclass
@@ -172,6 +259,64 @@ class RSPOConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.gamma_min <= 1, "rspo.gamma_min", f"must be in [0, 1], got {self.gamma_min}")
+
+
+@dataclass
+class RoutingRewardConfig:
+    kind: Literal["none", "smooth", "relative"] = "none"
+    """RO-GRPO routing reward added to the task reward before the group advantage: smooth = entropy-then-balance
+    curriculum, relative = bonus when both statistics beat their recent history; none = off"""
+    shuffled: bool = False
+    """permute the routing rewards inside each batch (RO-GRPO's Shuffled control)"""
+    w_route: float = 0.2
+    """smooth: overall weight of the routing reward"""
+    lambda_h_start: float = 0.5
+    """smooth: weight of the normalised routing entropy at the start of training"""
+    lambda_b_end: float = 2.0
+    """smooth: weight of the normalised load imbalance at the end of training"""
+    steepness: float = 10.0
+    """smooth: steepness k of the sigmoid schedule (not reported by the paper)"""
+    center: float = 0.5
+    """smooth: training progress c at which the schedule is half-way (not reported by the paper)"""
+    bonus: float = 0.2
+    """relative: bonus C when both statistics improve (not reported by the paper)"""
+    history: Literal["window", "ema"] = "window"
+    """relative: history = mean over the last `window` samples, or an exponential moving average"""
+    window: int = 1000
+    """relative: samples in the history window"""
+    ema_decay: float = 0.99
+    """relative: decay of the EMA history"""
+    pool: Literal["pairs", "module"] = "pairs"
+    """entropy pooling: over all (token, module) pairs, or mean per module then over modules"""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "routing_reward.window", f"must be >= 1, got {self.window}")
+        _check(0 < self.ema_decay < 1, "routing_reward.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class GuidanceConfig:
+    enabled: bool = False
+    """MoE-GRPO modality-aware router guidance: mask each token group's least-used experts before sampling"""
+    percent: float = 25.0
+    """P: share of experts (per layer and group) deactivated, by lowest awareness score (paper: 25)"""
+    groups: Literal["prompt_completion", "modality"] = "prompt_completion"
+    """token groups: prompt vs completion tokens (text models), or vision vs text tokens (VLMs)"""
+    calibration_batches: int = 4
+    """batches of training prompts routed with deterministic top-K to count expert use per group"""
+    refresh_every: int = 0
+    """recount the scores every this many RL steps (0 = once, before RL; the paper counts once)"""
+    in_loss: bool = True
+    """apply the same mask in the training forwards (g_theta and g_old of Gate-GRPO, expert weights): ambiguity 10"""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.percent < 100, "guidance.percent", f"must be in [0, 100), got {self.percent}")
+        _check(
+            self.calibration_batches >= 1,
+            "guidance.calibration_batches",
+            f"must be >= 1, got {self.calibration_batches}",
+        )
+        _check(self.refresh_every >= 0, "guidance.refresh_every", f"must be >= 0, got {self.refresh_every}")
 
 
 @dataclass
@@ -201,12 +346,15 @@ class SFTConfig:
     """supervised steps (0 = no warm-up); also the whole job of `expertrl sft`"""
     batch_size: int = 64
     """sequences per supervised step"""
-    routing: Literal["topk", "multinomial", "noisy_topk"] = "multinomial"
-    """routing during SFT: topk = Det-FT, multinomial = Stoch-FT-Multi, noisy_topk = Stoch-FT-Noise"""
+    routing: Literal["topk", "multinomial", "noisy_topk", "expert_choice", "sinkhorn"] = "multinomial"
+    """routing during SFT: topk = Det-FT, multinomial = Stoch-FT-Multi, noisy_topk = Stoch-FT-Noise; expert_choice and
+    sinkhorn are the alternative routers of MoE-GRPO's Table 7"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=10))
     """optimiser of the supervised stage"""
     lb_coef: float = 0.01
     """Switch load-balancing loss during SFT"""
+    z_coef: float = 0.0
+    """router z-loss (ST-MoE; 1e-3 there) during SFT; 0 = off"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
@@ -233,6 +381,10 @@ class TrainConfig:
     """supervised warm-up run before RL (sft.steps = 0 to skip)"""
     rspo: RSPOConfig = field(default_factory=RSPOConfig)
     """router-shift weighting (RSPO); plugs into the grpo, gspo and gmpo losses"""
+    routing_reward: RoutingRewardConfig = field(default_factory=RoutingRewardConfig)
+    """RO-GRPO: routing statistics of each completion as a reward"""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """MoE-GRPO: modality-aware (token-group-aware) router guidance of the rollouts"""
     steps: int = 300
     """RL steps (one rollout batch each)"""
     inner_updates: int = 2
@@ -290,6 +442,43 @@ class TrainConfig:
                 f"routes sampled by routing.policy={r.policy} exist only in the rollout, so the training forward must "
                 f"replay them (routing.replay=rollout); use routing.policy=topk for {r.replay!r}",
             )
+        ad = self.model.adapter
+        if ad.kind == "lora_moe" and ad.top_k is None and lc.gate_coef > 0:
+            _check(
+                False,
+                "loss.gate_coef",
+                "a dense LoRA-MoE (model.adapter.top_k=null) mixes all experts, so there is no sampled expert set for "
+                "Gate-GRPO: set loss.gate_coef=0 (RO-GRPO), or make it sparse with model.adapter.top_k=2",
+            )
+        if ad.kind == "lora":  # plain LoRA has no router: nothing routing-related may be asked for
+            asked = {
+                "loss.gate_coef": lc.gate_coef > 0,
+                "loss.lb_coef": lc.lb_coef > 0,
+                "loss.z_coef": lc.z_coef > 0,
+                "rspo.enabled": self.rspo.enabled,
+                "routing_reward.kind": self.routing_reward.kind != "none",
+                "guidance.enabled": self.guidance.enabled,
+                "routing.policy": r.policy != "topk",
+                "routing.freeze_router": r.freeze_router,
+            }
+            bad = [k for k, v in asked.items() if v]
+            _check(
+                not bad,
+                bad[0] if bad else "model.adapter.kind",
+                f"model.adapter.kind=lora has no router; turn off {bad} (e.g. --preset lora sets them)",
+            )
+            _check(
+                self.sft.steps == 0 or self.sft.routing == "topk" and self.sft.lb_coef == 0 and self.sft.z_coef == 0,
+                "sft.routing",
+                "model.adapter.kind=lora has no router: set sft.routing=topk, sft.lb_coef=0 and sft.z_coef=0",
+            )
+        if self.guidance.enabled:
+            _check(
+                r.policy in ("multinomial", "noisy_topk"),
+                "guidance.enabled",
+                f"guidance restricts which experts a stochastic routing policy explores; routing.policy={r.policy!r} "
+                "does not explore. Use routing.policy=multinomial",
+            )
         if self.rspo.enabled:
             _check(
                 lc.name in ("grpo", "gspo", "gspo_token", "gmpo"),
@@ -330,3 +519,17 @@ class EvalConfig:
     """prompts per generate call"""
     seed: int = 0
     """seed"""
+    num_samples: int = 0
+    """n sampled completions per prompt for pass@k (0 = greedy only)"""
+    temperature: float = 1.0
+    """token sampling temperature of the pass@k samples"""
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    """k values of pass@k (each <= num_samples)"""
+    routing_stats: bool = True
+    """also run the routing-statistics pass (per-category expert use, entropies, JSD) for `expertrl report`"""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 0, "num_samples", f"must be >= 0, got {self.num_samples}")
+        if self.num_samples:
+            bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
+            _check(not bad, "pass_k", f"every k must be in [1, num_samples={self.num_samples}], got {bad}")

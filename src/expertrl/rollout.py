@@ -8,7 +8,7 @@ same code path (the first inner update then has ratio exactly 1).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,16 @@ def completion_mask(completion: Tensor, eos_token_id: int) -> Tensor:
     return (~after_eos).float()
 
 
+class Guide(Protocol):
+    """Router guidance as the rollout sees it: a per-token expert mask for generation and for full forwards."""
+
+    def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> AllowedFn | None:
+        """The mask of one ``generate`` call over these (B, P) prompts (prefill, then one call per decode step)."""
+
+    def for_sequences(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> AllowedFn | None:
+        """The mask of one forward over (B, S) prompt + completion; None = unmasked (guidance off in the loss)."""
+
+
 class ForwardOut(NamedTuple):
     """What one policy forward produces.
 
@@ -40,12 +50,14 @@ class ForwardOut(NamedTuple):
             forward routes live (differentiable).
         probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
         routing: the routes this forward used (the replayed trace, or the live top-K choice).
+        logits: (L, B, S, E) raw router logits if ``keep_logits`` else None.
     """
 
     logp: Tensor
     gate_logp: Tensor
     probs: Tensor | None
     routing: RoutingTrace
+    logits: Tensor | None = None
 
 
 def policy_forward(
@@ -57,6 +69,8 @@ def policy_forward(
     *,
     keep_probs: bool = False,
     score: RoutingTrace | None = None,
+    allowed: AllowedFn | None = None,
+    keep_logits: bool = False,
 ) -> ForwardOut:
     """Forward over prompt + completion; log-probs of the completion tokens and of experts.
 
@@ -64,12 +78,16 @@ def policy_forward(
         routing: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
         score: with live routing, a trace whose experts' live log-probs become ``gate_logp`` (RSPO's router shift
             of the old-activated experts).
+        allowed: per-token allowed experts (router guidance); the same mask as the rollout's keeps g_theta, g_old and
+            the expert weights on the distribution the routes were sampled from.
+        keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
     """
     B, S = input_ids.shape
     C = S - prompt_width
     policy = TopK() if routing is None else replay_policy_for(routing)
     score_experts = None if score is None else score.experts.reshape(score.experts.shape[0], B * S, -1)
-    with route(model, policy, keep_probs=keep_probs, score_experts=score_experts) as rec:
+    extra = {"keep_logits": True} if keep_logits else {}
+    with route(model, policy, keep_probs=keep_probs, score_experts=score_experts, allowed=allowed, **extra) as rec:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -81,7 +99,8 @@ def policy_forward(
     probs = rec.probs(B) if keep_probs else None
     used = routing if routing is not None else rec.trace(B)
     gate_logp = rec.scored(B) if score is not None else rec.gate_logp(B)
-    return ForwardOut(logp, gate_logp, probs, used)
+    logits = rec.logits(B) if keep_logits else None
+    return ForwardOut(logp, gate_logp, probs, used, logits)
 
 
 def decoding_kwargs(tokenizer, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> dict:
@@ -111,8 +130,9 @@ def generate_rollout(
     do_sample: bool = False,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-    allowed: AllowedFn | None = None,
+    guide: Guide | None = None,
     old_routing: str = "rollout",
+    keep_probs: bool = False,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -123,6 +143,10 @@ def generate_rollout(
         old_routing: ``rollout`` replays the generation routes in the old-log-prob forward and in training (R3,
             MoE-GRPO); ``live`` routes that forward with live top-K and keeps *its* routes as the batch's routing
             (R2 replays them later; without replay they are the old-activated experts of RSPO's router shift).
+        guide: router guidance (``Guide``): the per-token expert mask of generation and, if it applies in the loss,
+            of the old-log-prob forward.
+        keep_probs: keep the old forward's routing probabilities (L, B, S, E) as ``rollout.route_probs`` (routing
+            rewards read them).
     """
     assert old_routing in ("rollout", "live"), old_routing
     device = next(model.parameters()).device
@@ -130,6 +154,7 @@ def generate_rollout(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, P)
     B, P = prompt_ids.shape
+    allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     with route(model, policy, temperature=routing_temperature, allowed=allowed, generator=generator) as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
@@ -149,7 +174,15 @@ def generate_rollout(
     completion = sequences[:, P:]  # (B, C)
     mask = completion_mask(completion, tokenizer.eos_token_id)  # (B, C)
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S) pads after EOS are not attended
-    old = policy_forward(model, sequences, attention_mask, P, trace if old_routing == "rollout" else None)
+    old = policy_forward(
+        model,
+        sequences,
+        attention_mask,
+        P,
+        trace if old_routing == "rollout" else None,
+        keep_probs=keep_probs,
+        allowed=guide.for_sequences(sequences, attention_mask, P) if guide is not None else None,
+    )
     texts = [tokenizer.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
     return Rollout(
         input_ids=sequences,
@@ -162,6 +195,7 @@ def generate_rollout(
         group_size=group_size,
         completions=texts,
         items=[it for it in items for _ in range(group_size)],
+        route_probs=old.probs,
     )
 
 

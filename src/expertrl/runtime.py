@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from expertrl.config import ModelConfig, OptimConfig, TaskConfig
-from expertrl.models import build_tiny_moe, load_model
+from expertrl.config import DENSE_FAMILIES, ModelConfig, OptimConfig, TaskConfig
+from expertrl.models import build_tiny_dense, build_tiny_moe, load_model
 from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
 
@@ -30,49 +30,110 @@ def derive_seed(*parts: int) -> int:
 
 
 def model_and_tokenizer(cfg: ModelConfig, seed: int) -> tuple[nn.Module, object]:
-    """The policy model and its tokenizer: a local checkpoint (``cfg.path``) or a tiny in-process model."""
+    """The policy model and its tokenizer: a local checkpoint (``cfg.path``) or a tiny in-process model, then
+    upcycled (``cfg.upcycle``) or given adapters (``cfg.adapter``) if asked. The same settings and seed build the
+    same network with the same initial weights (resume and evaluation of adapter runs rely on it)."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        import json
+        model, tokenizer = _load_local(cfg, dtype)
+    else:
+        tokenizer = build_char_tokenizer()
+        if cfg.family in DENSE_FAMILIES:
+            model = build_tiny_dense(cfg.family, cfg.preset, len(tokenizer), seed=seed, dtype=dtype)
+        else:
+            model = build_tiny_moe(
+                cfg.family,
+                cfg.preset,
+                len(tokenizer),
+                seed=seed,
+                dtype=dtype,
+                experts_implementation=cfg.experts_implementation,
+                num_experts=cfg.num_experts,
+                top_k=cfg.top_k,
+            )
+    return with_adapters(model, cfg, seed), tokenizer
 
-        from transformers import AutoTokenizer
 
-        from expertrl.moe.adapters import FAMILIES
+def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
+    """``model`` upcycled or with LoRA-MoE / LoRA adapters attached, per ``cfg`` (unchanged if neither is asked)."""
+    up, ad = cfg.upcycle, cfg.adapter
+    if up.num_experts:
+        from expertrl.moe.upcycle import upcycle
 
-        config_file = Path(cfg.path) / "config.json"
-        if config_file.is_file():  # refuse a dense or unknown family before loading any weights
-            model_type = json.loads(config_file.read_text()).get("model_type")
-            if model_type not in FAMILIES:
-                raise ValueError(
-                    f"model.path {cfg.path!r} is a {model_type!r} model, which has no MoE routers expertrl knows; "
-                    f"supported MoE families: {sorted(FAMILIES)}. Use an MoE checkpoint of one of them."
-                )
-        model = load_model(
-            cfg.path,
-            dtype=dtype,
+        model = upcycle(
+            model,
+            num_experts=up.num_experts,
+            top_k=up.top_k,
+            noise_std=up.noise_std,
+            norm_topk_prob=up.norm_topk_prob,
+            seed=seed,
             experts_implementation=cfg.experts_implementation,
-            trust_remote_code=cfg.trust_remote_code,
         )
-        has_tok = (Path(cfg.path) / "tokenizer.json").is_file() or (Path(cfg.path) / "tokenizer_config.json").is_file()
-        tokenizer = (
-            AutoTokenizer.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-            if has_tok
-            else build_char_tokenizer()
-        )
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_moe(
-        cfg.family,
-        cfg.preset,
-        len(tokenizer),
-        seed=seed,
+    if ad.kind == "lora_moe":
+        from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
+
+        if ad.path is not None:
+            model = load_adapter(model, ad.path)
+        else:
+            model = attach_lora_moe(
+                model,
+                num_experts=ad.num_experts,
+                rank=ad.rank,
+                alpha=ad.alpha,
+                top_k=ad.top_k,
+                targets=tuple(ad.targets),
+                router_init_std=ad.router_init_std,
+                seed=seed,
+            )
+    elif ad.kind == "lora":
+        from expertrl.moe.lora_moe import attach_lora, load_lora
+
+        model = attach_lora(model, rank=ad.rank, alpha=ad.alpha, targets=tuple(ad.targets), seed=seed)
+        if ad.path is not None:
+            load_lora(model, ad.path)
+    return model
+
+
+def _load_local(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from expertrl.moe.adapters import FAMILIES
+
+    config_file = Path(cfg.path) / "config.json"
+    if config_file.is_file():  # refuse a dense or unknown family before loading any weights
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        dense_ok = cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
+        if model_type not in FAMILIES and not (dense_ok and model_type in DENSE_FAMILIES):
+            hint = f"supported MoE families: {sorted(FAMILIES)}"
+            if model_type in DENSE_FAMILIES:
+                hint += (
+                    "; a dense model can be trained with LoRA-MoE adapters (model.adapter.kind=lora_moe) or "
+                    "upcycled first (model.upcycle.num_experts=8, or `expertrl upcycle SRC DST`)"
+                )
+            raise ValueError(
+                f"model.path {cfg.path!r} is a {model_type!r} model, which has no MoE routers expertrl knows; {hint}."
+            )
+        if model_type in FAMILIES and (cfg.adapter.kind != "none" or cfg.upcycle.num_experts):
+            raise ValueError(
+                f"model.path {cfg.path!r} is already an MoE model ({model_type}); adapters and upcycling start from a "
+                "dense one: set model.adapter.kind=none and model.upcycle.num_experts=0"
+            )
+    model = load_model(
+        cfg.path,
         dtype=dtype,
         experts_implementation=cfg.experts_implementation,
-        num_experts=cfg.num_experts,
-        top_k=cfg.top_k,
+        trust_remote_code=cfg.trust_remote_code,
     )
+    has_tok = (Path(cfg.path) / "tokenizer.json").is_file() or (Path(cfg.path) / "tokenizer_config.json").is_file()
+    tokenizer = (
+        AutoTokenizer.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        if has_tok
+        else build_char_tokenizer()
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

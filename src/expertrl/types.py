@@ -82,6 +82,8 @@ class Rollout:
         items: the task item behind each sequence (B dicts; the G samples of a prompt share one).
         reward_parts: named (B,) reward components before weighting, for logging.
         ref_logp: (B, C) log-probs under the frozen reference model, when a KL penalty is on.
+        route_probs: (L, B, S, E) routing probabilities of the old forward, kept only while rewards are computed
+            (routing rewards); not carried into micro-batches.
     """
 
     input_ids: Tensor
@@ -98,6 +100,7 @@ class Rollout:
     advantages: Tensor | None = None
     reward_parts: dict[str, Tensor] = field(default_factory=dict)
     ref_logp: Tensor | None = None
+    route_probs: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -124,4 +127,5 @@ class Rollout:
             advantages=None if self.advantages is None else self.advantages[index],
             reward_parts={k: v[index] for k, v in self.reward_parts.items()},
             ref_logp=None if self.ref_logp is None else self.ref_logp[index],
+            route_probs=None,
         )
