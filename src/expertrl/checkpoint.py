@@ -51,14 +51,22 @@ def atomic_save_dir(path: str | Path, write) -> Path:
     return path
 
 
+def _write_policy(model: nn.Module, tokenizer, directory: Path) -> None:
+    """A model in Hugging Face format, or, for a frozen base with adapters, the adapter weights alone (the base is
+    rebuilt from the run's model settings); plus the tokenizer."""
+    from expertrl.moe.lora_moe import adapter_settings, save_adapter_weights
+
+    if adapter_settings(model) is not None:
+        save_adapter_weights(model, directory)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Save ``model`` and ``tokenizer`` in Hugging Face format (loadable with ``AutoModelForCausalLM``)."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    return atomic_save_dir(path, write)
+    """Save ``model`` and ``tokenizer`` in Hugging Face format (loadable with ``AutoModelForCausalLM``); a model
+    with adapters saves the adapter only (load it with ``model.adapter.path`` and the run's base settings)."""
+    return atomic_save_dir(path, lambda tmp: _write_policy(model, tokenizer, tmp))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,8 +107,7 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         for name, module in (("model", model), ("reference", reference)):
             if module is not None:
-                module.save_pretrained(tmp / name, safe_serialization=True)
-                tokenizer.save_pretrained(tmp / name)
+                _write_policy(module, tokenizer, tmp / name)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_yaml(config, tmp / "config.yaml")
         state = trainer_state | {"rng": rng_state()}
@@ -230,7 +237,13 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path:
 
 
 def load_weights(model: nn.Module, path: Path, cfg: ModelConfig) -> None:
-    """Copy the weights of the ``save_pretrained`` directory ``path`` into ``model``, which must be the same network."""
+    """Copy the weights of the ``save_pretrained`` directory ``path`` into ``model``, which must be the same network
+    (for a model with adapters: the adapter weights, into adapters attached with the same settings)."""
+    from expertrl.moe.lora_moe import adapter_settings, load_adapter_weights
+
+    if adapter_settings(model) is not None:
+        load_adapter_weights(model, path)
+        return
     saved = load_model(
         path,
         dtype=DTYPES[cfg.dtype],

@@ -41,7 +41,7 @@ class AdapterConfig:
     """directory of saved adapter weights to attach (expertrl adapter or PEFT format); None = fresh adapters"""
 
     def __post_init__(self) -> None:
-        _check(self.num_experts >= 1, "model.adapter.num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.num_experts >= 2, "model.adapter.num_experts", f"must be >= 2, got {self.num_experts}")
         _check(self.rank >= 1, "model.adapter.rank", f"must be >= 1, got {self.rank}")
         _check(bool(self.targets), "model.adapter.targets", "name at least one linear, e.g. [gate_proj, up_proj]")
         if self.top_k is not None:

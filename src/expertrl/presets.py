@@ -116,6 +116,42 @@ PRESETS: dict[str, dict] = {
         "loss.advantage_scale": "group",
         "loss.gate_coef": 0.0,
     },
+    # LoRA-MoE on a frozen dense base (RO-GRPO, METHODS §2): E = 4 rank-8 LoRA experts + a router on each FFN
+    # projection, dense soft mixture, GRPO on sampled tokens, no aux loss, no Gate-GRPO (there is no sampled set).
+    # Combine with a routing reward: `--preset lora_moe,ro_grpo_smooth`; `lora_moe,aux_loss` is the paper's aux-loss
+    # baseline. Set model.family (qwen3/qwen2/llama) or model.path to a dense model.
+    "lora_moe": {
+        "model.adapter.kind": "lora_moe",
+        "model.adapter.num_experts": 4,
+        "model.adapter.rank": 8,
+        "model.adapter.alpha": 16.0,
+        "model.adapter.top_k": None,
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "grpo",
+        "loss.gate_coef": 0.0,
+        "loss.lb_coef": 0.0,
+        "sft.routing": "topk",
+    },
+    "ro_grpo_smooth": {"routing_reward.kind": "smooth"},  # entropy-then-balance curriculum (w_route 0.2)
+    "ro_grpo_relative": {"routing_reward.kind": "relative"},  # bonus 0.2 when both statistics beat the last 1000
+    "ro_grpo_shuffled": {"routing_reward.kind": "smooth", "routing_reward.shuffled": True},  # the paper's control
+    "aux_loss": {"loss.lb_coef": 0.01},  # Switch load balancing instead of a routing reward
+    # The single-LoRA baseline (PEFT), rank 16 like RO-GRPO's (matched budget: expertrl.moe.lora_moe.matched_lora_rank).
+    "lora": {
+        "model.adapter.kind": "lora",
+        "model.adapter.rank": 16,
+        "model.adapter.alpha": 32.0,
+        "routing.policy": "topk",
+        "routing.replay": "none",
+        "rollout.do_sample": True,
+        "loss.name": "grpo",
+        "loss.gate_coef": 0.0,
+        "loss.lb_coef": 0.0,
+        "sft.routing": "topk",
+        "sft.lb_coef": 0.0,
+    },
     # MoE stabilisers, to combine with a loss preset: `--preset grpo,r3`. Later presets override earlier ones.
     "r3": {"routing.replay": "rollout"},  # replay the rollout's routes in every training forward (Ma et al.)
     "r2": {"routing.replay": "first_forward"},  # replay the routes of the step's first forward (GSPO paper)

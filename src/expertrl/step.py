@@ -29,6 +29,7 @@ def loss_on_microbatch(
     num_seqs: float,
     num_tokens: float | None = None,
     num_gate_tokens: float | None = None,
+    guide=None,
 ):
     """Token loss (+ RSPO, KL) + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch.
 
@@ -52,6 +53,8 @@ def loss_on_microbatch(
         None if replay == "none" else micro.routing,  # live top-K, or the recorded routes (R3 / R2)
         keep_probs=True,
         score=micro.routing if replay == "none" else None,  # old-activated experts scored by the live router
+        allowed=guide.for_sequences(micro.input_ids, micro.attention_mask, P) if guide is not None else None,
+        keep_logits=lc.z_coef > 0,
     )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
     # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
     comp = slice(P - 1, -1)
@@ -112,18 +115,21 @@ def loss_on_microbatch(
     return loss, metrics
 
 
-def routing_usage(rollout: Rollout) -> dict:
-    """Expert load per layer and the entropy of aggregate expert usage over the completion positions."""
+def routing_usage(rollout: Rollout, labels: list[str] | None = None) -> dict:
+    """Expert load per router and the entropy of aggregate expert usage over the completion positions.
+
+    ``labels`` name the routers in metric keys (``moe/load/<label>``); default ``layer<i>``."""
     P = rollout.prompt_width
     experts = rollout.routing.experts[:, :, P - 1 : -1].long()  # (L, B, C, K)
     E = rollout.routing.num_experts
     valid = rollout.mask.bool()[None, :, :, None].expand_as(experts)  # (L, B, C, K)
     out = {}
     usage_h = []
-    for li, layer in enumerate(rollout.routing.layers):
+    labels = labels or [f"layer{layer}" for layer in rollout.routing.layers]
+    for li, label in enumerate(labels):
         counts = torch.bincount(experts[li][valid[li]], minlength=E).float()  # (E,)
         load = counts / counts.sum().clamp(min=1)
-        out[f"moe/load/layer{layer}"] = load
+        out[f"moe/load/{label}"] = load
         usage_h.append(entropy(load))
     out["moe/usage_entropy"] = torch.stack(usage_h).mean()
     return out

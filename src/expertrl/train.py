@@ -44,10 +44,12 @@ from expertrl.configio import save_yaml
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, mean_metrics, reduce_across_ranks, to_number
 from expertrl.losses import get_loss
-from expertrl.moe.adapters import find_routers
-from expertrl.moe.policies import make_policy
+from expertrl.moe.adapters import find_routers, site_labels
+from expertrl.moe.guidance import GuidanceState, PromptCompletionGuide, calibrate_prompt_completion
+from expertrl.moe.policies import TopK, make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
+from expertrl.rewards.routing import RoutingRewarder, repetition_rate
 from expertrl.rewards.shaping import soft_overlong_punishment, truncated
 from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward
 from expertrl.runtime import (
@@ -62,14 +64,21 @@ from expertrl.sft import supervised_train
 from expertrl.step import loss_on_microbatch, routing_usage
 
 
-def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, *, step, round_, rank, world):
+def scored_rollout(
+    model, tokenizer, task, cfg: TrainConfig, policy, ref_model, *, step, round_, rank, world, rewarder=None, guide=None
+):
     """One scored rollout of this rank's share of a step's prompts: completions, routes, rewards, advantages.
 
     Every random choice derives from (seed, step, rank, round): a resumed or multi-process run draws the same.
     Round 0 is the step's batch; DAPO's dynamic sampling draws later rounds to refill it.
 
+    Args:
+        rewarder: RO-GRPO's ``RoutingRewarder``: routing statistics of each completion become a reward added to the
+            task reward before the group advantage (its history advances after this batch is scored).
+        guide: router guidance (``Guide``) of the rollout and, if it applies in the loss, of the old forward.
+
     Returns:
-        the Rollout and the advantage metrics of ``group_advantages``.
+        the Rollout and the advantage (and routing-reward) metrics.
     """
     salt = (round_,) if round_ else ()  # round 0 keeps the seeds of a run without dynamic sampling
     by_rank = (rank,) if rank else ()  # rank 0 keeps the seeds of a 1-process run
@@ -91,7 +100,9 @@ def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, 
         do_sample=cfg.rollout.do_sample,
         temperature=cfg.rollout.temperature,
         generator=generator,
+        guide=guide,
         old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
+        keep_probs=rewarder is not None,
     )
     if ref_model is not None:
         with torch.no_grad():
@@ -101,6 +112,16 @@ def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, 
             ).logp
     rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
     rewards = rewards.to(device)
+    route_metrics = {}
+    if rewarder is not None:  # RO-GRPO: no gradient, statistics of the completion tokens' routing distributions
+        P = rollout.prompt_width
+        probs = rollout.route_probs[:, :, P - 1 : -1]  # (L, B, C, E) completion token c <-> position P-1+c
+        shuffle_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, 4, *by_rank, *salt))
+        progress = step / max(cfg.steps - 1, 1)
+        parts["routing"], route_metrics = rewarder.score(probs, rollout.mask, progress, generator=shuffle_gen)
+        rewards = rewards + parts["routing"].to(device)
+        route_metrics["reward/task"] = parts["task"].mean()
+    rollout.route_probs = None  # only the rewards read them
     if cfg.rollout.overlong_cache > 0:  # DAPO soft overlong punishment, part of the reward before advantages
         parts["overlong"] = soft_overlong_punishment(
             rollout.mask.sum(-1), max_len=cfg.rollout.max_new_tokens, cache=cfg.rollout.overlong_cache
@@ -114,7 +135,24 @@ def scored_rollout(model, tokenizer, task, cfg: TrainConfig, policy, ref_model, 
     rollout.advantages, adv_metrics = group_advantages(
         rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
     )
-    return rollout, adv_metrics
+    return rollout, adv_metrics | route_metrics
+
+
+def calibrate_guidance(model, tokenizer, task, cfg: TrainConfig, step: int) -> GuidanceState:
+    """Modality-aware router guidance, text version: count which experts deterministic top-K routing gives prompt
+    and completion tokens over ``guidance.calibration_batches`` batches of training prompts (greedy completions),
+    then mask each group's bottom ``guidance.percent`` % (MoE-GRPO Eq. 7). Prompts derive from (seed, step), so every
+    rank and a resumed run count the same."""
+    rng = random.Random(derive_seed(cfg.seed, step + 1, 5))  # step -1 = before RL
+    rollouts = []
+    for _ in range(cfg.guidance.calibration_batches):
+        items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
+        rollouts.append(
+            generate_rollout(
+                model, tokenizer, items, group_size=1, max_new_tokens=cfg.rollout.max_new_tokens, policy=TopK()
+            )
+        )
+    return calibrate_prompt_completion(model, rollouts, percent=cfg.guidance.percent)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -175,6 +213,25 @@ def train(cfg: TrainConfig) -> dict:
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)  # misspelled kwargs fail here, not at step 500
     set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
+    labels = site_labels(sites)
+    rr = cfg.routing_reward
+    rewarder = None
+    if rr.kind != "none":
+        rewarder = RoutingRewarder(
+            kind=rr.kind,
+            shuffled=rr.shuffled,
+            w_route=rr.w_route,
+            lambda_h_start=rr.lambda_h_start,
+            lambda_b_end=rr.lambda_b_end,
+            steepness=rr.steepness,
+            center=rr.center,
+            bonus=rr.bonus,
+            history=rr.history,
+            window=rr.window,
+            ema_decay=rr.ema_decay,
+            pool=rr.pool,
+        )
+    guide = None
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
         f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {len(sites)} MoE layers, "
@@ -229,6 +286,22 @@ def train(cfg: TrainConfig) -> dict:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if resume_from is not None:
             load_weights(ref_model, resume_from / "reference", cfg.model)
+    guidance_state = None
+    if cfg.guidance.enabled:
+        if cfg.guidance.groups != "prompt_completion":
+            raise ConfigError(
+                "guidance.groups: only prompt_completion groups are wired into `expertrl train` so far (vision/text "
+                "groups need the multimodal rollout); use guidance.groups=prompt_completion"
+            )
+        if state is not None and state.get("guidance") is not None:
+            guidance_state = GuidanceState.from_counts(
+                torch.tensor(state["guidance"]["counts"]), **state["guidance"]["meta"]
+            )
+        else:
+            guidance_state = calibrate_guidance(accelerator.unwrap_model(model), tokenizer, task, cfg, step=-1)
+        guide = PromptCompletionGuide(guidance_state, in_loss=cfg.guidance.in_loss)
+        if is_main:
+            guidance_state.save(out / "guidance.json")
     total_opt_steps = cfg.steps * cfg.inner_updates
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, cfg.optim, total_opt_steps)
@@ -238,6 +311,8 @@ def train(cfg: TrainConfig) -> dict:
         schedule.load_state_dict(state["scheduler"])
         start_step, skipped, elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
         set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
+        if rewarder is not None and state.get("routing_reward") is not None:
+            rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history
     model, optimizer = accelerator.prepare(model, optimizer)
     if not hasattr(model, "config"):  # a DDP wrapper: routing hooks find the routers through model.config
         model.config = accelerator.unwrap_model(model).config
@@ -250,6 +325,18 @@ def train(cfg: TrainConfig) -> dict:
             "summary": summary,
             "skipped_steps": skipped,
             "wall_time_s": elapsed_before + time.perf_counter() - t_start,
+            "routing_reward": rewarder.state_dict() if rewarder is not None else None,
+            "guidance": None
+            if guide is None
+            else {
+                "counts": guide.state.counts.tolist(),
+                "meta": dict(
+                    percent=guide.state.percent,
+                    top_k=guide.state.top_k,
+                    group_names=list(guide.state.group_names),
+                    layers=list(guide.state.layers),
+                ),
+            },
         }
         path = save_checkpoint(
             checkpoint_path(out, step_done),
@@ -274,19 +361,36 @@ def train(cfg: TrainConfig) -> dict:
     with stop_requests() as stop:
         for step in bar:
             t0 = time.perf_counter()
+            refresh = cfg.guidance.refresh_every
+            if guide is not None and refresh and step > 0 and step % refresh == 0:  # recount on the current policy
+                guide = PromptCompletionGuide(
+                    calibrate_guidance(accelerator.unwrap_model(model), tokenizer, task, cfg, step=step),
+                    in_loss=cfg.guidance.in_loss,
+                )
+                if is_main:
+                    guide.state.save(out / "guidance.json")
             collect = functools.partial(  # this step's prompts for this rank, scored; round > 0 refills
                 scored_rollout, accelerator.unwrap_model(model), tokenizer, task, cfg, policy, ref_model,
-                step=step, rank=rank, world=world,
+                step=step, rank=rank, world=world, rewarder=rewarder, guide=guide,
             )  # fmt: skip
             rollout, adv_metrics = collect(round_=0)
-            metrics = {
-                "reward": rollout.rewards.mean(),
-                "reward_std": rollout.rewards.std(unbiased=False),
-                "reward_group_std": adv_metrics["reward_std"],
-                "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
-                "completions/mean_length": rollout.mask.sum(-1).mean(),
-                "moe/trace_bytes": float(rollout.routing.nbytes()),
-            } | routing_usage(rollout)
+            metrics = (
+                {
+                    "reward": rollout.rewards.mean(),
+                    "reward_std": rollout.rewards.std(unbiased=False),
+                    "reward_group_std": adv_metrics["reward_std"],
+                    "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
+                    "completions/mean_length": rollout.mask.sum(-1).mean(),
+                    "moe/trace_bytes": float(rollout.routing.nbytes()),
+                    "completions/loop_rate": repetition_rate(
+                        rollout.input_ids[:, rollout.prompt_width :], rollout.mask
+                    )[1],
+                }
+                | routing_usage(rollout, labels)
+                | {k: v for k, v in adv_metrics.items() if "/" in k and v.dim() == 0}
+            )
+            if "moe/utilisation" in adv_metrics:  # (M, E) mean routing probability per router: one key per router
+                metrics |= {f"moe/utilisation/{lab}": u for lab, u in zip(labels, adv_metrics["moe/utilisation"])}
             full = rollout
             if cfg.rollout.dynamic_sampling:  # DAPO: drop groups whose rewards are all equal, refill with new ones
                 target = full.batch_size
@@ -329,7 +433,9 @@ def train(cfg: TrainConfig) -> dict:
                 passes = [(rollout, idx, 1.0) for idx in order.split(cfg.micro_batch_size)]
                 for src, micro_idx, weight in passes + [(full, pad_idx, 0.0)] * n_pad:
                     micro = src.index_batch(micro_idx.to(src.input_ids.device))
-                    loss, micro_metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, **dens)
+                    loss, micro_metrics = loss_on_microbatch(
+                        model, micro, cfg, token_loss, set_logprob, guide=guide, **dens
+                    )
                     accelerator.backward(loss * weight if weight != 1.0 else loss)
                     if weight:
                         losses.append(loss.detach())

@@ -7,6 +7,10 @@ block passes weights and indices to fused 3-D experts. We find routers by *class
 by module path (dense layers have no router, so fire order is not a layer index).
 
 Adding a family = one ``Family`` row + a tiny-model test. An unknown family raises with the supported list.
+
+LoRA-MoE adapters (``expertrl.moe.lora_moe``) make a dense model routable whatever its ``model_type``: each adapted
+linear layer holds a ``LoraMoeRouter`` with the same contract as the native routers. ``find_routers`` returns those
+(``LORA_MOE``) when a model has them, one site per adapted module, so several sites share a decoder layer.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl_moe": Family("Qwen3VLMoeTextTopKRouter", renormalize="always"),
 }
 
+LORA_MOE = Family("LoraMoeRouter")
+"""LoRA-MoE routers (``expertrl.moe.lora_moe``): softmax, renormalised iff the router's ``norm_topk_prob``. Not a
+``model_type`` row: it applies to any dense base with adapters attached, so it is kept out of ``FAMILIES``."""
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -80,44 +88,66 @@ def family_of(model: nn.Module) -> Family:
     if mt not in FAMILIES:
         raise ValueError(
             f"model_type {mt!r} is not a supported MoE family; supported: {sorted(FAMILIES)}. "
-            "Add a row to expertrl.moe.adapters.FAMILIES (router class, scoring, renormalisation) "
-            "and a tiny-model test."
+            "If it is a dense model (no MoE layers), attach LoRA-MoE adapters "
+            "(expertrl.moe.lora_moe.attach_lora_moe) or upcycle it into an MoE. If it is an MoE family, add a row "
+            "to expertrl.moe.adapters.FAMILIES (router class, scoring, renormalisation) and a tiny-model test."
         )
     return FAMILIES[mt]
+
+
+def _site(name: str, module: nn.Module, fam: Family) -> RouterSite:
+    match = _LAYER_RE.search(name + ".")
+    assert match, f"router {name!r} is not under a 'layers.<i>.' path"
+    if fam.renormalize == "config":
+        renorm = bool(module.norm_topk_prob)
+    else:
+        renorm = fam.renormalize == "always"
+    return RouterSite(
+        layer=int(match.group(1)),
+        name=name,
+        module=module,
+        num_experts=int(module.num_experts),
+        top_k=int(module.top_k),
+        renormalize=renorm,
+        family=fam,
+    )
 
 
 def find_routers(model: nn.Module) -> list[RouterSite]:
     """Every MoE router of ``model`` in decoder order, as ``RouterSite``s.
 
+    A model with LoRA-MoE adapters gets one site per adapted module (its ``LoraMoeRouter``), in module order within
+    a layer (e.g. gate_proj, up_proj, down_proj), whatever its ``model_type``. Otherwise the native routers of the
+    model's family.
+
     Raises:
         ValueError: unknown family, or a supported family with no router (a dense model).
     """
+    lora = [_site(n, m, LORA_MOE) for n, m in model.named_modules() if type(m).__name__ == LORA_MOE.router_class]
+    if lora:
+        return sorted(lora, key=lambda s: s.layer)  # stable: module order within a layer is kept
     fam = family_of(model)
-    sites = []
-    for name, module in model.named_modules():
-        if type(module).__name__ != fam.router_class:
-            continue
-        match = _LAYER_RE.search(name + ".")
-        assert match, f"router {name!r} is not under a 'layers.<i>.' path"
-        if fam.renormalize == "config":
-            renorm = bool(module.norm_topk_prob)
-        else:
-            renorm = fam.renormalize == "always"
-        sites.append(
-            RouterSite(
-                layer=int(match.group(1)),
-                name=name,
-                module=module,
-                num_experts=int(module.num_experts),
-                top_k=int(module.top_k),
-                renormalize=renorm,
-                family=fam,
-            )
-        )
+    sites = [_site(n, m, fam) for n, m in model.named_modules() if type(m).__name__ == fam.router_class]
     if not sites:
         raise ValueError(
             f"{type(model).__name__} ({model.config.model_type}) has no {fam.router_class} module: it has no MoE "
-            "layers, so MoE routing methods cannot run on it. Use an MoE checkpoint or upcycle a dense one."
+            "layers, so MoE routing methods cannot run on it. Use an MoE checkpoint, upcycle a dense one, or attach "
+            "LoRA-MoE adapters (expertrl.moe.lora_moe.attach_lora_moe)."
         )
     sites.sort(key=lambda s: s.layer)
     return sites
+
+
+def site_labels(sites: list[RouterSite]) -> list[str]:
+    """Unique short labels of router sites for metric keys: ``layer3`` for a native router (one per layer),
+    ``layer3.gate_proj`` for a LoRA-MoE router (several per layer: the adapted module's name)."""
+    labels = []
+    for s in sites:
+        if s.family is LORA_MOE:
+            within = s.name[_LAYER_RE.search(s.name + ".").end() :]  # e.g. "mlp.gate_proj.router"
+            within = within.removesuffix(".router").removeprefix("mlp.")
+            labels.append(f"layer{s.layer}.{within}")
+        else:
+            labels.append(f"layer{s.layer}")
+    assert len(set(labels)) == len(labels), f"router sites give duplicate labels {labels}"
+    return labels

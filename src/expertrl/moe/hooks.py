@@ -17,8 +17,21 @@ router call:
 3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
    gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
 4. records experts (int16), their log-probs under ``logp`` (differentiable when grad is on) and, if asked, the
-   full probabilities (N, E) for the load-balancing loss and diagnostics.
+   full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
+   router z-loss (``keep_logits``).
 With ``TopK`` and no mask this reproduces the native router bit for bit (tested).
+
+Variable expert counts (``ExpertChoice``, ``policy.fixed_k = False``): the policy returns (N, K') with ``UNROUTED``
+in unused slots. Those slots reach the experts module as the token's top-1 expert with weight exactly 0 (the fused
+kernels take any K' but need real indices), are renormalised out (only used slots share the weight sum), and are
+recorded as ``UNROUTED`` with log-prob 0; traces pad every chunk to the widest K' with ``UNROUTED``.
+
+Non-causal policies (``ExpertChoice``, ``Sinkhorn``, ``policy.causal = False``) balance over all tokens of a router
+call, later tokens included, which autoregressive decoding cannot do. ``route`` therefore also wraps
+``model.generate`` for the block: every router call made inside it (the prefill and each decode step) routes with
+``TopK``, the inference setting of both papers, and is recorded as such. Plain forwards route with the policy over
+all N tokens of the call. Call ``generate`` on the model given to ``route`` (a PEFT wrapper's ``generate`` reaches
+it too); a hand-written decode loop of forwards would get non-causal routing over each step's tokens.
 
 Sigmoid-scored routers (DeepSeek-V3) support ``TopK`` (the native group-limited selection, recorded) and
 ``Replay`` (native weights at the replayed experts); stochastic policies on them raise until a sampling
@@ -41,10 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
-from expertrl.moe.policies import Multinomial, NoisyTopK, Replay, TopK
-from expertrl.types import RoutingTrace
+from expertrl.moe.policies import Policy, Replay, TopK
+from expertrl.types import UNROUTED, RoutingTrace
 
-Policy = TopK | Multinomial | NoisyTopK | Replay
 AllowedFn = Callable[[int, int], Tensor | None]
 """``allowed(layer_pos, n_tokens) -> (N, E) bool`` experts a token may use at that layer, or None for all."""
 
@@ -54,49 +66,70 @@ class RoutingRecorder:
     """What the routers did inside one ``route`` block: per layer, a list of chunks (one per router call).
 
     A plain forward makes one chunk of B*S tokens per layer; ``generate`` makes a prefill chunk of B*P tokens and
-    one chunk of B tokens per decode step. ``trace``/``gate_logp``/``probs`` reassemble them as (L, B, S, ·).
+    one chunk of B tokens per decode step. ``trace``/``gate_logp``/``probs``/``logits`` reassemble them as
+    (L, B, S, ·). ``generating`` counts the ``model.generate`` calls in progress (non-causal policies route with
+    ``TopK`` while it is > 0).
     """
 
     sites: list[RouterSite]
     num_experts: int
     keep_probs: bool = False
+    keep_logits: bool = False
     score_experts: Tensor | None = None
     experts: list[list[Tensor]] = field(default_factory=list)
     logp: list[list[Tensor]] = field(default_factory=list)
     full_probs: list[list[Tensor]] = field(default_factory=list)
+    raw_logits: list[list[Tensor]] = field(default_factory=list)
     scored_logp: list[list[Tensor]] = field(default_factory=list)
+    generating: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.sites)
         self.experts, self.logp = [[] for _ in range(n)], [[] for _ in range(n)]
         self.full_probs, self.scored_logp = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.raw_logits = [[] for _ in range(n)]
 
-    def _assemble(self, chunks: list[list[Tensor]], batch_size: int) -> Tensor:
-        """Per-layer chunks of (n, X) -> (L, B, S, X), time-concatenating chunks per sequence."""
+    def _assemble(self, chunks: list[list[Tensor]], batch_size: int, pad: float | None = None) -> Tensor:
+        """Per-layer chunks of (n, X) -> (L, B, S, X), time-concatenating chunks per sequence.
+
+        ``pad`` fills chunks narrower than the widest one (``ExpertChoice``'s K' varies between calls)."""
         assert chunks and chunks[0], "nothing was recorded: did a forward pass run inside route(...)?"
+        width = max(c.shape[-1] for per_layer in chunks for c in per_layer)
         layers = []
         for per_layer in chunks:
-            parts = [c.reshape(batch_size, -1, c.shape[-1]) for c in per_layer]  # (B, n/B, X) each
+            parts = []
+            for c in per_layer:
+                if c.shape[-1] < width:
+                    assert pad is not None, f"chunks of widths {c.shape[-1]} and {width} cannot be stacked"
+                    c = F.pad(c, (0, width - c.shape[-1]), value=pad)  # (n, X) right-padded
+                parts.append(c.reshape(batch_size, -1, width))  # (B, n/B, X)
             layers.append(torch.cat(parts, dim=1))  # (B, S, X)
         return torch.stack(layers)  # (L, B, S, X)
 
     def trace(self, batch_size: int) -> RoutingTrace:
-        """The compact routing trace (detached) of everything recorded."""
+        """The compact routing trace (detached) of everything recorded; unused slots are ``UNROUTED``."""
         return RoutingTrace(
-            experts=self._assemble(self.experts, batch_size),
-            logp=self._assemble(self.logp, batch_size).detach(),
+            experts=self._assemble(self.experts, batch_size, pad=UNROUTED),
+            logp=self._assemble(self.logp, batch_size, pad=0.0).detach(),
             layers=tuple(s.layer for s in self.sites),
             num_experts=self.num_experts,
         )
 
     def gate_logp(self, batch_size: int) -> Tensor:
-        """(L, B, S, K) log-probs of the chosen experts; differentiable if recorded with grad enabled."""
-        return self._assemble(self.logp, batch_size)
+        """(L, B, S, K) log-probs of the chosen experts (0 in unused slots); differentiable if recorded with grad."""
+        return self._assemble(self.logp, batch_size, pad=0.0)
 
     def probs(self, batch_size: int) -> Tensor:
         """(L, B, S, E) full routing probabilities (needs ``keep_probs=True``)."""
         assert self.keep_probs, "route(..., keep_probs=True) is needed to read full router probabilities"
         return self._assemble(self.full_probs, batch_size)
+
+    def logits(self, batch_size: int) -> Tensor:
+        """(L, B, S, E) raw router logits ``h Wᵀ`` in the router's dtype (needs ``keep_logits=True``); differentiable
+        if recorded with grad, for the router z-loss (``expertrl.losses.routing.router_z_loss`` takes them
+        reshaped to (L, B*S, E) with a (B*S,) mask)."""
+        assert self.keep_logits, "route(..., keep_logits=True) is needed to read raw router logits"
+        return self._assemble(self.raw_logits, batch_size)
 
     def scored(self, batch_size: int) -> Tensor:
         """(L, B, S, K) log-probs of the ``score_experts`` ids under the live routing distribution (differentiable).
@@ -107,22 +140,41 @@ class RoutingRecorder:
         return self._assemble(self.scored_logp, batch_size)
 
     def clear(self) -> None:
-        for lists in (self.experts, self.logp, self.full_probs, self.scored_logp):
+        for lists in (self.experts, self.logp, self.full_probs, self.raw_logits, self.scored_logp):
             for per_layer in lists:
                 per_layer.clear()
 
 
-def _record(rec: RoutingRecorder, pos: int, experts: Tensor, logp_chosen: Tensor, probs: Tensor) -> None:
+def _record(
+    rec: RoutingRecorder, pos: int, experts: Tensor, logp_chosen: Tensor, probs: Tensor, logits: Tensor
+) -> None:
     rec.experts[pos].append(experts.to(torch.int16))
     rec.logp[pos].append(logp_chosen if torch.is_grad_enabled() else logp_chosen.detach())
     if rec.keep_probs:
         rec.full_probs[pos].append(probs)
+    if rec.keep_logits:
+        rec.raw_logits[pos].append(logits if torch.is_grad_enabled() else logits.detach())
 
 
 def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | None) -> Tensor:
     if isinstance(policy, Replay):
         return policy.select_layer(logp, k, pos)
     return policy.select(logp, k, generator)
+
+
+def _wrap_generate(model: nn.Module, rec: RoutingRecorder) -> None:
+    """Make ``model.generate`` count itself in ``rec.generating`` while it runs (instance patch, like routers)."""
+    inner = model.generate
+
+    @functools.wraps(inner)
+    def generate(*args, **kwargs):
+        rec.generating += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            rec.generating -= 1
+
+    model.generate = generate
 
 
 def _softmax_forward(
@@ -143,13 +195,25 @@ def _softmax_forward(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
     logp_route = torch.log_softmax(scores / temperature if temperature != 1.0 else scores, dim=-1)  # (N, E)
+    if rec.generating and not policy.causal:
+        policy = TopK()  # non-causal routing cannot run token by token: generate routes top-K (module docstring)
     with torch.no_grad():
         experts = _choose(policy, logp_route.detach(), site.top_k, pos, generator)  # (N, K) int64
     probs = torch.softmax(scores, dim=-1)  # (N, E) untempered: expert weights always use the model's router
-    weights = probs.gather(1, experts)  # (N, K) gradient reaches the router through the chosen experts
-    if site.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    _record(rec, pos, experts, logp_route.gather(1, experts), probs)
+    if policy.fixed_k:
+        weights = probs.gather(1, experts)  # (N, K) gradient reaches the router through the chosen experts
+        if site.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        _record(rec, pos, experts, logp_route.gather(1, experts), probs, logits)
+    else:  # (N, K') with UNROUTED slots: real index (the token's top-1 expert), weight exactly 0
+        used = experts != UNROUTED  # (N, K')
+        experts = torch.where(used, experts, logp_route.detach().argmax(-1, keepdim=True))  # (N, K')
+        weights = probs.gather(1, experts) * used  # (N, K') unused slots 0, and no gradient through them
+        if site.renormalize:
+            total = weights.sum(dim=-1, keepdim=True)  # (N, 1) 0 for a token no expert took
+            weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        logp_chosen = torch.where(used, logp_route.gather(1, experts), torch.zeros_like(weights))  # (N, K')
+        _record(rec, pos, torch.where(used, experts, UNROUTED), logp_chosen, probs, logits)
     if rec.score_experts is not None:
         ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
         ref_ok = ref >= 0
@@ -181,7 +245,7 @@ def _sigmoid_forward(
         weights = weights * router.routed_scaling_factor
     scores = logits.float().sigmoid()  # (N, E)
     logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
-    _record(rec, pos, experts, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True))
+    _record(rec, pos, experts, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True), logits)
     return logits, weights, experts
 
 
@@ -194,6 +258,7 @@ def route(
     allowed: AllowedFn | None = None,
     generator: torch.Generator | None = None,
     keep_probs: bool = False,
+    keep_logits: bool = False,
     score_experts: Tensor | None = None,
     sites: list[RouterSite] | None = None,
 ) -> Iterator[RoutingRecorder]:
@@ -201,17 +266,20 @@ def route(
 
     Args:
         model: a Hugging Face MoE model of a family in ``expertrl.moe.adapters.FAMILIES``.
-        policy: ``TopK``, ``Multinomial``, ``NoisyTopK`` or ``Replay``.
+        policy: ``TopK``, ``Multinomial``, ``NoisyTopK``, ``ExpertChoice``, ``Sinkhorn`` or ``Replay``. Non-causal
+            policies (``ExpertChoice``, ``Sinkhorn``) route with ``TopK`` inside ``model.generate``.
         temperature: temperature of the distribution the policy chooses from (weights always use T=1).
         allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
         generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
         keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
+        keep_logits: also record the raw router logits (N, E) (``rec.logits``: router z-loss).
         score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
             (``rec.scored``), whatever the policy chooses; softmax routers only.
         sites: routers to patch (default: ``find_routers(model)``).
     """
     sites = find_routers(model) if sites is None else sites
-    if policy.stochastic or temperature != 1.0 or allowed is not None or score_experts is not None:
+    custom = not isinstance(policy, (TopK, Replay))  # sigmoid routers run only their native choice or a replay
+    if custom or temperature != 1.0 or allowed is not None or score_experts is not None:
         bad = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
         if bad:
             raise ValueError(
@@ -219,13 +287,20 @@ def route(
                 "with a sigmoid. Use TopK or Replay on this family."
             )
     rec = RoutingRecorder(
-        sites=sites, num_experts=sites[0].num_experts, keep_probs=keep_probs, score_experts=score_experts
+        sites=sites,
+        num_experts=sites[0].num_experts,
+        keep_probs=keep_probs,
+        keep_logits=keep_logits,
+        score_experts=score_experts,
     )
     saved = []
     try:
+        if not policy.causal:  # generate routes top-K (module docstring); restored like the router forwards
+            saved.append((model, "generate", model.__dict__.get("generate")))
+            _wrap_generate(model, rec)
         for pos, site in enumerate(sites):
             module = site.module
-            saved.append((module, module.__dict__.get("forward")))
+            saved.append((module, "forward", module.__dict__.get("forward")))
             if site.family.scoring == "softmax":
                 fwd = functools.partial(_softmax_forward, site, pos, policy, temperature, allowed, generator, rec)
             else:
@@ -233,8 +308,8 @@ def route(
             module.forward = fwd
         yield rec
     finally:
-        for module, previous in saved:
+        for module, attr, previous in saved:
             if previous is None:
-                del module.forward
+                delattr(module, attr)
             else:
-                module.forward = previous
+                setattr(module, attr, previous)

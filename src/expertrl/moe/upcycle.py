@@ -1,0 +1,441 @@
+"""Sparse upcycling: a dense decoder becomes a real transformers MoE model whose experts are copies of its FFN.
+
+MoE-GRPO (METHODS.md §3.6) converts InternVL3.5-1B to 8 experts, top-2, without saying how; this is the recipe
+we use (METHODS.md §8, ambiguity 12):
+
+* the target is the native MoE family of the source (``SOURCES``): qwen3 -> qwen3_moe (every layer sparse),
+  qwen2 -> qwen2_moe, llama and mistral -> mixtral. The result is a plain ``PreTrainedModel`` that
+  ``save_pretrained`` writes and ``AutoModelForCausalLM.from_pretrained`` reads back, and that
+  ``expertrl.moe.adapters``/``hooks`` route like any native MoE;
+* every non-FFN weight (embeddings, attention, norms, lm_head) is copied exactly, and the config is mapped field by
+  field: every field both configs have is copied, the few the target lacks are checked to hold a value the target
+  implies (e.g. Llama ``attention_bias=False``), and any other field raises;
+* each of the E experts is a copy of the dense FFN, ``gate_up_proj[e] = cat(gate_proj, up_proj)`` (the fused
+  layout, gate first, that ``*Experts.forward`` chunks) and ``down_proj[e] = down_proj``, plus optional seeded
+  Gaussian noise ``noise_std * std(W) * N(0, 1)`` per dense matrix W, so experts can diverge;
+* each layer gets a new router with weights N(0, ``router_init_std``), seeded.
+
+Function preservation (the decision). With ``noise_std=0`` the experts are identical, so an MoE layer outputs
+``sum_k w_k FFN(x) = (sum_k w_k) FFN(x)``. With renormalised top-K weights (``norm_topk_prob=True``, the default;
+Mixtral always renormalises) ``sum_k w_k = 1`` and the upcycled model computes exactly the dense function at init,
+whatever experts are chosen: deterministic top-K, sampled (``Multinomial``) or replayed routes alike. MoE-GRPO's
+Eq. 2 mixes experts with *un-renormalised* softmax weights; ``norm_topk_prob=False`` (qwen families only) gives
+that, and then each FFN output is scaled by the top-K probability mass ``sum_k p_k <= 1`` at init (about K/E with a
+near-uniform new router), so the upcycled model starts away from the dense one.
+
+Qwen2-MoE's always-on shared expert (``sigmoid(shared_expert_gate(x)) * shared_expert(x)``) cannot be removed from
+the architecture, so it is made inert: width 1 (``shared_expert_intermediate_size=1``, the smallest that avoids
+zero-element tensors) with every weight zero. Its output is exactly 0, and so is every gradient it receives
+(silu(0) * 0 = 0 and each weight's gradient carries a factor of another zero weight), so it stays zero under any
+optimiser and weight decay: the upcycled qwen2_moe is a pure routed MoE like the other targets, with all of the
+dense FFN in the routed experts (the alternative, the FFN in the shared expert and zero routed experts, would make
+routing irrelevant to the output and give the routers no gradient, which defeats routing-as-policy RL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from expertrl.moe.adapters import FAMILIES as MOE_FAMILIES
+
+
+@dataclass(frozen=True)
+class Target:
+    """How one dense ``model_type`` maps onto its MoE family.
+
+    Attributes:
+        model_type: the MoE ``model_type``.
+        experts_field: the target config's name for E.
+        width_field: the target config's name for an expert's intermediate size.
+        fixed: target fields set by upcycling itself, whatever the source says.
+        implied: source fields the target config lacks, with the only value the target can express.
+        renormalize_always: the family always renormalises top-K weights (no ``norm_topk_prob`` field).
+    """
+
+    model_type: str
+    experts_field: str
+    width_field: str
+    fixed: dict = field(default_factory=dict)
+    implied: dict = field(default_factory=dict)
+    renormalize_always: bool = False
+
+
+# Every layer sparse: the Qwen MoE configs default to decoder_sparse_step=1 and no mlp_only_layers, set anyway.
+_QWEN_SPARSE = dict(decoder_sparse_step=1, mlp_only_layers=[])
+SOURCES: dict[str, Target] = {
+    # Qwen3's layer_types / max_window_layers are handled by _sliding_fields (Qwen3-MoE slides all layers or none).
+    "qwen3": Target("qwen3_moe", "num_experts", "moe_intermediate_size", fixed=_QWEN_SPARSE),
+    # Qwen2 always has q/k/v biases; the shared expert is inert (module docstring).
+    "qwen2": Target(
+        "qwen2_moe",
+        "num_experts",
+        "moe_intermediate_size",
+        fixed=_QWEN_SPARSE | dict(qkv_bias=True, shared_expert_intermediate_size=1),
+    ),
+    # pretraining_tp is ignored by transformers 5 modelling code, so any value is fine (None = no constraint).
+    "llama": Target(
+        "mixtral",
+        "num_local_experts",
+        "intermediate_size",
+        implied=dict(attention_bias=False, mlp_bias=False, pretraining_tp=None),
+        renormalize_always=True,
+    ),
+    "mistral": Target("mixtral", "num_local_experts", "intermediate_size", renormalize_always=True),
+}
+
+# Bookkeeping keys of ``PretrainedConfig.to_dict`` that describe the file, not the network.
+_META_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path"})
+
+
+def expert_weights(
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    num_experts: int,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """E copies of one SwiGLU FFN in the fused layout of transformers 5 ``*Experts`` modules.
+
+    Args:
+        gate_proj, up_proj: (I, H) weights of the dense FFN.
+        down_proj: (H, I).
+        num_experts: E.
+        noise_std: relative std of the Gaussian noise added to every copy: ``noise_std * std(W) * N(0, 1)`` for
+            each dense matrix W (drawn in float32 from ``generator``, on the CPU, then cast).
+        generator: CPU RNG of the noise (required when ``noise_std > 0``).
+
+    Returns:
+        gate_up_proj (E, 2I, H) with gate rows first (``Experts.forward`` does ``.chunk(2, dim=-1)`` as gate, up),
+        and down_proj (E, H, I).
+    """
+    assert gate_proj.shape == up_proj.shape and down_proj.shape == gate_proj.shape[::-1], (
+        gate_proj.shape,
+        up_proj.shape,
+        down_proj.shape,
+    )
+    assert noise_std == 0.0 or generator is not None, "noise_std > 0 needs a generator"
+
+    def copies(w: Tensor) -> Tensor:
+        out = w.detach().unsqueeze(0).repeat(num_experts, 1, 1)  # (E, *w.shape)
+        if noise_std > 0:
+            scale = noise_std * w.detach().float().std()
+            noise = torch.randn(out.shape, generator=generator, dtype=torch.float32)  # (E, *w.shape)
+            out = (out.float() + scale * noise.to(out.device)).to(w.dtype)
+        return out
+
+    gate_up = torch.cat([copies(gate_proj), copies(up_proj)], dim=1)  # (E, 2I, H)
+    return gate_up, copies(down_proj)  # (E, 2I, H), (E, H, I)
+
+
+def _check_args(num_experts: int, top_k: int, noise_std: float, router_init_std: float) -> None:
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got top_k={top_k}")
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0 (relative std of expert noise), got {noise_std}")
+    if router_init_std <= 0:
+        raise ValueError(
+            f"router_init_std must be > 0, got {router_init_std}: an all-zero router ties every expert "
+            "and top-K then always picks the lowest indices"
+        )
+
+
+def target_for(model_type: str, config_dict: dict | None = None) -> Target:
+    """The ``Target`` of a dense ``model_type``; raises on MoE and unsupported families."""
+    cfg = config_dict or {}
+    if model_type in MOE_FAMILIES or any(k in cfg for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise ValueError(
+            f"model_type {model_type!r} is already a Mixture-of-Experts model; upcycling turns a dense model into "
+            f"an MoE one. Supported dense model_types: {sorted(SOURCES)}"
+        )
+    if model_type not in SOURCES:
+        raise ValueError(
+            f"cannot upcycle model_type {model_type!r}; supported dense model_types: {sorted(SOURCES)} "
+            f"(-> {sorted({t.model_type for t in SOURCES.values()})})"
+        )
+    return SOURCES[model_type]
+
+
+def _sliding_fields(dense: dict) -> dict:
+    """Qwen3 -> Qwen3-MoE: Qwen3 picks sliding layers by ``layer_types``; Qwen3-MoE slides every layer or none."""
+    kinds = set(dense["layer_types"])
+    if kinds == {"full_attention"}:
+        return dict(use_sliding_window=False, sliding_window=None)
+    if kinds == {"sliding_attention"}:
+        return dict(use_sliding_window=True, sliding_window=dense["sliding_window"])
+    raise ValueError(
+        f"layer_types {dense['layer_types']} mixes full and sliding-window attention, which qwen3_moe cannot "
+        "express (it applies sliding_window to every layer or to none)"
+    )
+
+
+def moe_config_fields(
+    dense: dict,
+    *,
+    head_dim: int,
+    num_experts: int,
+    top_k: int,
+    norm_topk_prob: bool,
+) -> tuple[str, dict]:
+    """The MoE ``model_type`` and its config fields, from a dense config's ``to_dict()``.
+
+    Every field both config classes have is copied; a source field the target lacks must be listed in the
+    target's ``implied`` (and hold that value) or handled here, otherwise this raises.
+    """
+    target = target_for(dense["model_type"], dense)
+    if target.renormalize_always and not norm_topk_prob:
+        raise ValueError(
+            f"norm_topk_prob=False is impossible for {target.model_type}: it always renormalises the top-K weights. "
+            "Use a qwen3/qwen2 source for un-renormalised (MoE-GRPO Eq. 2) weights, or keep norm_topk_prob=True."
+        )
+    known = AutoConfig.for_model(target.model_type).to_dict()
+    handled = {"intermediate_size", "head_dim"}
+    fields: dict = {}
+    if target.model_type == "qwen3_moe":
+        fields |= _sliding_fields(dense)
+        handled |= {"layer_types", "max_window_layers", "use_sliding_window", "sliding_window"}
+    unknown = []
+    for key, value in dense.items():
+        if key in _META_FIELDS or key in handled:
+            continue
+        if key in known:
+            fields[key] = copy.deepcopy(value)
+        elif key in target.implied:
+            want = target.implied[key]
+            if want is not None and value != want:
+                raise ValueError(
+                    f"{dense['model_type']} config has {key}={value!r}; {target.model_type} can only express {want!r}"
+                )
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{target.model_type} config has no field(s) {sorted(unknown)} of the {dense['model_type']} config; "
+            "upcycling would silently drop them. Map them in expertrl.moe.upcycle.SOURCES (implied values) first."
+        )
+    fields |= {
+        "head_dim": head_dim,  # every target reads getattr(config, "head_dim", hidden // heads); Qwen3 defaults differ
+        target.width_field: dense["intermediate_size"],
+        target.experts_field: num_experts,
+        "num_experts_per_tok": top_k,
+        **target.fixed,
+    }
+    if not target.renormalize_always:
+        fields["norm_topk_prob"] = norm_topk_prob
+    return target.model_type, fields
+
+
+def _split(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` that is not in an FFN (``.mlp.``), by state-dict name."""
+    return {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+
+
+def upcycle(
+    dense_model: PreTrainedModel,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    noise_std: float = 0.0,
+    router_init_std: float = 0.02,
+    norm_topk_prob: bool = True,
+    seed: int = 0,
+    experts_implementation: str = "grouped_mm",
+) -> PreTrainedModel:
+    """A new MoE model of ``dense_model``'s family whose E experts per layer copy the dense FFN (module docstring).
+
+    ``dense_model`` and the global RNG are left untouched. The result is on the dense model's device and dtype, in
+    the same train/eval mode, with a copy of its ``generation_config``.
+
+    Args:
+        dense_model: a causal LM of a ``model_type`` in ``SOURCES``.
+        num_experts: E experts per layer.
+        top_k: K experts per token.
+        noise_std: relative std of Gaussian noise on each expert copy (0 = identical experts).
+        router_init_std: std of the new routers' N(0, std) weights.
+        norm_topk_prob: renormalise top-K weights to sum 1 (exact dense function at init); False = MoE-GRPO Eq. 2
+            softmax weights (qwen families only).
+        seed: seeds routers and noise.
+        experts_implementation: transformers experts kernel: ``"grouped_mm"``, ``"eager"`` or ``"batched_mm"``.
+    """
+    _check_args(num_experts, top_k, noise_std, router_init_std)
+    dense_cfg = dense_model.config.to_dict()
+    target_for(dense_cfg["model_type"], dense_cfg)  # an unsupported or MoE model fails before anything is read
+    head_dim = int(dense_model.model.layers[0].self_attn.head_dim)
+    moe_type, fields = moe_config_fields(
+        dense_cfg, head_dim=head_dim, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob
+    )
+    config = AutoConfig.for_model(moe_type, experts_implementation=experts_implementation, **fields)
+    param = next(dense_model.parameters())
+    with torch.random.fork_rng(devices=[]):  # from_config's random init must not move the caller's RNG
+        moe = AutoModelForCausalLM.from_config(
+            config, dtype=param.dtype, attn_implementation=dense_model.config._attn_implementation
+        )
+    moe.to(param.device)
+
+    src, dst = _split(dense_model), _split(moe)
+    if src.keys() != dst.keys():
+        raise ValueError(
+            f"{moe_type} does not reproduce {dense_cfg['model_type']}'s non-FFN weights: only in the dense model "
+            f"{sorted(src.keys() - dst.keys())}, only in the MoE model {sorted(dst.keys() - src.keys())}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in src.items():
+            assert dst[key].shape == value.shape, (key, dst[key].shape, value.shape)
+            dst[key].copy_(value)
+        for dense_layer, moe_layer in zip(dense_model.model.layers, moe.model.layers, strict=True):
+            ffn, block = dense_layer.mlp, moe_layer.mlp
+            router = torch.randn(block.gate.weight.shape, generator=gen) * router_init_std  # (E, H)
+            block.gate.weight.copy_(router)
+            gate_up, down = expert_weights(
+                ffn.gate_proj.weight,
+                ffn.up_proj.weight,
+                ffn.down_proj.weight,
+                num_experts=num_experts,
+                noise_std=noise_std,
+                generator=gen,
+            )
+            block.experts.gate_up_proj.copy_(gate_up)  # (E, 2I, H)
+            block.experts.down_proj.copy_(down)  # (E, H, I)
+            if moe_type == "qwen2_moe":  # inert shared expert: output and gradients exactly zero
+                for p in (*block.shared_expert.parameters(), *block.shared_expert_gate.parameters()):
+                    p.zero_()
+    moe.generation_config = copy.deepcopy(dense_model.generation_config)
+    moe.train(dense_model.training)
+    return moe
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameters: a token uses K of the E routed experts of each MoE layer (dense: all)."""
+    total, inactive = 0, 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".mlp.experts." in name:  # fused (E, ...) expert tensors; shared experts are always active
+            inactive += p.numel() * (p.shape[0] - model.config.num_experts_per_tok) // p.shape[0]
+    return total, total - inactive
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, overwrite: bool = False, **kwargs) -> Path:
+    """Upcycle a local dense ``save_pretrained`` directory into ``dst_dir`` (written atomically).
+
+    Loads with ``local_files_only=True`` and no remote code, in the checkpoint's dtype; copies the tokenizer files
+    present (``TOKENIZER_FILES``) and writes ``upcycled_from.json`` (source, model types, E, K, noise, seed).
+
+    Args:
+        src_dir: the dense checkpoint directory.
+        dst_dir: where the MoE checkpoint goes; must not exist unless ``overwrite``.
+        overwrite: replace an existing ``dst_dir``.
+        **kwargs: keyword arguments of ``upcycle`` (checked before anything is loaded).
+    """
+    return _upcycle_checkpoint(src_dir, dst_dir, overwrite=overwrite, **kwargs)[0]
+
+
+def _upcycle_checkpoint(
+    src_dir: str | Path, dst_dir: str | Path, *, overwrite: bool, **kwargs
+) -> tuple[Path, PreTrainedModel, PreTrainedModel]:
+    from expertrl.checkpoint import atomic_save_dir  # only this entry point writes files
+
+    try:
+        bound = inspect.signature(upcycle).bind(None, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad upcycle option: {e}; options: {list(inspect.signature(upcycle).parameters)[1:]}") from e
+    bound.apply_defaults()
+    opts = {k: v for k, v in bound.arguments.items() if k != "dense_model"}
+    _check_args(opts["num_experts"], opts["top_k"], opts["noise_std"], opts["router_init_std"])
+    src, dst = Path(src_dir), Path(dst_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"src_dir {str(src)!r} does not exist (expected a local save_pretrained directory)")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"src_dir {str(src)!r} has no config.json; is it a save_pretrained directory?")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"dst_dir must differ from src_dir ({str(src)!r}); upcycling never overwrites its source")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"dst_dir {str(dst)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    source_cfg = json.loads((src / "config.json").read_text())
+    target_for(source_cfg.get("model_type", "<missing model_type>"), source_cfg)  # fail before loading weights
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype="auto", local_files_only=True, trust_remote_code=False)
+    moe = upcycle(dense, **opts)
+    record = {
+        "source": str(src.resolve()),
+        "source_model_type": dense.config.model_type,
+        "model_type": moe.config.model_type,
+        **{k: v for k, v in opts.items() if k != "experts_implementation"},
+    }
+
+    def write(tmp: Path) -> None:
+        moe.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "upcycled_from.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    return atomic_save_dir(dst, write), dense, moe
+
+
+def upcycle_main(argv: list[str] | None = None) -> int:
+    """``expertrl upcycle SRC DST [...]``: upcycle a local dense checkpoint and print what was done."""
+    parser = argparse.ArgumentParser(
+        prog="expertrl upcycle",
+        description="Turn a dense checkpoint (qwen3/qwen2/llama/mistral) into an MoE one whose experts copy its FFN.",
+    )
+    parser.add_argument("src", help="local dense save_pretrained directory")
+    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--num-experts", type=int, default=8, help="E experts per layer (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, help="K experts per token (default 2)")
+    parser.add_argument("--noise-std", type=float, default=0.0, help="relative std of noise on expert copies")
+    parser.add_argument("--router-init-std", type=float, default=0.02, help="std of the new router weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of routers and noise")
+    parser.add_argument(
+        "--no-norm-topk-prob",
+        dest="norm_topk_prob",
+        action="store_false",
+        help="un-renormalised top-K softmax weights (MoE-GRPO Eq. 2; qwen sources only)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+    kwargs = dict(
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        noise_std=args.noise_std,
+        router_init_std=args.router_init_std,
+        norm_topk_prob=args.norm_topk_prob,
+        seed=args.seed,
+    )
+    try:
+        dst, dense, moe = _upcycle_checkpoint(args.src, args.dst, overwrite=args.overwrite, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))  # "expertrl upcycle: error: ...", exit code 2
+    before = sum(p.numel() for p in dense.parameters())
+    total, active = count_params(moe)
+    print(
+        f"upcycled {args.src} ({dense.config.model_type}, {before:,} params) -> {dst} ({moe.config.model_type}, "
+        f"E={args.num_experts}, K={args.top_k}, noise_std={args.noise_std}, norm_topk_prob={args.norm_topk_prob}, "
+        f"seed={args.seed}): {total:,} params, {active:,} active per token"
+    )
+    return 0
