@@ -1,15 +1,18 @@
-"""The `expertrl` command: `train`, `sft` and `eval`, each generated from its config dataclass.
+"""The `expertrl` command: `train`, `sft` and `eval`, each generated from its config dataclass, plus two file tools
+with their own flags, `upcycle` (dense checkpoint -> MoE checkpoint) and `report` (runs -> HTML + Markdown).
 
     expertrl train --config configs/tiny.yaml --rollout.group_size 8 --loss.kwargs '{"eps_high": 0.28}'
 
 Settings apply in order: dataclass defaults <- ``--config FILE.yaml`` <- dotted ``--section.key VALUE`` overrides
-(values are parsed as YAML). A bad setting prints ``expertrl <cmd>: error: <message>`` and exits with code 2.
+(values are parsed as YAML). A bad setting, or bad input found at start-up (a missing file, a model without routers),
+prints ``expertrl <cmd>: error: <message>`` and exits with code 2 (``EXPERTRL_DEBUG=1`` shows the traceback).
 The command modules are imported only when their command runs, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,15 +60,23 @@ COMMANDS = {
     "eval": Command(EvalConfig, _eval),
 }
 
+# Commands with their own argparse flags (not a config dataclass): module, function(argv) -> exit code, summary.
+TOOLS = {
+    "upcycle": ("expertrl.moe.upcycle", "upcycle_main", "turn a dense checkpoint into an MoE checkpoint (SRC DST)"),
+    "report": ("expertrl.report", "report_main", "compare runs in one HTML page + Markdown (RUN_DIR [RUN_DIR ...])"),
+}
+
 _OPTIONS = "[--config FILE.yaml] [--print-config] [--section.key VALUE ...]"
 
 
 def _top_help() -> str:
     width = max(map(len, COMMANDS))
+    width = max(width, *map(len, TOOLS))
     rows = [f"  {name:<{width}}  {cmd.summary.removeprefix(f'`expertrl {name}`: ')}" for name, cmd in COMMANDS.items()]
+    rows += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in TOOLS.items()]
     return "\n".join(
         [
-            f"usage: expertrl {{{','.join(COMMANDS)}}} {_OPTIONS}",
+            f"usage: expertrl {{{','.join([*COMMANDS, *TOOLS])}}} ...",
             "",
             "Reinforcement-learning fine-tuning of Mixture-of-Experts models where the router is part of the policy.",
             "",
@@ -142,11 +153,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(2)
         return 0
     name, rest = args[0], args[1:]
+    if name in TOOLS:
+        import importlib
+
+        module, function, _ = TOOLS[name]
+        return getattr(importlib.import_module(module), function)(rest)
     if name not in COMMANDS:
         print(f"usage: expertrl {{{','.join(COMMANDS)}}} {_OPTIONS}", file=sys.stderr)
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        names = [*COMMANDS, *TOOLS]
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"expertrl: error: unknown command {name!r}{hint}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"expertrl: error: unknown command {name!r}{hint}; choose from {', '.join(names)}", file=sys.stderr)
         raise SystemExit(2)
     cmd = COMMANDS[name]
     if "-h" in rest or "--help" in rest:
@@ -159,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         cmd.run(cfg)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # messages written for the user: no traceback
+        if os.environ.get("EXPERTRL_DEBUG"):
+            raise
         print(f"expertrl {name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0

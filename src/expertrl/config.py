@@ -109,13 +109,6 @@ class ModelConfig:
             "model.upcycle.num_experts",
             "upcycling and adapters exclude each other: set model.upcycle.num_experts=0 or model.adapter.kind=none",
         )
-        if self.path is None and self.family in DENSE_FAMILIES:
-            _check(
-                self.adapter.kind != "none" or self.upcycle.num_experts > 0,
-                "model.family",
-                f"{self.family!r} is a dense model: add model.adapter.kind=lora_moe (or lora), or upcycle it with "
-                "model.upcycle.num_experts=8, or pick an MoE family such as qwen3_moe",
-            )
         if self.path is None and self.family not in DENSE_FAMILIES:
             _check(
                 self.adapter.kind == "none" and not self.upcycle.num_experts,
@@ -347,8 +340,12 @@ class SFTConfig:
     batch_size: int = 64
     """sequences per supervised step"""
     routing: Literal["topk", "multinomial", "noisy_topk", "expert_choice", "sinkhorn"] = "multinomial"
-    """routing during SFT: topk = Det-FT, multinomial = Stoch-FT-Multi, noisy_topk = Stoch-FT-Noise; expert_choice and
-    sinkhorn are the alternative routers of MoE-GRPO's Table 7"""
+    """routing during SFT: topk = Det-FT, multinomial = Stoch-FT-Multi, noisy_topk = Stoch-FT-Noise; expert_choice
+    (experts pick tokens under a capacity) and sinkhorn (balanced assignment) are MoE-GRPO's Table 7 routers; both
+    balance over the tokens of a forward and fall back to top-K inside generate"""
+    routing_kwargs: dict = field(default_factory=dict)
+    """options of the SFT routing policy, e.g. {capacity_factor: 2.0} for expert_choice, {tol: 1e-4, max_iters: 100}
+    for sinkhorn, {noise_std: 0.1} for noisy_topk"""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=10))
     """optimiser of the supervised stage"""
     lb_coef: float = 0.01
@@ -442,7 +439,14 @@ class TrainConfig:
                 f"routes sampled by routing.policy={r.policy} exist only in the rollout, so the training forward must "
                 f"replay them (routing.replay=rollout); use routing.policy=topk for {r.replay!r}",
             )
-        ad = self.model.adapter
+        ad, m = self.model.adapter, self.model
+        if m.path is None and m.family in DENSE_FAMILIES:
+            _check(
+                ad.kind != "none" or m.upcycle.num_experts > 0,
+                "model.family",
+                f"{m.family!r} is a dense model and RL here trains a router: add model.adapter.kind=lora_moe (or lora) "
+                "or upcycle it with model.upcycle.num_experts=8, or pick an MoE family such as qwen3_moe",
+            )
         if ad.kind == "lora_moe" and ad.top_k is None and lc.gate_coef > 0:
             _check(
                 False,
@@ -529,7 +533,8 @@ class EvalConfig:
     """also run the routing-statistics pass (per-category expert use, entropies, JSD) for `expertrl report`"""
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 0, "num_samples", f"must be >= 0, got {self.num_samples}")
+        _check(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = greedy only), got {self.num_samples}")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         if self.num_samples:
             bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
             _check(not bad, "pass_k", f"every k must be in [1, num_samples={self.num_samples}], got {bad}")

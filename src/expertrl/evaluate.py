@@ -1,30 +1,80 @@
-"""Held-out accuracy with the papers' inference setting: deterministic top-K routing, greedy decoding."""
+"""Held-out evaluation with the papers' inference setting (deterministic top-K routing): greedy accuracy, pass@k of
+sampled completions, and routing statistics of an evaluation pass (MoE-GRPO §4.3, Figs. 4-6; METHODS §3.9, §6.6).
+
+``evaluate`` scores greedy completions (and, with ``num_samples > 0``, n sampled completions per prompt for pass@k).
+``routing_statistics_pass`` generates greedily, then runs one top-K forward over prompt + completion that keeps the
+full router probabilities, and reduces them per category and layer with ``expertrl.diagnostics``. ``run_eval`` is
+`expertrl eval`: both, written to ``<model>/eval.json`` and printed as a table.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from expertrl.diagnostics import (
+    coefficient_of_variation,
+    dead_fraction,
+    expert_counts,
+    expert_counts_by_position,
+    max_violation,
+    pairwise_jsd,
+    token_entropy,
+    usage_entropy,
+)
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import TopK
-from expertrl.rollout import decoding_kwargs
+from expertrl.rollout import completion_mask, decoding_kwargs, policy_forward, position_ids_from_mask
+
+JSD_BASE = 2.0
+"""log base of every Jensen–Shannon divergence reported here (METHODS ambiguity 19): log2, so JSD is in [0, 1]"""
 
 
 @torch.no_grad()
-def generate_greedy(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
-    """Greedy completions of ``prompts`` with deterministic top-K routing, decoded up to EOS."""
+def _generate(
+    model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Completions of ``prompts`` with deterministic top-K routing: sequences (B, S) and the prompt mask (B, P)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     with route(model, TopK()):
-        out = model.generate(
+        sequences = model.generate(
             input_ids=enc["input_ids"].to(device),
             attention_mask=enc["attention_mask"].to(device),
-            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens),
-        )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
+        )  # (B, S)
+    return sequences, enc["attention_mask"].to(device)
+
+
+def generate_greedy(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions of ``prompts`` with deterministic top-K routing, decoded up to EOS."""
+    sequences, prompt_mask = _generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
+    )
+    return tokenizer.batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 − C(n−c, k) / C(n, k)`` (Chen et al. 2021).
+
+    The probability that a random k-subset of the n samples holds at least one correct one. Exact (integer
+    binomials), so n in the hundreds is fine.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _mean_by_category(cats: list[str], values: list[float]) -> dict[str, float]:
+    by_cat = defaultdict(list)
+    for c, v in zip(cats, values, strict=True):
+        by_cat[c].append(v)
+    return {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
 
 
 def evaluate(
@@ -36,18 +86,37 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int = 64,
     progress: bool = False,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    pass_k: Sequence[int] = (1,),
+    seed: int | None = None,
 ) -> dict:
-    """Accuracy (mean score) of greedy top-K completions on ``items``, overall and per ``category``.
+    """Accuracy (mean score) of greedy top-K completions on ``items``, overall and per ``category``; optionally pass@k.
 
     Args:
         score: ``score(completion, item) -> float`` (the task's verifier).
+        batch_size: sequences per ``generate`` call (sampling: ``batch_size // num_samples`` prompts, at least 1).
+        num_samples: n sampled completions per prompt for pass@k (token sampling at ``temperature``, top-K
+            routing); 0 = greedy only. A sample is correct when its score is >= 1.
+        pass_k: the k of pass@k, each in [1, num_samples].
+        seed: seeds the global torch RNG before sampling (token sampling draws from it); None leaves it alone.
     Returns:
-        ``{"accuracy": float, "per_category": {cat: float}, "n": int, "examples": [first 3 (prompt, completion)]}``
+        ``{"accuracy", "per_category": {cat: float}, "n", "examples": [first 3 (prompt, completion)]}``, and with
+        sampling also ``"num_samples", "temperature", "sample_mean_score", "pass_at_k": {"k": float},
+        "pass_at_k_per_category": {cat: {"k": float}}``.
     """
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0 (0 = greedy only), got {num_samples}")
+    if num_samples > 0:
+        bad = [k for k in pass_k if not 1 <= int(k) <= num_samples]
+        if bad or not pass_k:
+            raise ValueError(f"pass_k must be a non-empty list of k in [1, num_samples={num_samples}], got {pass_k}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampled pass@k, got {temperature}")
     was_training = model.training
     model.eval()
     scores, cats, examples = [], [], []
-    for start in tqdm(range(0, len(items), batch_size), desc="eval", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(items), batch_size), desc="eval greedy", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
         completions = generate_greedy(model, tokenizer, [it["prompt"] for it in chunk], max_new_tokens=max_new_tokens)
         for it, text in zip(chunk, completions):
@@ -55,24 +124,265 @@ def evaluate(
             cats.append(str(it.get("category", "all")))
             if len(examples) < 3:
                 examples.append((it["prompt"], text))
-    model.train(was_training)
-    by_cat = defaultdict(list)
-    for c, s in zip(cats, scores):
-        by_cat[c].append(s)
-    return {
+    result = {
         "accuracy": sum(scores) / max(len(scores), 1),
-        "per_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+        "per_category": _mean_by_category(cats, scores),
         "n": len(scores),
         "examples": examples,
     }
+    if num_samples > 0:
+        result |= _sampled_pass_at_k(
+            model, tokenizer, items, score, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+            num_samples=num_samples, temperature=temperature, pass_k=[int(k) for k in pass_k], seed=seed,
+        )  # fmt: skip
+    model.train(was_training)
+    return result
+
+
+def _sampled_pass_at_k(
+    model, tokenizer, items, score, *, max_new_tokens, batch_size, progress, num_samples, temperature, pass_k, seed
+) -> dict:
+    """n sampled completions per prompt (contiguous groups), scored; pass@k averaged over prompts."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    n = num_samples
+    per_call = max(1, batch_size // n)  # prompts per generate call
+    correct, sample_scores, cats = [], [], []
+    for start in tqdm(range(0, len(items), per_call), desc=f"eval pass@k (n={n})", disable=not progress, leave=False):
+        chunk = items[start : start + per_call]
+        prompts = [it["prompt"] for it in chunk for _ in range(n)]
+        sequences, prompt_mask = _generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature
+        )
+        texts = tokenizer.batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+        for i, it in enumerate(chunk):
+            s = [float(score(t, it)) for t in texts[i * n : (i + 1) * n]]
+            sample_scores.extend(s)
+            correct.append(sum(v >= 1.0 for v in s))
+            cats.append(str(it.get("category", "all")))
+    per_k = {str(k): [pass_at_k(n, c, k) for c in correct] for k in pass_k}
+    return {
+        "num_samples": n,
+        "temperature": temperature,
+        "sample_mean_score": sum(sample_scores) / max(len(sample_scores), 1),
+        "pass_at_k": {k: sum(v) / max(len(v), 1) for k, v in per_k.items()},
+        "pass_at_k_per_category": _transpose({k: _mean_by_category(cats, v) for k, v in per_k.items()}),
+    }
+
+
+def _transpose(d: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for k, per_cat in d.items():
+        for cat, v in per_cat.items():
+            out[cat][k] = v
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# routing statistics of an evaluation pass
+
+
+def _route_mask(attention_mask: Tensor, prompt_width: int, mask: Tensor, tokens: str) -> Tensor:
+    """(B, S) float: 1 at the routed positions that count (alignment: the route at s predicts token s+1).
+
+    ``all``: every attended position that predicts an attended token (prompt and completion; the last token is
+    never fed back in generation). ``completion``: the positions P-1 .. S-2 that predict completion tokens.
+    """
+    if tokens == "all":
+        out = torch.zeros_like(attention_mask, dtype=torch.float)  # (B, S)
+        out[:, :-1] = (attention_mask[:, :-1] * attention_mask[:, 1:]).float()
+        return out
+    if tokens == "completion":
+        out = torch.zeros_like(attention_mask, dtype=torch.float)  # (B, S)
+        out[:, prompt_width - 1 : -1] = mask
+        return out
+    raise ValueError(f"tokens must be 'all' or 'completion', got {tokens!r}")
+
+
+class _Acc:
+    """Running sums of one group of sequences (a category, or all): counts and entropy sums per layer."""
+
+    def __init__(self, L: int, E: int, K: int, max_positions: int, device) -> None:
+        self.K = K
+        self.counts = torch.zeros(L, E, device=device)  # (L, E) routed slots per expert
+        self.h_sum = torch.zeros(L, device=device)  # (L,) sum of per-token router entropies
+        self.pos_counts = torch.zeros(L, max_positions, E, device=device)  # (L, P, E)
+        self.tokens = 0.0
+        self.items = 0
+
+    def add(self, experts: Tensor, h: Tensor, route_mask: Tensor, positions: Tensor, max_positions: int) -> None:
+        """experts (L, b, S, K), h (L, b, S), route_mask (b, S), positions (b, S)."""
+        E = self.counts.shape[1]
+        for li in range(experts.shape[0]):
+            self.counts[li] += expert_counts(experts[li], route_mask, E)
+            self.pos_counts[li] += expert_counts_by_position(experts[li], positions, route_mask, E, max_positions)
+        self.h_sum += (h * route_mask).sum((1, 2))
+        self.tokens += float(route_mask.sum())
+        self.items += route_mask.shape[0]
+
+    def summary(self) -> dict:
+        if self.tokens <= 0:
+            raise ValueError("routing statistics: a category has no routed token; check the items' prompts")
+        usage = self.counts / self.counts.sum(-1, keepdim=True)  # (L, E)
+        E = self.counts.shape[1]
+        h = self.h_sum / self.tokens  # (L,) mean per-token router entropy, nats
+        u_h = usage_entropy(usage)  # (L,) entropy of aggregate usage, nats
+        per_pos = self.pos_counts.sum(-1)  # (L, P) slots per position
+        last = int((per_pos[0] > 0).nonzero().max()) + 1 if bool((per_pos[0] > 0).any()) else 0
+        pos_usage = self.pos_counts[:, :last] / per_pos[:, :last, None].clamp(min=1)  # (L, P', E)
+        return {
+            "n_items": self.items,
+            "n_tokens": int(self.tokens),
+            "usage": usage,
+            "router_entropy": h,
+            "router_entropy_norm": h / math.log(E),
+            "usage_entropy": u_h,
+            "router_entropy_mean": h.mean(),
+            "usage_entropy_mean": u_h.mean(),
+            "position_usage": pos_usage,
+            "position_tokens": (per_pos[0, :last] / self.K).round().long(),  # (P',) tokens at each position
+            "max_violation": max_violation(usage),  # (L,)
+            "dead_fraction": dead_fraction(usage),  # (L,)
+            "cv": coefficient_of_variation(usage),  # (L,)
+        }
+
+
+@torch.no_grad()
+def routing_statistics_pass(
+    model: nn.Module,
+    tokenizer,
+    items: list[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    tokens: str = "all",
+    max_positions: int = 64,
+    progress: bool = False,
+) -> dict:
+    """Routing statistics of greedy, top-K-routed generation on ``items``, per category and per layer (JSON-ready).
+
+    Greedy top-K generation, then one top-K forward over prompt + completion with the full router probabilities
+    kept (the same routes generation used). Counted positions: see ``tokens`` (default: prompt and completion, as
+    MoE-GRPO's Fig. 4 counts the whole token sequence).
+
+    Args:
+        items: task items with ``prompt`` and optionally ``category`` ("all" if absent).
+        tokens: ``all`` (prompt + completion positions) or ``completion`` (the positions that predict completion
+            tokens, like the training metric ``moe/load``).
+        max_positions: token positions kept in the experts × positions map (later positions still count elsewhere).
+    Returns:
+        ``{"layers", "num_experts", "top_k", "tokens", "jsd_base", "categories": {cat: group}, "all": group,
+        "jsd": {"categories", "matrix" (L, A, A), "mean_per_layer" (L,), "mean"} or None (< 2 categories),
+        "example": first item's per-layer routing}``. A group holds ``usage`` (L, E) (sums to 1 per layer),
+        ``router_entropy`` (L,) per-token router entropy in nats (and ``_norm``: / ln E), ``usage_entropy`` (L,)
+        entropy of aggregate usage in nats, their means over layers, ``position_usage`` (L, P, E) (rows sum to 1),
+        ``position_tokens`` (P,), ``n_items``, ``n_tokens``, and load balance (``max_violation``, ``dead_fraction``,
+        ``cv``, per layer). The example holds ``prompt``, ``completion``, ``tokens`` (one string per counted
+        position: the token the router saw), ``probs`` (L, n, E), ``experts`` (L, n, K) and ``answer_index`` (the
+        index in ``tokens`` of the route that predicted the first completion token).
+    """
+    if not items:
+        raise ValueError("routing_statistics_pass: items is empty; pass at least one task item")
+    was_training = model.training
+    model.eval()
+    accs: dict[str, _Acc] = {}
+    total: _Acc | None = None
+    example: dict | None = None
+    layers, E, K = None, None, None
+    for start in tqdm(range(0, len(items), batch_size), desc="eval routing", disable=not progress, leave=False):
+        chunk = items[start : start + batch_size]
+        sequences, prompt_mask = _generate(
+            model, tokenizer, [it["prompt"] for it in chunk], max_new_tokens=max_new_tokens, do_sample=False,
+            temperature=1.0,
+        )  # fmt: skip
+        P = prompt_mask.shape[1]
+        mask = completion_mask(sequences[:, P:], tokenizer.eos_token_id)  # (B, C)
+        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S)
+        fwd = policy_forward(model, sequences, attention_mask, P, None, keep_probs=True)
+        experts = fwd.routing.experts  # (L, B, S, K) the top-K routes of this forward
+        probs = fwd.probs.float()  # (L, B, S, E)
+        L, B, S, E = probs.shape
+        K = experts.shape[-1]
+        layers = list(fwd.routing.layers)
+        h = token_entropy(probs)  # (L, B, S) per-token router entropy, nats
+        route_mask = _route_mask(attention_mask, P, mask, tokens)  # (B, S)
+        positions = position_ids_from_mask(attention_mask)  # (B, S)
+        if total is None:
+            total = _Acc(L, E, K, max_positions, probs.device)
+        total.add(experts, h, route_mask, positions, max_positions)
+        cats = [str(it.get("category", "all")) for it in chunk]
+        for cat in sorted(set(cats)):
+            rows = torch.tensor([c == cat for c in cats], device=probs.device)
+            acc = accs.setdefault(cat, _Acc(L, E, K, max_positions, probs.device))
+            acc.add(experts[:, rows], h[:, rows], route_mask[rows], positions[rows], max_positions)
+        if example is None:
+            keep = route_mask[0].bool()  # (S,)
+            ids = sequences[0][keep]
+            example = {
+                "prompt": chunk[0]["prompt"],
+                "completion": tokenizer.decode(sequences[0, P:][mask[0].bool()], skip_special_tokens=True),
+                "tokens": [tokenizer.decode([int(t)]) for t in ids],
+                "probs": probs[:, 0][:, keep],  # (L, n, E)
+                "experts": experts[:, 0][:, keep].long(),  # (L, n, K)
+                "answer_index": int(keep[: P - 1].sum()) if bool(keep[P - 1]) else None,
+            }
+    model.train(was_training)
+    out = {
+        "layers": layers,
+        "num_experts": E,
+        "top_k": K,
+        "tokens": tokens,
+        "jsd_base": JSD_BASE,
+        "categories": {cat: acc.summary() for cat, acc in sorted(accs.items())},
+        "all": total.summary(),
+        "jsd": None,
+        "example": example,
+    }
+    names = sorted(accs)
+    if len(names) >= 2:
+        usage = torch.stack([out["categories"][c]["usage"] for c in names], dim=1)  # (L, A, E)
+        mats, means = zip(*(pairwise_jsd(u, base=JSD_BASE) for u in usage))
+        out["jsd"] = {
+            "categories": names,
+            "base": JSD_BASE,
+            "matrix": torch.stack(mats),  # (L, A, A)
+            "mean_per_layer": torch.stack(means),  # (L,)
+            "mean": torch.stack(means).mean(),  # mean over layers of the mean over category pairs
+        }
+    return to_json(out)
+
+
+def to_json(x):
+    """Tensors -> (nested) lists of floats rounded to 6 decimals (ints stay ints); dicts/lists recursively."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        return x.tolist() if not x.is_floating_point() else torch.round(x.double(), decimals=6).tolist()
+    if isinstance(x, dict):
+        return {str(k): to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json(v) for v in x]
+    if isinstance(x, float):
+        return round(x, 6)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `expertrl eval`
 
 
 def run_eval(cfg) -> dict:
-    """`expertrl eval`: held-out accuracy of ``cfg.model`` on ``cfg.task`` (top-K routing, greedy); JSON + table."""
+    """`expertrl eval`: accuracy of ``cfg.model`` on ``cfg.task`` (top-K routing, greedy), optional pass@k of sampled
+    completions, and routing statistics; written to ``<model.path>/eval.json`` and printed as a table."""
     import json
     from pathlib import Path
 
     from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
+
+    # New EvalConfig fields, read with their defaults until config.py declares them.
+    num_samples = int(getattr(cfg, "num_samples", 0))
+    temperature = float(getattr(cfg, "temperature", 1.0))
+    pass_k = [int(k) for k in getattr(cfg, "pass_k", [1])]
+    routing_stats = bool(getattr(cfg, "routing_stats", True))
 
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
@@ -85,14 +395,55 @@ def run_eval(cfg) -> dict:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=True,
+        num_samples=num_samples,
+        temperature=temperature,
+        pass_k=pass_k,
+        seed=cfg.seed,
     )
-    print(f"expertrl eval: {task.name}, {result['n']} held-out prompts, top-K routing, greedy decoding")
-    print(f"{'category':<16} accuracy")
-    for cat, acc in result["per_category"].items():
-        print(f"{cat:<16} {acc:.3f}")
-    print(f"{'all':<16} {result['accuracy']:.3f}")
+    if routing_stats:
+        result["routing"] = routing_statistics_pass(
+            model, tokenizer, task.eval, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=True
+        )
+    print(format_table(task.name, result))
     if cfg.model.path is not None:
         out = Path(cfg.model.path) / "eval.json"
-        out.write_text(json.dumps({"task": task.name, **result}, indent=2))
+        out.write_text(json.dumps(to_json({"task": task.name, **result}), indent=1))
         print(f"results: {out}")
     return result
+
+
+def format_table(task_name: str, result: dict) -> str:
+    """The console table of ``run_eval``: accuracy (and pass@k, routing entropies) per category."""
+    ks = list(result.get("pass_at_k", {}))
+    routing = result.get("routing")
+    head = f"{'category':<16} {'n':>5} {'accuracy':>9}" + "".join(f" {'pass@' + k:>8}" for k in ks)
+    if routing:
+        head += f" {'router H':>9} {'usage H':>8}"
+    lines = [
+        f"expertrl eval: {task_name}, {result['n']} held-out prompts, top-K routing, greedy decoding"
+        + (f"; pass@k from {result['num_samples']} samples at temperature {result['temperature']}" if ks else ""),
+        head,
+    ]
+    cats = routing["categories"] if routing else {}
+    per_cat_k = result.get("pass_at_k_per_category", {})
+
+    def row(name: str, acc: float, pk: dict, group: dict | None) -> str:
+        n = "" if group is None else group["n_items"]
+        line = f"{name:<16} {n!s:>5} {acc:>9.3f}" + "".join(f" {pk.get(k, float('nan')):>8.3f}" for k in ks)
+        if group is not None:
+            line += f" {group['router_entropy_mean']:>9.3f} {group['usage_entropy_mean']:>8.3f}"
+        return line
+
+    for cat, acc in result["per_category"].items():
+        lines.append(row(cat, acc, per_cat_k.get(cat, {}), cats.get(cat)))
+    lines.append(row("all", result["accuracy"], result.get("pass_at_k", {}), routing["all"] if routing else None))
+    if routing:
+        lines.append(
+            "router H = mean per-token router entropy (nats); usage H = entropy of aggregate expert usage (nats); "
+            f"both averaged over {len(routing['layers'])} MoE layers, ln E = {math.log(routing['num_experts']):.3f}"
+        )
+        if routing["jsd"] is not None:
+            lines.append(
+                f"task-wise expert-usage JSD (log2, mean over category pairs and layers): {routing['jsd']['mean']:.4f}"
+            )
+    return "\n".join(lines)

@@ -119,8 +119,9 @@ PRESETS: dict[str, dict] = {
     # LoRA-MoE on a frozen dense base (RO-GRPO, METHODS §2): E = 4 rank-8 LoRA experts + a router on each FFN
     # projection, dense soft mixture, GRPO on sampled tokens, no aux loss, no Gate-GRPO (there is no sampled set).
     # Combine with a routing reward: `--preset lora_moe,ro_grpo_smooth`; `lora_moe,aux_loss` is the paper's aux-loss
-    # baseline. Set model.family (qwen3/qwen2/llama) or model.path to a dense model.
+    # baseline. The in-process base is a tiny Qwen3; set model.family (qwen3/qwen2/llama) or model.path (a dense model).
     "lora_moe": {
+        "model.family": "qwen3",
         "model.adapter.kind": "lora_moe",
         "model.adapter.num_experts": 4,
         "model.adapter.rank": 8,
@@ -140,6 +141,7 @@ PRESETS: dict[str, dict] = {
     "aux_loss": {"loss.lb_coef": 0.01},  # Switch load balancing instead of a routing reward
     # The single-LoRA baseline (PEFT), rank 16 like RO-GRPO's (matched budget: expertrl.moe.lora_moe.matched_lora_rank).
     "lora": {
+        "model.family": "qwen3",
         "model.adapter.kind": "lora",
         "model.adapter.rank": 16,
         "model.adapter.alpha": 32.0,

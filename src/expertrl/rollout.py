@@ -85,7 +85,7 @@ def policy_forward(
     B, S = input_ids.shape
     C = S - prompt_width
     policy = TopK() if routing is None else replay_policy_for(routing)
-    score_experts = None if score is None else score.experts.reshape(score.experts.shape[0], B * S, -1)
+    score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
     extra = {"keep_logits": True} if keep_logits else {}
     with route(model, policy, keep_probs=keep_probs, score_experts=score_experts, allowed=allowed, **extra) as rec:
         out = model(
@@ -96,6 +96,10 @@ def policy_forward(
             use_cache=False,
         )
     logp = token_logp(out.logits[:, :-1], input_ids[:, prompt_width:])  # (B, C)
+    if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
+        empty = RoutingTrace.empty(B, S, input_ids.device)
+        nothing = empty.logp
+        return ForwardOut(logp, nothing, nothing if keep_probs else None, empty, nothing if keep_logits else None)
     probs = rec.probs(B) if keep_probs else None
     used = routing if routing is not None else rec.trace(B)
     gate_logp = rec.scored(B) if score is not None else rec.gate_logp(B)
@@ -162,7 +166,8 @@ def generate_rollout(
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
         )  # (B, S)
     S = sequences.shape[1]
-    trace = rec.trace(B)  # (L, B, S-1, K): the last token is generated but never fed back
+    # (L, B, S-1, K): the last token is generated but never fed back
+    trace = rec.trace(B) if rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
     S_rec = trace.experts.shape[2]
     assert S_rec == S - 1, (S_rec, S)
     trace = RoutingTrace(

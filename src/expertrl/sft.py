@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from expertrl.config import SFTConfig, SFTJobConfig
-from expertrl.losses.routing import switch_load_balancing
+from expertrl.config import ConfigError, SFTConfig, SFTJobConfig
+from expertrl.losses.routing import router_z_loss, switch_load_balancing
+from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
 from expertrl.rollout import position_ids_from_mask
@@ -61,7 +62,13 @@ def supervised_train(
     from expertrl.runtime import clip_grad, optimizer_and_schedule
 
     device = next(model.parameters()).device
-    policy = make_policy(cfg.routing)
+    routed = bool(find_routers(model, allow_dense=True))
+    if not routed and (cfg.routing != "topk" or cfg.lb_coef > 0 or cfg.z_coef > 0):
+        raise ConfigError(
+            f"sft.routing: {type(model).__name__} has no router (a dense model or a plain LoRA), so routing "
+            f"{cfg.routing!r}, sft.lb_coef and sft.z_coef mean nothing; set sft.routing=topk sft.lb_coef=0 sft.z_coef=0"
+        )
+    policy = make_policy(cfg.routing, **cfg.routing_kwargs)
     generator = torch.Generator(device=device).manual_seed(seed)
     rng = random.Random(seed)
     optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, cfg.steps)
@@ -72,7 +79,7 @@ def supervised_train(
         t0 = time.perf_counter()
         batch = [items[rng.randrange(len(items))] for _ in range(cfg.batch_size)]
         ids, attn, target = supervised_batch(tokenizer, batch, device)
-        with route(model, policy, generator=generator, keep_probs=cfg.lb_coef > 0) as rec:
+        with route(model, policy, generator=generator, keep_probs=cfg.lb_coef > 0, keep_logits=cfg.z_coef > 0) as rec:
             logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         ce = (ce * target.flatten()).sum() / target.sum()
@@ -84,12 +91,20 @@ def supervised_train(
             L, _, S, E = probs.shape
             lb = switch_load_balancing(probs.reshape(L, -1, E), experts.reshape(L, B * S, -1), attn.reshape(-1).float())
             loss = loss + cfg.lb_coef * lb
+        z = torch.zeros(())
+        if cfg.z_coef > 0:  # ST-MoE router z-loss on the attended positions
+            B = ids.shape[0]
+            logits_r = rec.logits(B)  # (L, B, S, E)
+            z = router_z_loss(logits_r.reshape(logits_r.shape[0], -1, logits_r.shape[-1]), attn.reshape(-1).float())
+            loss = loss + cfg.z_coef * z
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad(model, cfg.optim.grad_clip)
         optimizer.step()
         schedule.step()
         last = {"sft/loss": ce.detach(), "sft/lb_loss": lb.detach(), "sft/grad_norm": grad_norm.detach()}
+        if cfg.z_coef > 0:
+            last["sft/z_loss"] = z.detach()
         last["sft/step_time"] = time.perf_counter() - t0
         if log is not None:
             log(last, step)

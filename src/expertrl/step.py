@@ -8,12 +8,13 @@ them one scalar, and the Switch load-balancing loss is added on the experts actu
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from expertrl.config import TrainConfig
 from expertrl.losses.aggregate import aggregate
 from expertrl.losses.gate import gate_grpo
 from expertrl.losses.kl import kl_penalty
-from expertrl.losses.routing import switch_load_balancing
+from expertrl.losses.routing import router_z_loss, switch_load_balancing
 from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.ops import entropy, masked_mean
 from expertrl.rollout import policy_forward
@@ -58,13 +59,17 @@ def loss_on_microbatch(
     )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
     # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
     comp = slice(P - 1, -1)
-    log_gamma, metrics = router_shift(
-        fwd.gate_logp[:, :, comp],
-        micro.old_gate_logp[:, :, comp],
-        micro.mask,
-        gamma_min=cfg.rspo.gamma_min,
-        layer_agg=cfg.rspo.layer_agg,
-    )  # (B, C) log of RSPO's floored, detached router-shift weight; its metrics are logged for every method
+    routed = fwd.probs.shape[0] > 0  # False for a model with no router (plain-LoRA baseline)
+    if not routed:
+        log_gamma, metrics = torch.zeros_like(micro.old_logp), {}
+    else:
+        log_gamma, metrics = router_shift(
+            fwd.gate_logp[:, :, comp],
+            micro.old_gate_logp[:, :, comp],
+            micro.mask,
+            gamma_min=cfg.rspo.gamma_min,
+            layer_agg=cfg.rspo.layer_agg,
+        )  # (B, C) log of RSPO's floored, detached router-shift weight; its metrics are logged for every method
     old_logp = micro.old_logp
     if cfg.rspo.enabled and cfg.rspo.placement == "before_clip":
         old_logp = apply_router_shift(old_logp, log_gamma)  # the host loss sees log ratio + log gamma (RSPO v2)
@@ -91,14 +96,34 @@ def loss_on_microbatch(
         gate_loss = aggregate(gate_per_token, gate_mask, lc.agg, **(agg | {"num_tokens": gate_den}))
         loss = loss + lc.gate_coef * gate_loss
         metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
+    if routed:
+        routing_loss, routing_metrics = _routing_terms(fwd, micro, cfg, comp, num_seqs)
+        loss = loss + routing_loss
+        metrics |= routing_metrics
+    metrics["loss/token"] = aggregate(
+        per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None, "num_tokens": None})
+    ).detach()
+    return loss, metrics
+
+
+def _routing_terms(fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs: float) -> tuple[Tensor, dict]:
+    """The weighted Switch load-balancing loss (+ router z-loss) on the experts this forward used, and the routing
+    metrics. Scaled like the token loss so micro-batch terms sum to the full-batch term."""
+    lc = cfg.loss
     # Switch load balancing on the experts this forward actually used (every routed, attended position).
     L, B, S, E = fwd.probs.shape
     lb_mask = micro.attention_mask.clone().float()
     lb_mask[:, -1] = 0  # the rollout never routed the last position
     experts = fwd.routing.experts.long()  # (L, B, S, K)
     lb = switch_load_balancing(fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
+    extra = torch.zeros((), device=lb.device)
     if lc.lb_coef > 0:
-        loss = loss + lc.lb_coef * lb * (B / num_seqs)
+        extra = extra + lc.lb_coef * lb * (B / num_seqs)
+    metrics = {"loss/lb": lb.detach()}
+    if lc.z_coef > 0:  # ST-MoE router z-loss on the raw logits of the same positions
+        z = router_z_loss(fwd.logits.reshape(L, B * S, E), lb_mask.reshape(-1))
+        extra = extra + lc.z_coef * z * (B / num_seqs)
+        metrics["loss/z"] = z.detach()
     with torch.no_grad():
         probs_c = fwd.probs[:, :, comp]  # (L, B, C, E)
         k = micro.routing.experts.shape[-1]
@@ -108,11 +133,7 @@ def loss_on_microbatch(
         metrics["router_shift/topk_overlap"] = masked_mean(overlap, micro.mask.expand_as(overlap))
         router_h = entropy(probs_c)  # (L, B, C) per-token router entropy
         metrics["moe/router_entropy"] = masked_mean(router_h, micro.mask.expand_as(router_h))
-    metrics["loss/token"] = aggregate(
-        per_token, micro.mask, lc.agg, **(agg | {"num_seqs": None, "num_tokens": None})
-    ).detach()
-    metrics["loss/lb"] = lb.detach()
-    return loss, metrics
+    return extra, metrics
 
 
 def routing_usage(rollout: Rollout, labels: list[str] | None = None) -> dict:
@@ -124,6 +145,8 @@ def routing_usage(rollout: Rollout, labels: list[str] | None = None) -> dict:
     E = rollout.routing.num_experts
     valid = rollout.mask.bool()[None, :, :, None].expand_as(experts)  # (L, B, C, K)
     out = {}
+    if experts.shape[0] == 0:  # no router
+        return out
     usage_h = []
     labels = labels or [f"layer{layer}" for layer in rollout.routing.layers]
     for li, label in enumerate(labels):

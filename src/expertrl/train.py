@@ -46,6 +46,7 @@ from expertrl.logging import MetricsLogger, mean_metrics, reduce_across_ranks, t
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import find_routers, site_labels
 from expertrl.moe.guidance import GuidanceState, PromptCompletionGuide, calibrate_prompt_completion
+from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import TopK, make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
@@ -194,8 +195,8 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
     model.to(accelerator.device)
-    sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers
-    k_max = max(s.top_k for s in sites)
+    sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
+    k_max = max((s.top_k for s in sites), default=0)  # no sites: the plain-LoRA baseline, which declares no router
     sigmoid = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
     if sigmoid and (cfg.rspo.enabled or cfg.loss.gate_coef > 0):
         raise ValueError(
@@ -233,12 +234,14 @@ def train(cfg: TrainConfig) -> dict:
         )
     guide = None
     n_params = sum(p.numel() for p in model.parameters())
+    routers = f"{len(sites)} routers, E={sites[0].num_experts}, K={k_max}" if sites else "no router"
     accelerator.print(
-        f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {len(sites)} MoE layers, "
-        f"E={sites[0].num_experts}, K={k_max}), task {task.name} ({len(task.train)} train / {len(task.eval)} "
-        f"held-out), routing {cfg.routing.policy}, loss {cfg.loss.name} + {cfg.loss.gate_coef} x gate"
-        + (f", {world} processes" if world > 1 else "")
+        f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {routers}), task {task.name} "
+        f"({len(task.train)} train / {len(task.eval)} held-out), routing {cfg.routing.policy}, loss {cfg.loss.name} "
+        f"+ {cfg.loss.gate_coef} x gate" + (f", {world} processes" if world > 1 else "")
     )
+    if adapter_settings(model) is not None:
+        accelerator.print(f"  {describe_trainable(model)}")
 
     def main_eval(m) -> dict | None:
         """Held-out evaluation on rank 0 (greedy, no collectives); the other ranks wait for it."""

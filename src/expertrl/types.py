@@ -48,6 +48,12 @@ class RoutingTrace:
     def shape(self) -> torch.Size:
         return self.experts.shape
 
+    @classmethod
+    def empty(cls, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> RoutingTrace:
+        """The trace of a model with no router (L = 0): every routing quantity is an empty (0, B, S, 1) tensor."""
+        experts = torch.zeros(0, batch_size, seq_len, 1, dtype=torch.int16, device=device)
+        return cls(experts=experts, logp=torch.zeros(experts.shape, device=device), layers=(), num_experts=0)
+
     def index_batch(self, index: Tensor | slice) -> RoutingTrace:
         """The trace of a subset of sequences (dim 1)."""
         return replace(self, experts=self.experts[:, index], logp=self.logp[:, index])

@@ -113,16 +113,35 @@ def _site(name: str, module: nn.Module, fam: Family) -> RouterSite:
     )
 
 
-def find_routers(model: nn.Module) -> list[RouterSite]:
+def is_routerless(model: nn.Module) -> bool:
+    """A model that declares it has no router: a dense base with a plain LoRA (``lora_moe.attach_lora``). Routing
+    code treats it as zero MoE layers (top-K routing is then the identity); a bare dense model still raises."""
+    settings = getattr(model, "expertrl_adapter", None) or {}
+    return settings.get("kind") == "lora"
+
+
+DENSE_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+"""Dense decoders expertrl adapts (LoRA-MoE), upcycles, or fine-tunes as the base of both."""
+
+
+def find_routers(model: nn.Module, *, allow_dense: bool = False) -> list[RouterSite]:
     """Every MoE router of ``model`` in decoder order, as ``RouterSite``s.
 
     A model with LoRA-MoE adapters gets one site per adapted module (its ``LoraMoeRouter``), in module order within
     a layer (e.g. gate_proj, up_proj, down_proj), whatever its ``model_type``. Otherwise the native routers of the
     model's family.
 
+    ``allow_dense`` returns no site for a bare dense decoder (``DENSE_MODEL_TYPES``) instead of raising: callers
+    that only route with top-K (evaluation, SFT) then run it as it is.
+
     Raises:
         ValueError: unknown family, or a supported family with no router (a dense model).
     """
+    if is_routerless(model):
+        return []  # a frozen dense base with one plain LoRA (the single-LoRA baseline): nothing routes
+    has_lora_moe = any(type(m).__name__ == LORA_MOE.router_class for m in model.modules())
+    if allow_dense and not has_lora_moe and getattr(model.config, "model_type", None) in DENSE_MODEL_TYPES:
+        return []  # top-K routing of a dense model is the identity (evaluation, supervised fine-tuning)
     lora = [_site(n, m, LORA_MOE) for n, m in model.named_modules() if type(m).__name__ == LORA_MOE.router_class]
     if lora:
         return sorted(lora, key=lambda s: s.layer)  # stable: module order within a layer is kept

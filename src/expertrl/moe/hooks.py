@@ -277,8 +277,14 @@ def route(
             (``rec.scored``), whatever the policy chooses; softmax routers only.
         sites: routers to patch (default: ``find_routers(model)``).
     """
-    sites = find_routers(model) if sites is None else sites
-    custom = not isinstance(policy, (TopK, Replay))  # sigmoid routers run only their native choice or a replay
+    custom = not isinstance(policy, (TopK, Replay))
+    if sites is None:  # top-K or replay of a dense model is the identity; anything else needs real routers
+        sites = find_routers(model, allow_dense=not custom and allowed is None and score_experts is None)
+    if not sites and (custom or allowed is not None):  # a temperature only changes routing, so it is moot here
+        raise ValueError(
+            f"{type(model).__name__} has no router (a plain-LoRA baseline), so {type(policy).__name__} routing or an "
+            "expert mask mean nothing; use TopK routing"
+        )  # sigmoid routers run only their native choice or a replay
     if custom or temperature != 1.0 or allowed is not None or score_experts is not None:
         bad = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
         if bad:
@@ -288,7 +294,7 @@ def route(
             )
     rec = RoutingRecorder(
         sites=sites,
-        num_experts=sites[0].num_experts,
+        num_experts=sites[0].num_experts if sites else 0,
         keep_probs=keep_probs,
         keep_logits=keep_logits,
         score_experts=score_experts,
