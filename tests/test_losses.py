@@ -305,3 +305,19 @@ def test_router_z_loss_golden():
     logits[:, 1] = 100.0
     got = router_z_loss(logits, torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(got, torch.tensor(math.log(4) ** 2))
+
+
+def test_switch_lb_dense_mixture_uses_soft_dispatch():
+    # K = E = 2: every token uses both experts. Mean probabilities P = (0.75, 0.25) over the two tokens, so the soft
+    # loss is E * (0.75^2 + 0.25^2) = 2 * 0.625 = 1.25, and its gradient favours the under-used expert.
+    from expertrl.losses.routing import switch_load_balancing
+
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]], requires_grad=True)  # (N=2, E=2); mean (0.75, 0.25)
+    experts = torch.tensor([[0, 1], [1, 0]])  # (N, K=E)
+    loss = switch_load_balancing(probs, experts, torch.ones(2))
+    assert torch.isclose(loss, torch.tensor(1.25))
+    loss.backward()
+    # d/dP_e of E * sg(P_e) P_e = E * P_e / N per token: (2*0.75/2, 2*0.25/2) = (0.75, 0.25)
+    assert torch.allclose(probs.grad, torch.tensor([[0.75, 0.25], [0.75, 0.25]]))
+    uniform = torch.full((3, 2), 0.5)
+    assert torch.isclose(switch_load_balancing(uniform, torch.tensor([[0, 1]] * 3), torch.ones(3)), torch.tensor(1.0))

@@ -222,10 +222,10 @@ def load_model(
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist (only local directories are loaded)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a save_pretrained directory?")
+    import json
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    kernel = {} if model_type in (*DENSE_FAMILIES, "mistral") else {"experts_implementation": experts_implementation}  # MoE only
     return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        experts_implementation=experts_implementation,
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
+        path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
     )
