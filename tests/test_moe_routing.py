@@ -376,3 +376,14 @@ def test_deepseek_unrouted_replay_falls_back_to_native_choice():
     with route(model, unrouted):
         replayed = model(ids).logits
     torch.testing.assert_close(replayed, native)
+
+
+def test_route_refuses_gradient_checkpointing_in_training(tiny_moe):
+    tiny_moe.gradient_checkpointing_enable()
+    tiny_moe.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        with route(tiny_moe, TopK()):
+            pass
+    tiny_moe.eval()  # no recompute without training mode: allowed
+    with route(tiny_moe, TopK()):
+        _forward(tiny_moe)

@@ -81,11 +81,12 @@ DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
 class ModelConfig:
     path: str | None = None
     """local Hugging Face checkpoint directory (loaded with from_pretrained); None = build a tiny model in-process"""
-    family: Literal["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3", "qwen2", "llama"] = (
-        "qwen3_moe"
-    )
-    """model family of the in-process model (ignored when path is set); the dense ones (qwen3, qwen2, llama) need
-    model.adapter or model.upcycle"""
+    family: Literal[
+        "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3_vl_moe", "qwen3", "qwen2", "llama"
+    ] = "qwen3_moe"
+    """model family of the in-process model (ignored when path is set); qwen3_vl_moe is the tiny vision-language MoE
+    (expertrl.vlm; one size, preset ignored); the dense ones (qwen3, qwen2, llama) need model.adapter or
+    model.upcycle for RL"""
     preset: Literal["tiny", "small", "5M", "50M"] = "small"
     """size preset of the in-process model (expertrl.models.PRESETS)"""
     num_experts: int | None = None
@@ -131,7 +132,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """task: 'addition' (built in), 'rg:<reasoning-gym dataset>' (e.g. rg:chain_sum) or 'jsonl:<path>'"""
+    """task: 'addition' (built in), 'rg:<reasoning-gym dataset>' (e.g. rg:chain_sum), 'jsonl:<path>', or 'mm:<name>'
+    (digits_mc, shapes_count, colour, motion_video, jsonl_mm:<path>; needs a VLM such as model.family=qwen3_vl_moe)"""
     train_size: int = 4000
     """number of training prompts drawn from the task"""
     eval_size: int = 128

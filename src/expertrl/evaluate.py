@@ -4,7 +4,9 @@ sampled completions, and routing statistics of an evaluation pass (MoE-GRPO §4.
 ``evaluate`` scores greedy completions (and, with ``num_samples > 0``, n sampled completions per prompt for pass@k).
 ``routing_statistics_pass`` generates greedily, then runs one top-K forward over prompt + completion that keeps the
 full router probabilities, and reduces them per category and layer with ``expertrl.diagnostics``. ``run_eval`` is
-`expertrl eval`: both, written to ``<model>/eval.json`` and printed as a table.
+`expertrl eval`: both, written to ``<model>/eval.json`` and printed as a table. Multimodal items (``images`` /
+``video``) work with a VLM and its processor in place of the tokenizer (``rollout.encode_prompts``); the vision
+special tokens are never generated.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from expertrl.diagnostics import (
 )
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import TopK
-from expertrl.rollout import completion_mask, decoding_kwargs, policy_forward, position_ids_from_mask
+from expertrl.rollout import (
+    completion_mask,
+    decoding_kwargs,
+    encode_prompts,
+    mm_generate_kwargs,
+    mm_to,
+    policy_forward,
+    position_ids_from_mask,
+    text_tokenizer,
+)
 
 JSD_BASE = 2.0
 """log base of every Jensen–Shannon divergence reported here (METHODS ambiguity 19): log2, so JSD is in [0, 1]"""
@@ -37,26 +48,42 @@ JSD_BASE = 2.0
 
 @torch.no_grad()
 def _generate(
-    model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Completions of ``prompts`` with deterministic top-K routing: sequences (B, S) and the prompt mask (B, P)."""
+    model: nn.Module,
+    tokenizer,
+    items: list[dict],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    group_size: int = 1,
+) -> tuple[Tensor, Tensor, dict | None]:
+    """Completions of ``items`` (each repeated ``group_size`` times) with deterministic top-K routing: sequences
+    (B, S), the prompt mask (B, P) and the prompts' vision kwargs (None for text), all on the model's device."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
+    prompt_mask, mm = prompt_mask.to(device), mm_to(mm, device)
     with route(model, TopK()):
         sequences = model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask,
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
+            **mm_generate_kwargs(model, mm),
         )  # (B, S)
-    return sequences, enc["attention_mask"].to(device)
+    return sequences, prompt_mask, mm
 
 
-def generate_greedy(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
-    """Greedy completions of ``prompts`` with deterministic top-K routing, decoded up to EOS."""
-    sequences, prompt_mask = _generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
+def generate_greedy(model: nn.Module, tokenizer, prompts: list[str] | list[dict], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions with deterministic top-K routing, decoded up to EOS.
+
+    Args:
+        tokenizer: a tokenizer, or a VLM's processor.
+        prompts: prompt strings, or task items (``prompt`` and, for a VLM, ``images`` or ``video``).
+    """
+    items = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+    sequences, prompt_mask, _ = _generate(
+        model, tokenizer, items, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
     )
-    return tokenizer.batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+    return text_tokenizer(tokenizer).batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -118,7 +145,7 @@ def evaluate(
     scores, cats, examples = [], [], []
     for start in tqdm(range(0, len(items), batch_size), desc="eval greedy", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
-        completions = generate_greedy(model, tokenizer, [it["prompt"] for it in chunk], max_new_tokens=max_new_tokens)
+        completions = generate_greedy(model, tokenizer, chunk, max_new_tokens=max_new_tokens)
         for it, text in zip(chunk, completions):
             scores.append(float(score(text, it)))
             cats.append(str(it.get("category", "all")))
@@ -150,11 +177,11 @@ def _sampled_pass_at_k(
     correct, sample_scores, cats = [], [], []
     for start in tqdm(range(0, len(items), per_call), desc=f"eval pass@k (n={n})", disable=not progress, leave=False):
         chunk = items[start : start + per_call]
-        prompts = [it["prompt"] for it in chunk for _ in range(n)]
-        sequences, prompt_mask = _generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature
-        )
-        texts = tokenizer.batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+        sequences, prompt_mask, _ = _generate(
+            model, tokenizer, chunk, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+            group_size=n,
+        )  # fmt: skip
+        texts = text_tokenizer(tokenizer).batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
         for i, it in enumerate(chunk):
             s = [float(score(t, it)) for t in texts[i * n : (i + 1) * n]]
             sample_scores.extend(s)
@@ -285,20 +312,20 @@ def routing_statistics_pass(
         raise ValueError("routing_statistics_pass: items is empty; pass at least one task item")
     was_training = model.training
     model.eval()
+    tok = text_tokenizer(tokenizer)
     accs: dict[str, _Acc] = {}
     total: _Acc | None = None
     example: dict | None = None
     layers, E, K = None, None, None
     for start in tqdm(range(0, len(items), batch_size), desc="eval routing", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
-        sequences, prompt_mask = _generate(
-            model, tokenizer, [it["prompt"] for it in chunk], max_new_tokens=max_new_tokens, do_sample=False,
-            temperature=1.0,
-        )  # fmt: skip
+        sequences, prompt_mask, mm = _generate(
+            model, tokenizer, chunk, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
+        )
         P = prompt_mask.shape[1]
-        mask = completion_mask(sequences[:, P:], tokenizer.eos_token_id)  # (B, C)
+        mask = completion_mask(sequences[:, P:], tok.eos_token_id)  # (B, C)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S)
-        fwd = policy_forward(model, sequences, attention_mask, P, None, keep_probs=True)
+        fwd = policy_forward(model, sequences, attention_mask, P, None, keep_probs=True, mm=mm)
         experts = fwd.routing.experts  # (L, B, S, K) the top-K routes of this forward
         probs = fwd.probs.float()  # (L, B, S, E)
         L, B, S, E = probs.shape
@@ -320,8 +347,8 @@ def routing_statistics_pass(
             ids = sequences[0][keep]
             example = {
                 "prompt": chunk[0]["prompt"],
-                "completion": tokenizer.decode(sequences[0, P:][mask[0].bool()], skip_special_tokens=True),
-                "tokens": [tokenizer.decode([int(t)]) for t in ids],
+                "completion": tok.decode(sequences[0, P:][mask[0].bool()], skip_special_tokens=True),
+                "tokens": [tok.decode([int(t)]) for t in ids],
                 "probs": probs[:, 0][:, keep],  # (L, n, E)
                 "experts": experts[:, 0][:, keep].long(),  # (L, n, K)
                 "answer_index": int(keep[: P - 1].sum()) if bool(keep[P - 1]) else None,
@@ -385,7 +412,7 @@ def run_eval(cfg) -> dict:
     routing_stats = bool(getattr(cfg, "routing_stats", True))
 
     seed_everything(cfg.seed)
-    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)
     result = evaluate(
         model,

@@ -225,7 +225,15 @@ def load_model(
     import json
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    kernel = {} if model_type in (*DENSE_FAMILIES, "mistral") else {"experts_implementation": experts_implementation}  # MoE only
+    kernel = (
+        {} if model_type in (*DENSE_FAMILIES, "mistral") else {"experts_implementation": experts_implementation}
+    )  # MoE only
+    if model_type == "qwen3_vl_moe":  # a vision-language model: not an AutoModelForCausalLM mapping
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
+        )
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
     )

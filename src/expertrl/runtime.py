@@ -16,6 +16,8 @@ from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+VLM_FAMILIES = ("qwen3_vl_moe",)
+"""vision-language MoE families: built by ``expertrl.vlm`` and paired with a processor instead of a tokenizer"""
 
 
 def seed_everything(seed: int) -> None:
@@ -29,13 +31,19 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def model_and_tokenizer(cfg: ModelConfig, seed: int) -> tuple[nn.Module, object]:
+def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = False) -> tuple[nn.Module, object]:
     """The policy model and its tokenizer: a local checkpoint (``cfg.path``) or a tiny in-process model, then
     upcycled (``cfg.upcycle``) or given adapters (``cfg.adapter``) if asked. The same settings and seed build the
-    same network with the same initial weights (resume and evaluation of adapter runs rely on it)."""
+    same network with the same initial weights (resume and evaluation of adapter runs rely on it).
+
+    A vision-language MoE model (``model.family=qwen3_vl_moe``, or ``model.path`` to a Qwen3-VL-MoE checkpoint such as
+    ``expertrl.vlm.save_vlm`` writes) comes with its processor in place of the tokenizer (``rollout.encode_prompts``).
+    """
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model, tokenizer = _load_local(cfg, dtype)
+        model, tokenizer = _load_local(cfg, dtype, allow_dense)
+    elif cfg.family in VLM_FAMILIES:
+        model, tokenizer = _tiny_vlm(cfg, seed, dtype)
     else:
         tokenizer = build_char_tokenizer()
         if cfg.family in DENSE_FAMILIES:
@@ -94,7 +102,24 @@ def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
     return model
 
 
-def _load_local(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _tiny_vlm(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The in-process Qwen3-VL-MoE of ``expertrl.vlm`` (one size, E=4, K=2; ``model.preset`` does not apply)."""
+    from expertrl.vlm import build_tiny_vlm  # imported here: the Qwen3-VL modelling code takes seconds to import
+
+    if cfg.num_experts is not None or cfg.top_k is not None:
+        raise ValueError(
+            f"model.num_experts / model.top_k: the in-process {cfg.family} model has fixed E=4, K=2; unset them, or "
+            "point model.path at a checkpoint with the experts you want"
+        )
+    return build_tiny_vlm(seed, dtype=dtype)
+
+
+def is_vlm(model: nn.Module) -> bool:
+    """True for a vision-language MoE model (``VLM_FAMILIES``)."""
+    return model.config.model_type in VLM_FAMILIES
+
+
+def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tuple[nn.Module, object]:
     import json
 
     from transformers import AutoTokenizer
@@ -104,7 +129,7 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, object
     config_file = Path(cfg.path) / "config.json"
     if config_file.is_file():  # refuse a dense or unknown family before loading any weights
         model_type = json.loads(config_file.read_text()).get("model_type")
-        dense_ok = cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
+        dense_ok = allow_dense or cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
         if model_type not in FAMILIES and not (dense_ok and model_type in DENSE_FAMILIES):
             hint = f"supported MoE families: {sorted(FAMILIES)}"
             if model_type in DENSE_FAMILIES:
@@ -120,6 +145,10 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, object
                 f"model.path {cfg.path!r} is already an MoE model ({model_type}); adapters and upcycling start from a "
                 "dense one: set model.adapter.kind=none and model.upcycle.num_experts=0"
             )
+        if model_type in VLM_FAMILIES:  # AutoModelForCausalLM does not map them, and they need their processor
+            from expertrl.vlm import load_vlm
+
+            return load_vlm(cfg.path, dtype=dtype, experts_implementation=cfg.experts_implementation)
     model = load_model(
         cfg.path,
         dtype=dtype,

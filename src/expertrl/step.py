@@ -56,6 +56,7 @@ def loss_on_microbatch(
         score=micro.routing if replay == "none" else None,  # old-activated experts scored by the live router
         allowed=guide.for_sequences(micro.input_ids, micro.attention_mask, P) if guide is not None else None,
         keep_logits=lc.z_coef > 0,
+        mm=micro.mm_inputs,  # a VLM's vision kwargs (None for text)
     )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
     # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
     comp = slice(P - 1, -1)

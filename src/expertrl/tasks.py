@@ -7,6 +7,10 @@ Task names:
     ``addition``        built-in generator of ``"12+7="`` -> ``"19"``; kwargs ``max_value``, ``num_terms``.
     ``rg:<dataset>``    a reasoning-gym dataset; kwargs go to its config (``rg:chain_sum``, ``rg:countdown``, ...).
     ``jsonl:<path>``    one JSON object per line with ``prompt``, ``answer`` and optionally ``category``, ``id``.
+    ``mm:<name>``       a multimodal multiple-choice task of ``expertrl.tasks_mm`` (``mm:digits_mc``,
+                        ``mm:shapes_count``, ``mm:colour``, ``mm:motion_video``, ``mm:jsonl_mm:<path>``); items also
+                        hold ``images`` or ``video``; kwargs ``image_size`` (default 32) and the task's options. Needs
+                        a vision-language model.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from expertrl.rewards.verifiers import exact_match, extract_answer, math_verify_match
 
-TASK_FORMS = ("addition", "rg:<dataset>", "jsonl:<path>")
+TASK_FORMS = ("addition", "rg:<dataset>", "jsonl:<path>", "mm:<multimodal task>")
 VERIFIERS: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "math_verify": math_verify_match}
 
 
@@ -31,6 +35,8 @@ class Task:
     eval: list[dict]
     score: Callable[[str, dict], float]
     """``score(completion, item)`` in [0, 1]."""
+    multimodal: bool = False
+    """items carry ``images`` or ``video`` (``mm:`` tasks): the model must be a vision-language model"""
 
 
 def load_task(name: str, *, train_size: int, eval_size: int, seed: int, verifier: str = "task", **kwargs) -> Task:
@@ -53,6 +59,15 @@ def load_task(name: str, *, train_size: int, eval_size: int, seed: int, verifier
         train, eval_, score = _reasoning_gym(name.removeprefix("rg:"), train_size, eval_size, seed, **kwargs)
     elif name.startswith("jsonl:"):
         train, eval_, score = _jsonl(Path(name.removeprefix("jsonl:")), train_size, eval_size, **kwargs)
+    elif name.startswith("mm:"):
+        from expertrl.tasks_mm import load_mm_task  # imported here: PIL and the digit images
+
+        if verifier != "task":
+            raise ValueError(
+                f"verifier={verifier!r}: multimodal tasks are scored by their option letter; use verifier=task"
+            )
+        mm = load_mm_task(name.removeprefix("mm:"), train_size=train_size, eval_size=eval_size, seed=seed, **kwargs)
+        return Task(name=name, train=mm.train, eval=mm.eval, score=mm.score, multimodal=True)
     else:
         raise ValueError(f"unknown task {name!r}; use one of {TASK_FORMS}")
     if verifier != "task":

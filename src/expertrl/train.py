@@ -4,6 +4,11 @@ One step: rollout (G completions per prompt, sampled experts, greedy tokens; rou
 group advantages -> ``inner_updates`` optimiser steps over the rollout batch, each a pass of replayed forwards
 (token log-probs + live router log-probs of the recorded expert sets) -> Token-GRPO + Gate-GRPO + Switch LB loss ->
 metrics. See docs/architecture.md for which module owns each step.
+
+Vision-language MoE models (``model.family=qwen3_vl_moe`` or a Qwen3-VL-MoE ``model.path``) train on multimodal tasks
+(``task.name=mm:<name>``) through the same loop: the "tokenizer" is then the model's processor, a rollout carries
+its prompts' vision kwargs (``Rollout.mm_inputs``) into every replayed forward, and ``guidance.groups=modality``
+masks experts per vision/text token group (MoE-GRPO §3.3, ``moe.guidance.ModalityGuide``).
 """
 
 from __future__ import annotations
@@ -45,14 +50,28 @@ from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, mean_metrics, reduce_across_ranks, to_number
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import find_routers, site_labels
-from expertrl.moe.guidance import GuidanceState, PromptCompletionGuide, calibrate_prompt_completion
+from expertrl.moe.guidance import (
+    GuidanceState,
+    ModalityGuide,
+    PromptCompletionGuide,
+    calibrate_modality,
+    calibrate_prompt_completion,
+)
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import TopK, make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rewards import compute_rewards
 from expertrl.rewards.routing import RoutingRewarder, repetition_rate
 from expertrl.rewards.shaping import soft_overlong_punishment, truncated
-from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward
+from expertrl.rollout import (
+    concat_rollouts,
+    encode_prompts,
+    generate_rollout,
+    informative_groups,
+    is_processor,
+    policy_forward,
+    text_tokenizer,
+)
 from expertrl.runtime import (
     clip_grad,
     derive_seed,
@@ -109,8 +128,9 @@ def scored_rollout(
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
             rollout.ref_logp = policy_forward(
-                ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes
-            ).logp
+                ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes,
+                mm=rollout.mm_inputs,
+            ).logp  # fmt: skip
     rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
     rewards = rewards.to(device)
     route_metrics = {}
@@ -129,7 +149,8 @@ def scored_rollout(
         )
         rewards = rewards + parts["overlong"].to(device)
     if cfg.rollout.mask_truncated:  # DAPO overlong filtering: a cut completion gets no loss
-        cut = truncated(rollout.mask, rollout.input_ids[:, rollout.prompt_width :], tokenizer.eos_token_id)
+        eos = text_tokenizer(tokenizer).eos_token_id
+        cut = truncated(rollout.mask, rollout.input_ids[:, rollout.prompt_width :], eos)
         rollout.mask = rollout.mask * (~cut)[:, None].to(rollout.mask.dtype)
     rollout.rewards = rewards
     rollout.reward_parts = parts
@@ -140,11 +161,23 @@ def scored_rollout(
 
 
 def calibrate_guidance(model, tokenizer, task, cfg: TrainConfig, step: int) -> GuidanceState:
-    """Modality-aware router guidance, text version: count which experts deterministic top-K routing gives prompt
-    and completion tokens over ``guidance.calibration_batches`` batches of training prompts (greedy completions),
-    then mask each group's bottom ``guidance.percent`` % (MoE-GRPO Eq. 7). Prompts derive from (seed, step), so every
-    rank and a resumed run count the same."""
+    """Modality-aware router guidance: count which experts deterministic top-K routing gives each token group over
+    ``guidance.calibration_batches`` batches of training prompts, then mask each group's bottom ``guidance.percent`` %
+    (MoE-GRPO Eq. 7). Prompts derive from (seed, step), so every rank and a resumed run count the same.
+
+    ``guidance.groups=prompt_completion``: prompt vs completion tokens of greedy top-K rollouts. ``modality``: vision
+    placeholders vs text tokens of one top-K forward over the prompts (the images and the question, as the paper
+    counts its modalities; generated tokens are text and are not needed to tell the groups apart)."""
     rng = random.Random(derive_seed(cfg.seed, step + 1, 5))  # step -1 = before RL
+    if cfg.guidance.groups == "modality":
+        from expertrl.vlm import vision_token_ids
+
+        batches = []
+        for _ in range(cfg.guidance.calibration_batches):
+            items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
+            input_ids, attention_mask, mm = encode_prompts(tokenizer, items)
+            batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **mm})
+        return calibrate_modality(model, batches, vision_ids=vision_token_ids(model), percent=cfg.guidance.percent)
     rollouts = []
     for _ in range(cfg.guidance.calibration_batches):
         items = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rollout.prompts_per_step)]
@@ -154,6 +187,15 @@ def calibrate_guidance(model, tokenizer, task, cfg: TrainConfig, step: int) -> G
             )
         )
     return calibrate_prompt_completion(model, rollouts, percent=cfg.guidance.percent)
+
+
+def make_guide(state: GuidanceState, cfg: TrainConfig, model) -> PromptCompletionGuide | ModalityGuide:
+    """The rollout's ``Guide`` for ``guidance.groups``: prompt/completion groups, or vision/text groups of a VLM."""
+    if cfg.guidance.groups == "modality":
+        from expertrl.vlm import vision_token_ids
+
+        return ModalityGuide(state, frozenset(vision_token_ids(model)), in_loss=cfg.guidance.in_loss)
+    return PromptCompletionGuide(state, in_loss=cfg.guidance.in_loss)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -211,6 +253,16 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.routing.set_logprob == "unordered" and k_max > 4:
         raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
     task = task_from_config(cfg.task)
+    if task.multimodal and not is_processor(tokenizer):
+        raise ConfigError(
+            f"task.name: {task.name!r} shows images or video, but {type(model).__name__} is a text model; use a "
+            "vision-language MoE model (model.family=qwen3_vl_moe, or model.path to a Qwen3-VL-MoE checkpoint)"
+        )
+    if cfg.guidance.enabled and cfg.guidance.groups == "modality" and not task.multimodal:
+        raise ConfigError(
+            f"guidance.groups: modality groups are vision vs text tokens, but task {task.name!r} has no images or "
+            "video; use guidance.groups=prompt_completion, or a multimodal task (task.name=mm:<name>) on a VLM"
+        )
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)  # misspelled kwargs fail here, not at step 500
     set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
@@ -291,18 +343,13 @@ def train(cfg: TrainConfig) -> dict:
             load_weights(ref_model, resume_from / "reference", cfg.model)
     guidance_state = None
     if cfg.guidance.enabled:
-        if cfg.guidance.groups != "prompt_completion":
-            raise ConfigError(
-                "guidance.groups: only prompt_completion groups are wired into `expertrl train` so far (vision/text "
-                "groups need the multimodal rollout); use guidance.groups=prompt_completion"
-            )
         if state is not None and state.get("guidance") is not None:
             guidance_state = GuidanceState.from_counts(
                 torch.tensor(state["guidance"]["counts"]), **state["guidance"]["meta"]
             )
         else:
             guidance_state = calibrate_guidance(accelerator.unwrap_model(model), tokenizer, task, cfg, step=-1)
-        guide = PromptCompletionGuide(guidance_state, in_loss=cfg.guidance.in_loss)
+        guide = make_guide(guidance_state, cfg, accelerator.unwrap_model(model))
         if is_main:
             guidance_state.save(out / "guidance.json")
     total_opt_steps = cfg.steps * cfg.inner_updates
@@ -366,10 +413,8 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             refresh = cfg.guidance.refresh_every
             if guide is not None and refresh and step > 0 and step % refresh == 0:  # recount on the current policy
-                guide = PromptCompletionGuide(
-                    calibrate_guidance(accelerator.unwrap_model(model), tokenizer, task, cfg, step=step),
-                    in_loss=cfg.guidance.in_loss,
-                )
+                unwrapped = accelerator.unwrap_model(model)
+                guide = make_guide(calibrate_guidance(unwrapped, tokenizer, task, cfg, step=step), cfg, unwrapped)
                 if is_main:
                     guide.state.save(out / "guidance.json")
             collect = functools.partial(  # this step's prompts for this rank, scored; round > 0 refills
@@ -402,7 +447,8 @@ def train(cfg: TrainConfig) -> dict:
                 while rollout.batch_size < target and rounds < cfg.rollout.max_refill_rounds:
                     rounds += 1
                     more, _ = collect(round_=rounds)
-                    rollout = concat_rollouts([rollout, informative_groups(more)], tokenizer.pad_token_id)
+                    pad = text_tokenizer(tokenizer).pad_token_id
+                    rollout = concat_rollouts([rollout, informative_groups(more)], pad)
                 rollout = rollout.index_batch(torch.arange(min(rollout.batch_size, target)))
                 metrics["dynamic_sampling/refill_rounds"] = float(rounds)
                 metrics["dynamic_sampling/batch_fill"] = rollout.batch_size / target

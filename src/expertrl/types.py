@@ -90,6 +90,9 @@ class Rollout:
         ref_logp: (B, C) log-probs under the frozen reference model, when a KL penalty is on.
         route_probs: (L, B, S, E) routing probabilities of the old forward, kept only while rewards are computed
             (routing rewards); not carried into micro-batches.
+        mm_inputs: the prompts' vision kwargs for a vision-language model (``rollout.encode_prompts``):
+            ``mm_token_type_ids`` (B, P) (0 text, 1 image, 2 video), and ``pixel_values`` + ``image_grid_thw`` and/or
+            ``pixel_values_videos`` + ``video_grid_thw``, flat over images in row order; None for text.
     """
 
     input_ids: Tensor
@@ -107,6 +110,7 @@ class Rollout:
     reward_parts: dict[str, Tensor] = field(default_factory=dict)
     ref_logp: Tensor | None = None
     route_probs: Tensor | None = None
+    mm_inputs: dict[str, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -119,6 +123,11 @@ class Rollout:
     def index_batch(self, index: Tensor) -> Rollout:
         """A micro-batch made of the sequences ``index`` (a 1-D LongTensor)."""
         idx = index.tolist()
+        mm = None
+        if self.mm_inputs is not None:  # imported here: expertrl.vlm loads the Qwen3-VL modelling code
+            from expertrl.vlm import index_mm_batch
+
+            mm = index_mm_batch(self.mm_inputs, index)
         return replace(
             self,
             input_ids=self.input_ids[index],
@@ -134,4 +143,5 @@ class Rollout:
             reward_parts={k: v[index] for k, v in self.reward_parts.items()},
             ref_logp=None if self.ref_logp is None else self.ref_logp[index],
             route_probs=None,
+            mm_inputs=mm,
         )

@@ -13,7 +13,7 @@ calls with plain torch and ``LocalQwen3VLProcessor`` checks the class directly; 
 torchvision, so preprocessing is the same everywhere (only resizing can differ from torchvision's, by interpolation
 rounding; the tasks render frames at the model size, where no resize happens).
 
-What a rollout needs beyond text (``rollout.py`` today passes ``input_ids``/``attention_mask`` only):
+What a rollout needs beyond text (``rollout.encode_prompts``, ``generate_rollout`` and ``policy_forward`` do this):
 
 * ``generate``: every key of ``encode_mm_batch``: ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (0 text,
   1 image, 2 video; *required* whenever a grid is passed, M-RoPE raises without it), ``pixel_values`` +
@@ -191,19 +191,21 @@ def save_vlm(model, processor, path: str | Path) -> None:
     processor.save_pretrained(path)
 
 
-def load_vlm(path: str | Path, *, dtype: torch.dtype = torch.float32):
+def load_vlm(path: str | Path, *, dtype: torch.dtype = torch.float32, experts_implementation: str | None = None):
     """A Qwen3-VL-MoE model and processor from a local directory (``save_vlm`` output or a real checkpoint).
 
     The sub-processors are loaded one by one (the processor's own ``from_pretrained`` needs torchvision for the
     video processor): tokenizer via ``AutoTokenizer``, image processor as ``Qwen2VLImageProcessorPil`` and video
     processor as ``TorchVideoProcessor``, each from the directory's processor or preprocessor config files.
+    ``experts_implementation`` picks the transformers experts kernel (None: its default, grouped_mm).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{str(path)!r} has no config.json; pass a directory written by save_vlm/save_pretrained"
         )
-    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+    kernel = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True, **kernel)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     video_processor = TorchVideoProcessor.from_pretrained(path, local_files_only=True)
@@ -305,6 +307,9 @@ def extend_mm_token_types(mm_token_type_ids: Tensor, width: int) -> Tensor:
 def mm_forward_kwargs(batch: dict[str, Tensor], width: int) -> dict[str, Tensor]:
     """The vision kwargs of a forward over ``width`` >= P positions (prompt + completion) of ``batch``'s rows."""
     out = {k: batch[k] for k in VISION_KWARGS if k in batch}
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid in out and len(out[grid]) == 0:  # rows without images (or videos) after index_mm_batch
+            del out[pix], out[grid]
     out["mm_token_type_ids"] = extend_mm_token_types(batch["mm_token_type_ids"], width)
     return out
 
@@ -323,8 +328,8 @@ def index_mm_batch(batch: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]
             continue
         thw = batch[grid]  # (N, 3)
         runs = (starts & (types == kind)).sum(-1)  # (B,) runs per row
-        per_item = thw[:, 0] if kind == 2 else torch.ones(len(thw), dtype=torch.long)  # (N,) runs of each item
-        owner = torch.repeat_interleave(torch.arange(len(runs)), runs)  # (total runs,) row of each run
+        per_item = thw[:, 0] if kind == 2 else torch.ones(len(thw), dtype=torch.long, device=thw.device)  # (N,)
+        owner = torch.repeat_interleave(torch.arange(len(runs), device=runs.device), runs)  # (total runs,) row
         assert len(owner) == int(per_item.sum()), f"{grid} does not match the {kind}-runs of mm_token_type_ids"
         first_run = torch.cumsum(per_item, 0) - per_item  # (N,) index of each item's first run
         item_row = owner[first_run]  # (N,)

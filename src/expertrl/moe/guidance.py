@@ -477,3 +477,75 @@ def calibrate_prompt_completion(
     return GuidanceState.from_counts(
         counts, percent=percent, top_k=K, group_names=PROMPT_COMPLETION, layers=tuple(s.layer for s in sites)
     )
+
+
+# --- the rollout's view: vision-language models with text / vision groups ------------------------------------------
+
+TEXT_VISION = ("text", "vision")
+"""Group names of modality guidance: 0 text (prompt text and every generated token), 1 vision placeholders."""
+
+
+def modality_token_groups(input_ids: Tensor, attention_mask: Tensor, vision_ids: frozenset[int] | set[int]) -> Tensor:
+    """(B, S) int64 labels: 1 vision placeholder (``vision_ids``), 0 any other attended token, -1 padding."""
+    return token_id_groups(input_ids, attention_mask, {1: set(vision_ids)})
+
+
+@dataclass
+class ModalityGuide:
+    """Router guidance for vision-language models with two token groups, text (0) and vision (1): MoE-GRPO §3.3's
+    modality-aware guidance as ``expertrl.rollout.generate_rollout`` asks for it (``rollout.Guide``).
+
+    A position's group is that of its input token: a vision placeholder (``<|image_pad|>``/``<|video_pad|>``, one
+    per merged patch) is vision, everything else text, and generated tokens are text (rollouts suppress the vision
+    special tokens).
+
+    Attributes:
+        state: the calibrated scores and mask, with ``group_names == ("text", "vision")``.
+        vision_ids: the placeholder token ids (``expertrl.vlm.vision_token_ids(model)``).
+        in_loss: also mask the full forwards (old log-probs and training), as ``PromptCompletionGuide``.
+    """
+
+    state: GuidanceState
+    vision_ids: frozenset[int]
+    in_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if self.state.group_names != TEXT_VISION:
+            raise ValueError(
+                f"ModalityGuide needs a state with groups {TEXT_VISION}, got {self.state.group_names}; calibrate it "
+                "with calibrate_modality (guidance.groups=modality)"
+            )
+        if not self.vision_ids:
+            raise ValueError("ModalityGuide.vision_ids is empty; pass the image and video placeholder token ids")
+        self.vision_ids = frozenset(int(i) for i in self.vision_ids)
+
+    def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
+        groups = modality_token_groups(prompt_ids, prompt_mask, self.vision_ids)  # (B, P)
+        return self.state.mask(groups, generated_group=0)  # every decoded token is text
+
+    def for_sequences(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> GuidanceMask | None:
+        if not self.in_loss:
+            return None
+        return self.state.mask(modality_token_groups(input_ids, attention_mask, self.vision_ids))
+
+
+def calibrate_modality(
+    model: nn.Module, batches: Iterable[dict], *, vision_ids: frozenset[int] | set[int], percent: float
+) -> GuidanceState:
+    """Guidance state of a vision-language model: deterministic top-K routes of prompt batches, counted per modality.
+
+    Args:
+        batches: multimodal model inputs (``expertrl.vlm.encode_mm_batch``: ``input_ids``, ``attention_mask`` and the
+            vision kwargs); each must hold vision and text tokens somewhere across the batches.
+        vision_ids: the placeholder token ids (group 1).
+    """
+    sites = find_routers(model)
+    labelled = (
+        # position_ids=None: the model computes its 3-D M-RoPE positions (vision tokens share them).
+        {**b, "groups": modality_token_groups(b["input_ids"], b["attention_mask"], vision_ids), "position_ids": None}
+        for b in batches
+    )
+    counts = calibrate(model, labelled, num_groups=2, num_experts=sites[0].num_experts)
+    return GuidanceState.from_counts(
+        counts, percent=percent, top_k=sites[0].top_k, group_names=TEXT_VISION, layers=tuple(s.layer for s in sites)
+    )

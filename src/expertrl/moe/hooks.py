@@ -278,6 +278,12 @@ def route(
         sites: routers to patch (default: ``find_routers(model)``).
     """
     custom = not isinstance(policy, (TopK, Replay))
+    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(
+            "gradient checkpointing is on: its recompute re-runs every router during backward, so the recorder would "
+            "see each call twice and a sampled route could be redrawn. Turn it off inside route() "
+            "(model.gradient_checkpointing_disable()), or route in eval mode"
+        )
     if sites is None:  # top-K or replay of a dense model is the identity; anything else needs real routers
         sites = find_routers(model, allow_dense=not custom and allowed is None and score_experts is None)
     if not sites and (custom or allowed is not None):  # a temperature only changes routing, so it is moot here
