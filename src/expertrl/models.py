@@ -28,6 +28,37 @@ PRESETS: dict[str, dict] = {
 FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
 
 
+def _common_fields(p: dict, vocab_size: int) -> dict:
+    """Config fields every tiny model shares, in the names all supported families use."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        use_cache=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def seeded_from_config(build, *, seed: int) -> PreTrainedModel:
+    """``build()`` (a model built from a config, randomly initialised) run under ``seed`` with the global RNG left as
+    it was; routers checked to be non-zero, and the character tokenizer's special ids in its generation config."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    for name, param in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):  # from_config draws routers from normal(0, initializer_range)
+            assert param.abs().sum() > 0, f"router {name} initialised to zeros"
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = BOS_ID
+    model.generation_config.eos_token_id = EOS_ID
+    return model
+
+
 def _family_fields(family: str, p: dict) -> dict:
     """The preset ``p`` in the field names of ``family``'s config class."""
     hidden, heads, head_dim, inter, experts = (
@@ -94,20 +125,7 @@ def build_moe_config(
     p["top_k"] = p["top_k"] if top_k is None else top_k
     assert p["hidden"] == p["heads"] * p["head_dim"], p
     assert 1 <= p["top_k"] <= p["experts"], p
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=p["hidden"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_experts_per_tok=p["top_k"],
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        use_cache=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    fields |= _family_fields(family, p)
+    fields = _common_fields(p, vocab_size) | dict(num_experts_per_tok=p["top_k"]) | _family_fields(family, p)
     known = AutoConfig.for_model(family)
     unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
     if unknown:
@@ -143,16 +161,7 @@ def build_tiny_moe(
         experts_implementation=experts_implementation,
         **overrides,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, param in model.named_parameters():
-        if name.endswith("mlp.gate.weight"):
-            assert param.abs().sum() > 0, f"router {name} initialised to zeros"
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    return model
+    return seeded_from_config(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), seed=seed)
 
 
 DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
@@ -180,33 +189,15 @@ def build_tiny_dense(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     p = PRESETS[preset]
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=p["hidden"],
-        intermediate_size=p["moe_intermediate"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"],
-        head_dim=p["head_dim"],
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        use_cache=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
+    fields = _common_fields(p, vocab_size) | dict(
+        intermediate_size=p["moe_intermediate"], num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"]
     )
     known = AutoConfig.for_model(family)
     unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
     if unknown:
         raise ValueError(f"{family} config has no field(s) {unknown}")
     config = AutoConfig.for_model(family, **(fields | overrides))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    return model
+    return seeded_from_config(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), seed=seed)
 
 
 def load_model(

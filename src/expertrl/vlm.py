@@ -52,6 +52,7 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
+from expertrl.models import seeded_from_config
 from expertrl.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -159,15 +160,7 @@ def build_tiny_vlm(seed: int = 0, *, dtype: torch.dtype = torch.float32):
         text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
         vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=False,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype)
-    for name, param in model.named_parameters():
-        if name.endswith("mlp.gate.weight"):
-            assert param.abs().sum() > 0, f"router {name} initialised to zeros"
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
+    model = seeded_from_config(lambda: Qwen3VLMoeForConditionalGeneration._from_config(config, dtype=dtype), seed=seed)
     factor = p["patch_size"] * p["merge_size"]
     sizes = dict(patch_size=p["patch_size"], merge_size=p["merge_size"], temporal_patch_size=p["temporal_patch_size"])
     # min_pixels = one merged token; max_pixels = 64x64 (64 tokens) per image, larger user images are downscaled.

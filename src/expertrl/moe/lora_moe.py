@@ -301,19 +301,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         router_init_std=config["router_init_std"],
         seed=config["seed"],
     )
-    saved = load_file(weights_file)
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
-    if missing or unexpected:
-        raise ValueError(f"{weights_file}: missing keys {missing[:4]}, unexpected keys {unexpected[:4]} for this model")
-    with torch.no_grad():
-        for name, param in params.items():
-            if saved[name].shape != param.shape:
-                raise ValueError(
-                    f"{weights_file}: {name} has shape {tuple(saved[name].shape)}, the model expects "
-                    f"{tuple(param.shape)}"
-                )
-            param.copy_(saved[name])
+    load_adapter_weights(model, directory)
     return model
 
 
