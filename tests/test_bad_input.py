@@ -21,7 +21,21 @@ CONFIG_CASES = [
     (["--model.num_experts", "4", "--model.top_k", "6"], ["model.top_k", "K=6 > E=4"]),  # K > E
     (["--loss.name", "grpo", "--routing.policy", "topk"], ["loss.gate_coef", "multinomial"]),  # nonsense combination
     (["--rspo.gamma_min", "1.5"], ["rspo.gamma_min", "[0, 1]"]),
-]
+    # adapters, upcycling, routing rewards, guidance
+    (["--model.family", "qwen3"], ["model.family", "dense", "model.adapter.kind=lora_moe"]),  # RL needs a router
+    (["--model.family", "qwen3", "--model.adapter.kind", "lora_moe", "--model.adapter.top_k", "9"],
+     ["model.adapter.top_k", "[1, model.adapter.num_experts=4]"]),
+    (["--model.family", "qwen3", "--model.upcycle.num_experts", "4", "--model.upcycle.top_k", "6"],
+     ["model.upcycle.top_k", "[1, model.upcycle.num_experts=4]"]),
+    (["--model.adapter.kind", "lora_moe"], ["model.family", "already MoE"]),  # adapters start from a dense model
+    (["--model.family", "qwen3", "--model.adapter.kind", "lora_moe", "--model.upcycle.num_experts", "4"],
+     ["model.upcycle.num_experts", "exclude each other"]),
+    (["--routing_reward.kind", "greedy"], ["routing_reward.kind", "smooth", "relative"]),
+    (["--routing_reward.window", "0"], ["routing_reward.window", ">= 1"]),
+    (["--guidance.percent", "100"], ["guidance.percent", "[0, 100)"]),
+    (["--guidance.enabled", "true", "--routing.policy", "topk", "--loss.gate_coef", "0", "--routing.replay", "none"],
+     ["guidance.enabled", "routing.policy=multinomial"]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), CONFIG_CASES)
@@ -53,6 +67,23 @@ def test_bad_dataset_rows_name_file_and_line(tmp_path, rows, fragments):
         load_task(f"jsonl:{path}", train_size=1, eval_size=1, seed=0)
     for fragment in [str(path.name), *fragments]:
         assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_adapter_from_another_base_names_file_and_field(tmp_path):
+    from expertrl.models import build_tiny_dense
+    from expertrl.moe.lora_moe import attach_lora_moe, load_adapter, save_adapter
+
+    save_adapter(attach_lora_moe(build_tiny_dense("qwen3", "tiny")), tmp_path / "adapter")
+    with pytest.raises(ValueError) as err:
+        load_adapter(build_tiny_dense("qwen3", "small"), tmp_path / "adapter")
+    for fragment in ("adapter_config.json", "hidden_size", "32", "64"):
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_multimodal_task_on_a_text_model_is_refused(tmp_path):
+    args = ["--task.name", "mm:colour", "--sft.steps", "0", "--steps", "1", "--output_dir", str(tmp_path / "r")]
+    with pytest.raises(ConfigError, match="task.name"):
+        train(load_config(TrainConfig, None, [*args, "--model.preset", "tiny", "--progress", "false"]))
 
 
 def test_dense_model_for_an_moe_method_is_refused(tmp_path):
