@@ -18,6 +18,8 @@ from expertrl.tokenizer import build_char_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 VLM_FAMILIES = ("qwen3_vl_moe",)
 """vision-language MoE families: built by ``expertrl.vlm`` and paired with a processor instead of a tokenizer"""
+DENSE_VLM_FAMILIES = ("qwen3_vl",)
+"""dense vision-language models that upcycle into a ``VLM_FAMILIES`` member (``model.upcycle``)"""
 
 
 def seed_everything(seed: int) -> None:
@@ -130,7 +132,8 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
     if config_file.is_file():  # refuse a dense or unknown family before loading any weights
         model_type = json.loads(config_file.read_text()).get("model_type")
         dense_ok = allow_dense or cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
-        if model_type not in FAMILIES and not (dense_ok and model_type in DENSE_FAMILIES):
+        dense_vlm = model_type in DENSE_VLM_FAMILIES and (allow_dense or cfg.upcycle.num_experts > 0)
+        if model_type not in FAMILIES and not dense_vlm and not (dense_ok and model_type in DENSE_FAMILIES):
             hint = f"supported MoE families: {sorted(FAMILIES)}"
             if model_type in DENSE_FAMILIES:
                 hint += (
@@ -145,7 +148,7 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
                 f"model.path {cfg.path!r} is already an MoE model ({model_type}); adapters and upcycling start from a "
                 "dense one: set model.adapter.kind=none and model.upcycle.num_experts=0"
             )
-        if model_type in VLM_FAMILIES:  # AutoModelForCausalLM does not map them, and they need their processor
+        if model_type in VLM_FAMILIES or dense_vlm:  # not AutoModelForCausalLM models; they need their processor
             from expertrl.vlm import load_vlm
 
             return load_vlm(cfg.path, dtype=dtype, experts_implementation=cfg.experts_implementation)

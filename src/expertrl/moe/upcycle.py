@@ -7,6 +7,9 @@ we use (METHODS.md §8, ambiguity 12):
   qwen2 -> qwen2_moe, llama and mistral -> mixtral. The result is a plain ``PreTrainedModel`` that
   ``save_pretrained`` writes and ``AutoModelForCausalLM.from_pretrained`` reads back, and that
   ``expertrl.moe.adapters``/``hooks`` route like any native MoE;
+* a vision-language model is upcycled in its text decoder only: a dense Qwen3-VL becomes a Qwen3-VL-MoE
+  (``AutoModelForImageTextToText``) whose ``model.language_model`` is sparse, with the vision tower (its own FFNs
+  included), the merger and every top-level field copied; the checkpoint keeps the processor files;
 * every non-FFN weight (embeddings, attention, norms, lm_head) is copied exactly, and the config is mapped field by
   field: every field both configs have is copied, the few the target lacks are checked to hold a value the target
   implies (e.g. Llama ``attention_bias=False``), and any other field raises;
@@ -18,7 +21,8 @@ we use (METHODS.md §8, ambiguity 12):
 Function preservation (the decision). With ``noise_std=0`` the experts are identical, so an MoE layer outputs
 ``sum_k w_k FFN(x) = (sum_k w_k) FFN(x)``. With renormalised top-K weights (``norm_topk_prob=True``, the default;
 Mixtral always renormalises) ``sum_k w_k = 1`` and the upcycled model computes exactly the dense function at init,
-whatever experts are chosen: deterministic top-K, sampled (``Multinomial``) or replayed routes alike. MoE-GRPO's
+whatever experts are chosen: deterministic top-K, sampled (``Multinomial``) or replayed routes alike (for a VLM, at
+vision and text positions alike; ``Qwen3VLMoeTextTopKRouter`` always renormalises). MoE-GRPO's
 Eq. 2 mixes experts with *un-renormalised* softmax weights; ``norm_topk_prob=False`` (qwen families only) gives
 that, and then each FFN output is scaled by the top-K probability mass ``sum_k p_k <= 1`` at init (about K/E with a
 near-uniform new router), so the upcycled model starts away from the dense one.
@@ -44,7 +48,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
 from expertrl.moe.adapters import FAMILIES as MOE_FAMILIES
 
@@ -60,6 +64,9 @@ class Target:
         fixed: target fields set by upcycling itself, whatever the source says.
         implied: source fields the target config lacks, with the only value the target can express.
         renormalize_always: the family always renormalises top-K weights (no ``norm_topk_prob`` field).
+        vision_language: an image-text-to-text model: the decoder is ``model.language_model``, configured by
+            ``text_config`` (mapped like a decoder's config); ``vision_config`` and the top-level fields are copied
+            field by field and the vision tower weight by weight.
     """
 
     model_type: str
@@ -68,6 +75,7 @@ class Target:
     fixed: dict = field(default_factory=dict)
     implied: dict = field(default_factory=dict)
     renormalize_always: bool = False
+    vision_language: bool = False
 
 
 # Every layer sparse: the Qwen MoE configs default to decoder_sparse_step=1 and no mlp_only_layers, set anyway.
@@ -91,6 +99,15 @@ SOURCES: dict[str, Target] = {
         renormalize_always=True,
     ),
     "mistral": Target("mixtral", "num_local_experts", "intermediate_size", renormalize_always=True),
+    # Qwen3-VL: only the text decoder becomes sparse; Qwen3VLMoeTextTopKRouter always renormalises its top-K weights.
+    "qwen3_vl": Target(
+        "qwen3_vl_moe",
+        "num_experts",
+        "moe_intermediate_size",
+        fixed=_QWEN_SPARSE,
+        renormalize_always=True,
+        vision_language=True,
+    ),
 }
 
 # Bookkeeping keys of ``PretrainedConfig.to_dict`` that describe the file, not the network.
@@ -156,7 +173,9 @@ def _check_args(num_experts: int, top_k: int, noise_std: float, router_init_std:
 def target_for(model_type: str, config_dict: dict | None = None) -> Target:
     """The ``Target`` of a dense ``model_type``; raises on MoE and unsupported families."""
     cfg = config_dict or {}
-    if model_type in MOE_FAMILIES or any(k in cfg for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+    decoder_cfgs = (cfg, cfg.get("text_config") or {})  # a VLM's experts live in its text_config
+    moe_keys = ("num_experts", "num_local_experts", "n_routed_experts")
+    if model_type in MOE_FAMILIES or any(k in c for c in decoder_cfgs for k in moe_keys):
         raise ValueError(
             f"model_type {model_type!r} is already a Mixture-of-Experts model; upcycling turns a dense model into "
             f"an MoE one. Supported dense model_types: {sorted(SOURCES)}"
@@ -193,7 +212,8 @@ def moe_config_fields(
     """The MoE ``model_type`` and its config fields, from a dense config's ``to_dict()``.
 
     Every field both config classes have is copied; a source field the target lacks must be listed in the
-    target's ``implied`` (and hold that value) or handled here, otherwise this raises.
+    target's ``implied`` (and hold that value) or handled here, otherwise this raises. A vision-language source is
+    mapped per part: ``text_config`` as a decoder, ``vision_config`` and the top-level fields copied as they are.
     """
     target = target_for(dense["model_type"], dense)
     if target.renormalize_always and not norm_topk_prob:
@@ -202,30 +222,26 @@ def moe_config_fields(
             "Use a qwen3/qwen2 source for un-renormalised (MoE-GRPO Eq. 2) weights, or keep norm_topk_prob=True."
         )
     known = AutoConfig.for_model(target.model_type).to_dict()
-    handled = {"intermediate_size", "head_dim"}
+    decoder = dict(head_dim=head_dim, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob)
+    if not target.vision_language:
+        return target.model_type, _decoder_fields(dense, known, target, **decoder)
+    fields = _copy_fields(dense, known, {}, skip={"text_config", "vision_config"})
+    fields["vision_config"] = _copy_fields(dense["vision_config"], known["vision_config"], {})
+    fields["text_config"] = _decoder_fields(dense["text_config"], known["text_config"], target, **decoder)
+    return target.model_type, fields
+
+
+def _decoder_fields(
+    dense: dict, known: dict, target: Target, *, head_dim: int, num_experts: int, top_k: int, norm_topk_prob: bool
+) -> dict:
+    """The MoE decoder's config fields from the dense decoder's (``known``: the target decoder config's fields)."""
+    # intermediate_size is copied where the target has it (Qwen MoE: the width of dense mlp_only_layers, unused here).
+    skip = {"head_dim"}
     fields: dict = {}
     if target.model_type == "qwen3_moe":
         fields |= _sliding_fields(dense)
-        handled |= {"layer_types", "max_window_layers", "use_sliding_window", "sliding_window"}
-    unknown = []
-    for key, value in dense.items():
-        if key in _META_FIELDS or key in handled:
-            continue
-        if key in known:
-            fields[key] = copy.deepcopy(value)
-        elif key in target.implied:
-            want = target.implied[key]
-            if want is not None and value != want:
-                raise ValueError(
-                    f"{dense['model_type']} config has {key}={value!r}; {target.model_type} can only express {want!r}"
-                )
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"{target.model_type} config has no field(s) {sorted(unknown)} of the {dense['model_type']} config; "
-            "upcycling would silently drop them. Map them in expertrl.moe.upcycle.SOURCES (implied values) first."
-        )
+        skip |= {"layer_types", "max_window_layers", "use_sliding_window", "sliding_window"}
+    fields |= _copy_fields(dense, known, target.implied, skip=skip)
     fields |= {
         "head_dim": head_dim,  # every target reads getattr(config, "head_dim", hidden // heads); Qwen3 defaults differ
         target.width_field: dense["intermediate_size"],
@@ -235,12 +251,55 @@ def moe_config_fields(
     }
     if not target.renormalize_always:
         fields["norm_topk_prob"] = norm_topk_prob
-    return target.model_type, fields
+    return fields
 
 
-def _split(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``model`` that is not in an FFN (``.mlp.``), by state-dict name."""
-    return {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+def _copy_fields(source: dict, known: dict, implied: dict, *, skip=()) -> dict:
+    """The fields of ``source`` (a ``to_dict()``) that the target config has (``known``, the target's ``to_dict()``),
+    deep-copied. A field the target lacks must be in ``implied`` and hold that value (None: any value); any other
+    field raises. Errors name both (sub-)configs by their ``model_type``, e.g. qwen3_vl_text -> qwen3_vl_moe_text."""
+    source_name, target_name = source["model_type"], known["model_type"]
+    fields, unknown = {}, []
+    for key, value in source.items():
+        if key in _META_FIELDS or key in skip:
+            continue
+        if key in known:
+            fields[key] = copy.deepcopy(value)
+        elif key in implied:
+            want = implied[key]
+            if want is not None and value != want:
+                raise ValueError(f"{source_name} config has {key}={value!r}; {target_name} can only express {want!r}")
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{target_name} config has no field(s) {sorted(unknown)} of the {source_name} config; "
+            "upcycling would silently drop them. Map them in expertrl.moe.upcycle.SOURCES (implied values) first."
+        )
+    return fields
+
+
+def _decoder(model: PreTrainedModel, target: Target) -> nn.Module:
+    """The module holding the decoder ``layers``: ``model.model``, or a VLM's ``model.model.language_model``."""
+    return model.model.language_model if target.vision_language else model.model
+
+
+def _split(model: nn.Module, layers: nn.ModuleList) -> dict[str, Tensor]:
+    """Every parameter and buffer of ``model`` outside the decoder FFNs (``layers[i].mlp``), by state-dict name.
+
+    Selected by module identity, not by the substring ``.mlp.``: a vision tower's blocks have ``mlp``s too, and they
+    are copied like any other non-decoder weight.
+    """
+    ffns = {id(layer.mlp) for layer in layers}
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if id(module) in ffns)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+
+
+def _attn_implementation(config) -> str | dict:
+    """The attention kernel of ``config`` and of each sub-config (``from_config`` takes the dict form)."""
+    if not config.sub_configs:
+        return config._attn_implementation
+    return {"": config._attn_implementation, **{k: getattr(config, k)._attn_implementation for k in config.sub_configs}}
 
 
 def upcycle(
@@ -260,7 +319,8 @@ def upcycle(
     the same train/eval mode, with a copy of its ``generation_config``.
 
     Args:
-        dense_model: a causal LM of a ``model_type`` in ``SOURCES``.
+        dense_model: a causal LM of a ``model_type`` in ``SOURCES``, or a vision-language model (``qwen3_vl``) whose
+            text decoder is upcycled and whose vision tower is copied.
         num_experts: E experts per layer.
         top_k: K experts per token.
         noise_std: relative std of Gaussian noise on each expert copy (0 = identical experts).
@@ -272,20 +332,23 @@ def upcycle(
     """
     _check_args(num_experts, top_k, noise_std, router_init_std)
     dense_cfg = dense_model.config.to_dict()
-    target_for(dense_cfg["model_type"], dense_cfg)  # an unsupported or MoE model fails before anything is read
-    head_dim = int(dense_model.model.layers[0].self_attn.head_dim)
+    target = target_for(dense_cfg["model_type"], dense_cfg)  # an unsupported or MoE model fails before any reading
+    dense_layers = _decoder(dense_model, target).layers
+    head_dim = int(dense_layers[0].self_attn.head_dim)
     moe_type, fields = moe_config_fields(
         dense_cfg, head_dim=head_dim, num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob
     )
     config = AutoConfig.for_model(moe_type, experts_implementation=experts_implementation, **fields)
     param = next(dense_model.parameters())
+    auto_class = AutoModelForImageTextToText if target.vision_language else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):  # from_config's random init must not move the caller's RNG
-        moe = AutoModelForCausalLM.from_config(
-            config, dtype=param.dtype, attn_implementation=dense_model.config._attn_implementation
+        moe = auto_class.from_config(
+            config, dtype=param.dtype, attn_implementation=_attn_implementation(dense_model.config)
         )
     moe.to(param.device)
+    moe_layers = _decoder(moe, target).layers
 
-    src, dst = _split(dense_model), _split(moe)
+    src, dst = _split(dense_model, dense_layers), _split(moe, moe_layers)
     if src.keys() != dst.keys():
         raise ValueError(
             f"{moe_type} does not reproduce {dense_cfg['model_type']}'s non-FFN weights: only in the dense model "
@@ -296,7 +359,7 @@ def upcycle(
         for key, value in src.items():
             assert dst[key].shape == value.shape, (key, dst[key].shape, value.shape)
             dst[key].copy_(value)
-        for dense_layer, moe_layer in zip(dense_model.model.layers, moe.model.layers, strict=True):
+        for dense_layer, moe_layer in zip(dense_layers, moe_layers, strict=True):
             ffn, block = dense_layer.mlp, moe_layer.mlp
             router = torch.randn(block.gate.weight.shape, generator=gen) * router_init_std  # (E, H)
             block.gate.weight.copy_(router)
@@ -324,7 +387,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     for name, p in model.named_parameters():
         total += p.numel()
         if ".mlp.experts." in name:  # fused (E, ...) expert tensors; shared experts are always active
-            inactive += p.numel() * (p.shape[0] - model.config.num_experts_per_tok) // p.shape[0]
+            top_k = model.config.get_text_config().num_experts_per_tok  # a VLM keeps it in text_config
+            inactive += p.numel() * (p.shape[0] - top_k) // p.shape[0]
     return total, total - inactive
 
 
@@ -339,13 +403,23 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
 )
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+)
+"""A vision-language checkpoint's image/video processor files (``save_vlm`` writes ``processor_config.json``; Hub
+checkpoints split it into the preprocessor files), copied next to ``TOKENIZER_FILES``."""
 
 
 def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, overwrite: bool = False, **kwargs) -> Path:
     """Upcycle a local dense ``save_pretrained`` directory into ``dst_dir`` (written atomically).
 
-    Loads with ``local_files_only=True`` and no remote code, in the checkpoint's dtype; copies the tokenizer files
-    present (``TOKENIZER_FILES``) and writes ``upcycled_from.json`` (source, model types, E, K, noise, seed).
+    Loads with ``local_files_only=True`` and no remote code, in the checkpoint's dtype; copies the tokenizer and
+    processor files present (``TOKENIZER_FILES``, ``PROCESSOR_FILES``) and writes ``upcycled_from.json`` (source,
+    model types, E, K, noise, seed). A dense Qwen3-VL gives a Qwen3-VL-MoE that ``expertrl.vlm.load_vlm`` and
+    ``AutoModelForImageTextToText`` read.
 
     Args:
         src_dir: the dense checkpoint directory.
@@ -378,8 +452,9 @@ def _upcycle_checkpoint(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"dst_dir {str(dst)!r} already exists; pass overwrite=True (--overwrite) to replace it")
     source_cfg = json.loads((src / "config.json").read_text())
-    target_for(source_cfg.get("model_type", "<missing model_type>"), source_cfg)  # fail before loading weights
-    dense = AutoModelForCausalLM.from_pretrained(src, dtype="auto", local_files_only=True, trust_remote_code=False)
+    target = target_for(source_cfg.get("model_type", "<missing model_type>"), source_cfg)  # fail before any weights
+    auto_class = AutoModelForImageTextToText if target.vision_language else AutoModelForCausalLM
+    dense = auto_class.from_pretrained(src, dtype="auto", local_files_only=True, trust_remote_code=False)
     moe = upcycle(dense, **opts)
     record = {
         "source": str(src.resolve()),
@@ -390,7 +465,7 @@ def _upcycle_checkpoint(
 
     def write(tmp: Path) -> None:
         moe.save_pretrained(tmp, safe_serialization=True)
-        for name in TOKENIZER_FILES:
+        for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         (tmp / "upcycled_from.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -402,7 +477,8 @@ def upcycle_main(argv: list[str] | None = None) -> int:
     """``expertrl upcycle SRC DST [...]``: upcycle a local dense checkpoint and print what was done."""
     parser = argparse.ArgumentParser(
         prog="expertrl upcycle",
-        description="Turn a dense checkpoint (qwen3/qwen2/llama/mistral) into an MoE one whose experts copy its FFN.",
+        description="Turn a dense checkpoint (qwen3/qwen2/llama/mistral, or a qwen3_vl vision-language model) into "
+        "an MoE one whose experts copy its FFN.",
     )
     parser.add_argument("src", help="local dense save_pretrained directory")
     parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
