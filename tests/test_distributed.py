@@ -1,4 +1,5 @@
-"""Data-parallel training: two CPU processes under torchrun (gloo DDP) take the same steps as one process.
+"""Data-parallel training: two CPU processes under torchrun (gloo DDP, or FSDP2 ``fully_shard`` with
+``parallel=fsdp2``) take the same steps as one process.
 
 Deterministic settings (top-K routing, greedy tokens) make the 1-process and 2-process rollouts identical, so the
 only difference is how the global batch is split and reduced. Every group has identical completions, hence zero
@@ -15,7 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from expertrl.checkpoint import checkpoint_path
+from expertrl.config import ConfigError, TrainConfig
+from expertrl.configio import load_config
+from expertrl.train import fixed_length_generate
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = [
@@ -75,3 +82,109 @@ def test_prompts_must_split_evenly(tmp_path):
     proc = torchrun(2, [*ARGS, "--rollout.prompts_per_step", "3", "--output_dir", str(tmp_path / "r")])
     assert proc.returncode != 0
     assert "rollout.prompts_per_step" in proc.stderr and "divisible by the number of processes (2)" in proc.stderr
+
+
+# FSDP2: a supervised warm-up first, so completions end at EOS after different numbers of tokens (rows and ranks
+# differ) and fixed_length_generate's padding is exercised; a checkpoint after every step for the resume test. The
+# Switch LB loss is off: its mask drops the last column of a batch, which depends on how wide the batch is padded,
+# and FSDP2 rollouts are always max_new_tokens wide (the KL term still gives the gradient).
+FSDP2_ARGS = [
+    *ARGS, "--loss.lb_coef", "0", "--sft.steps", "40", "--rollout.max_new_tokens", "8", "--save_every", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    """The same 2-step run with parallel=fsdp2 on two processes and on one process (where it shards nothing)."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    proc = torchrun(2, [*FSDP2_ARGS, "--parallel", "fsdp2", "--output_dir", str(root / "fsdp2")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "expertrl", "train", *FSDP2_ARGS, "--output_dir", str(root / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    return root, proc
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+@needs_torchrun
+def test_fsdp2_two_processes_match_one(fsdp2_runs):
+    root, proc = fsdp2_runs
+    assert "2 processes" in proc.stdout and proc.stdout.count("=== expertrl train: summary ===") == 1
+    fsdp, ref = step_records(root / "fsdp2"), step_records(root / "one")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in ref] == [0, 1]
+    assert min(r["completions/mean_length"] for r in ref) < 8  # some completions stopped at EOS: padding is tested
+    for a, b in zip(fsdp, ref, strict=True):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["completions/mean_length"] == b["completions/mean_length"]
+        for key in ("reward", "loss/token", "loss/kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert ref[0]["grad_norm"] > 1.0  # above optim.grad_clip=1: clipping of the sharded gradient is tested too
+    wa, wb = final_weights(root / "fsdp2"), final_weights(root / "one")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max().item() < 1e-5, name
+    evals = [
+        r for r in map(json.loads, (root / "fsdp2" / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in r
+    ]
+    assert [r["step"] for r in evals] == [-1, 2]  # start and end evaluation, every rank in step, rank 0 logs
+
+
+@needs_torchrun
+def test_fsdp2_checkpoint_resumes(fsdp2_runs, tmp_path):
+    """Gathered checkpoints load back: resumed from step 1, the FSDP2 run repeats step 1 and its final weights."""
+    root, _ = fsdp2_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "fsdp2", run)
+    shutil.rmtree(checkpoint_path(run, 2))
+    shutil.rmtree(run / "final")
+    opt = torch.load(checkpoint_path(run, 1) / "optimizer.pt", weights_only=True)
+    assert "model.embed_tokens.weight" in opt["state"]  # the full optimizer state, keyed by parameter name
+    proc = torchrun(2, ["--config", str(run / "config.yaml"), "--resume", str(run), "--output_dir", str(run)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}  # noqa: E731
+    assert [untimed(r) for r in step_records(run)] == [untimed(r) for r in step_records(root / "fsdp2")]
+    wa, wb = final_weights(run), final_weights(root / "fsdp2")
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_fixed_length_generate_pads_after_eos(tiny_moe, tokenizer):
+    """Slow reference: plain ``generate`` with EOS stopping; the fixed-length one decodes all max_new_tokens steps
+    and equals it, right-padded with the pad token."""
+    with torch.no_grad():
+        tiny_moe.lm_head.weight[tokenizer.eos_token_id] += 0.5  # make EOS likely, at different steps per row
+    prompt = tokenizer(["12+3=", "7+8=", "99+1="], return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(
+        max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    plain = tiny_moe.generate(**prompt, **kw)  # (B, P + C), C < 12: every row stopped
+    fixed_length_generate(tiny_moe)
+    fixed = tiny_moe.generate(**prompt, **kw)  # (B, P + 12)
+    P = prompt["input_ids"].shape[1]
+    assert plain.shape[1] < P + 12 and fixed.shape[1] == P + 12
+    assert torch.equal(fixed[:, : plain.shape[1]], plain)
+    assert (fixed[:, plain.shape[1] :] == tokenizer.pad_token_id).all()
+    completion = plain[:, P:]
+    assert (completion == tokenizer.eos_token_id).any(-1).all()  # every row ended at EOS
+    assert len({int(r.tolist().index(tokenizer.eos_token_id)) for r in completion}) > 1  # at different steps
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model.adapter.kind", "lora_moe", "--model.family", "qwen3"],
+        ["--model.family", "qwen3_vl_moe", "--task.name", "mm:digits_mc"],
+    ],
+)
+def test_fsdp2_refuses_what_it_cannot_shard(args):
+    with pytest.raises(ConfigError, match="^parallel: fsdp2"):
+        load_config(TrainConfig, None, ["--parallel", "fsdp2", *args])

@@ -407,6 +407,10 @@ class TrainConfig:
     """number of most recent checkpoints kept in output_dir/checkpoints (older ones are deleted)"""
     max_bad_steps: int = 3
     """stop after this many steps in a row whose loss or gradient norm is NaN/Inf (each one is skipped)"""
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """how several processes (torchrun / accelerate launch) share the model: ddp keeps a full copy on every process;
+    fsdp2 shards each decoder layer's weights, gradients and optimizer state over them (PyTorch fully_shard; text MoE
+    models without adapters). Both train the same global batch; one process ignores it"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
@@ -442,6 +446,17 @@ class TrainConfig:
                 f"replay them (routing.replay=rollout); use routing.policy=topk for {r.replay!r}",
             )
         ad, m = self.model.adapter, self.model
+        if self.parallel == "fsdp2":
+            _check(
+                ad.kind == "none",
+                "parallel",
+                f"fsdp2 does not yet gather adapter weights (model.adapter.kind={ad.kind}); use parallel=ddp",
+            )
+            _check(
+                (m.path is not None or m.family != "qwen3_vl_moe") and not self.task.name.startswith("mm:"),
+                "parallel",
+                "fsdp2 shards text MoE models only; train vision-language models with parallel=ddp",
+            )
         if m.path is None and m.family in DENSE_FAMILIES:
             _check(
                 ad.kind != "none" or m.upcycle.num_experts > 0,

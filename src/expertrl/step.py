@@ -113,8 +113,11 @@ def _routing_terms(fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs:
     lc = cfg.loss
     # Switch load balancing on the experts this forward actually used (every routed, attended position).
     L, B, S, E = fwd.probs.shape
-    lb_mask = micro.attention_mask.clone().float()
-    lb_mask[:, -1] = 0  # the rollout never routed the last position
+    lb_mask = micro.attention_mask.clone().float()  # (B, S)
+    # Each row's last attended token predicts nothing that is scored (and a sequence's final token was never routed
+    # by the rollout): drop it per row, so the loss does not depend on how wide the batch happens to be padded.
+    last = micro.attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of each row's last attended position
+    lb_mask[torch.arange(B, device=lb_mask.device), last] = 0
     experts = fwd.routing.experts.long()  # (L, B, S, K)
     lb = switch_load_balancing(fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
     extra = torch.zeros((), device=lb.device)

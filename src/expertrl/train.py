@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
+from torch import nn
 from tqdm.auto import tqdm
 
 from expertrl.advantages import group_advantages
@@ -32,7 +33,10 @@ from expertrl.checkpoint import (
     checkpoint_path,
     complete_checkpoints,
     find_resume_checkpoint,
+    gather_full_state,
+    is_sharded,
     latest_checkpoint,
+    load_full_optimizer_state,
     load_optimizer_state,
     load_trainer_state,
     load_weights,
@@ -198,6 +202,62 @@ def make_guide(state: GuidanceState, cfg: TrainConfig, model) -> PromptCompletio
     return PromptCompletionGuide(state, in_loss=cfg.guidance.in_loss)
 
 
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 (``parallel=fsdp2``): ``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes),
+    then the root (embeddings, final norm, LM head), over all processes. In place; returns the model.
+
+    A router lives inside its decoder layer's unit, so whenever the (``route``-patched) router runs, its ``weight``
+    is the gathered, unsharded parameter. Every forward all-gathers, so every rank must run the same forwards:
+    ``generate`` is made to decode a fixed number of steps (``fixed_length_generate``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise ValueError(
+            f"parallel=fsdp2: {type(model).__name__} names no decoder-layer class in _no_split_modules, so there is "
+            "nothing to shard layer by layer; use parallel=ddp"
+        )
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    fixed_length_generate(model)
+    return model
+
+
+def fixed_length_generate(model: nn.Module) -> None:
+    """Make ``model.generate`` decode exactly ``max_new_tokens`` steps on every rank (instance patch).
+
+    Hugging Face's ``generate`` stops when every row of *this rank's* batch has hit EOS; under FSDP2 that desyncs the
+    ranks' all-gathers. Its ``synced_gpus`` (on by default for FSDP) keeps a finished rank running dummy forwards,
+    but those pass through the routers and would enter ``route``'s routing trace. Instead EOS stopping is switched
+    off, and each row's tokens after its first EOS are replaced by the pad token, as ``generate`` pads finished
+    rows: the tokens up to EOS are unchanged, the batch is only right-padded to the full ``max_new_tokens`` (pads are
+    masked everywhere downstream). Costs the decode steps a rank would have skipped."""
+    inner = model.generate
+
+    @functools.wraps(inner)
+    def generate(*args, eos_token_id=None, pad_token_id=None, **kwargs):
+        eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+        prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        sequences = inner(*args, eos_token_id=None, pad_token_id=pad, synced_gpus=False, **kwargs)  # (B, P+C)
+        if eos is None:
+            return sequences
+        completion = sequences[:, prompt.shape[1] :]  # (B, C)
+        is_eos = torch.isin(completion, torch.tensor(eos, device=completion.device).reshape(-1))  # (B, C)
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # (B, C) strictly after the first EOS
+        return torch.cat([sequences[:, : prompt.shape[1]], completion.masked_fill(after_eos, pad)], dim=1)
+
+    model.generate = generate
+
+
+def broadcast_weights(model: nn.Module) -> None:
+    """Copy rank 0's weights (and buffers) to every rank, in place, before sharding (what DDP does when it wraps)."""
+    for tensor in model.state_dict().values():
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``.
 
@@ -209,8 +269,18 @@ def train(cfg: TrainConfig) -> dict:
     prompts as a 1-process run and rank r takes the r-th contiguous slice of them (whole groups); the losses are
     normalised by the global counts, so the DDP-averaged gradient is the global-batch gradient. Metrics are reduced
     over ranks once per step; rank 0 alone evaluates, logs and writes files.
+
+    ``parallel=fsdp2`` shards the model over the processes instead (``shard_model``); the batch split and the
+    losses are the same. As every forward then all-gathers, every rank runs every forward: generation decodes a fixed
+    number of steps, DAPO refill rounds continue while any rank needs them, evaluation runs on all ranks (rank 0
+    keeps the result) and saving gathers the full weights and optimizer state on all ranks (rank 0 writes them).
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "parallel: this launch configures accelerate's FSDP plugin, which expertrl does not use; launch with a "
+            "plain multi-process config (accelerate launch --multi_gpu, or torchrun) and set --parallel fsdp2"
+        )
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
@@ -221,6 +291,7 @@ def train(cfg: TrainConfig) -> dict:
             f"be divisible by the number of processes ({world}); each process rolls out whole groups"
         )
     by_rank = (rank,) if rank else ()  # rank 0 keeps the 1-process seed streams
+    sharded = cfg.parallel == "fsdp2" and world > 1  # one process has nothing to shard
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     if resume_from is None and complete_checkpoints(out):
         raise ConfigError(
@@ -253,6 +324,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.routing.set_logprob == "unordered" and k_max > 4:
         raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
     task = task_from_config(cfg.task)
+    if sharded and is_processor(tokenizer):
+        raise ConfigError(
+            f"parallel: fsdp2 shards text MoE models only, but {type(model).__name__} is a vision-language model; "
+            "use parallel=ddp"
+        )
     if task.multimodal and not is_processor(tokenizer):
         raise ConfigError(
             f"task.name: {task.name!r} shows images or video, but {type(model).__name__} is a text model; use a "
@@ -296,13 +372,14 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.print(f"  {describe_trainable(model)}")
 
     def main_eval(m) -> dict | None:
-        """Held-out evaluation on rank 0 (greedy, no collectives); the other ranks wait for it."""
+        """Held-out evaluation (greedy) on rank 0; the other ranks wait for it. A sharded model all-gathers in every
+        forward, so there every rank evaluates the same prompts in step, and rank 0 keeps the result."""
         result = None
-        if is_main:
+        if is_main or is_sharded(m):
             with torch.no_grad():
                 result = evaluate(m, tokenizer, task.eval, task.score, max_new_tokens=cfg.rollout.max_new_tokens)
         accelerator.wait_for_everyone()
-        return result
+        return result if is_main else None
 
     summary: dict = {"output_dir": str(out)}
     state = load_trainer_state(resume_from) if resume_from is not None else None
@@ -333,6 +410,8 @@ def train(cfg: TrainConfig) -> dict:
             summary["accuracy_start"] = start_eval["accuracy"]
             print(f"held-out accuracy before RL: {start_eval['accuracy']:.3f} ({start_eval['n']} prompts)")
 
+    if sharded:  # every rank shards its own copy: start from rank 0's, as DDP does
+        broadcast_weights(model)
     if cfg.routing.freeze_router:
         for site in sites:
             site.weight.requires_grad_(False)
@@ -352,23 +431,36 @@ def train(cfg: TrainConfig) -> dict:
         guide = make_guide(guidance_state, cfg, accelerator.unwrap_model(model))
         if is_main:
             guidance_state.save(out / "guidance.json")
+    if sharded:  # the reference model stays a full, unsharded copy on every rank (no collectives in its forwards)
+        shard_model(model)  # before the optimizer, which then holds the sharded parameters
     total_opt_steps = cfg.steps * cfg.inner_updates
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(trainable, cfg.optim, total_opt_steps)
     start_step, skipped, elapsed_before = 0, 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(load_optimizer_state(resume_from))
+        if sharded:
+            load_full_optimizer_state(model, optimizer, load_optimizer_state(resume_from))
+        else:
+            optimizer.load_state_dict(load_optimizer_state(resume_from))
         schedule.load_state_dict(state["scheduler"])
         start_step, skipped, elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
         set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
         if rewarder is not None and state.get("routing_reward") is not None:
             rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if not hasattr(model, "config"):  # a DDP wrapper: routing hooks find the routers through model.config
         model.config = accelerator.unwrap_model(model).config
     model.eval()  # no dropout/jitter: rollout, old log-probs and updates share one deterministic forward
 
-    def save(step_done: int) -> Path:
+    def save(step_done: int) -> Path | None:
+        """Write the checkpoint after ``step_done`` steps (rank 0). Sharded: every rank calls it to gather the full
+        state, and the others return None."""
+        model_state = optimizer_state = None
+        if sharded:
+            model_state, optimizer_state = gather_full_state(model, optimizer)
+            if not is_main:
+                return None
         trainer_state = {
             "step": step_done,
             "scheduler": schedule.state_dict(),
@@ -396,9 +488,17 @@ def train(cfg: TrainConfig) -> dict:
             trainer_state=trainer_state,
             config=dataclasses.replace(cfg, resume=None),
             reference=ref_model,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         prune_checkpoints(out, cfg.keep_checkpoints)
         return path
+
+    def any_rank(flag: bool) -> bool:
+        """``flag`` on this rank, or, sharded (where every rank must run the same rollouts), on any rank."""
+        if not sharded:
+            return flag
+        return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
     bad_in_row = 0
     bar = tqdm(
@@ -444,11 +544,12 @@ def train(cfg: TrainConfig) -> dict:
                 target = full.batch_size
                 rollout = informative_groups(rollout)
                 rounds = 0
-                while rollout.batch_size < target and rounds < cfg.rollout.max_refill_rounds:
+                while rounds < cfg.rollout.max_refill_rounds and any_rank(rollout.batch_size < target):
                     rounds += 1
-                    more, _ = collect(round_=rounds)
-                    pad = text_tokenizer(tokenizer).pad_token_id
-                    rollout = concat_rollouts([rollout, informative_groups(more)], pad)
+                    more, _ = collect(round_=rounds)  # sharded: a full rank generates too, in step, and drops it
+                    if rollout.batch_size < target:
+                        pad = text_tokenizer(tokenizer).pad_token_id
+                        rollout = concat_rollouts([rollout, informative_groups(more)], pad)
                 rollout = rollout.index_batch(torch.arange(min(rollout.batch_size, target)))
                 metrics["dynamic_sampling/refill_rounds"] = float(rounds)
                 metrics["dynamic_sampling/batch_fill"] = rollout.batch_size / target
@@ -490,6 +591,8 @@ def train(cfg: TrainConfig) -> dict:
                         losses.append(loss.detach())
                         pass_metrics.append(micro_metrics)
                 grad_norm = clip_grad(model, cfg.optim.grad_clip).detach()  # of the rank-averaged gradient
+                if sharded:
+                    grad_norm = grad_norm.full_tensor()  # a DTensor over the shards' norms
                 # One sync per update, the price of skipping a NaN/Inf update before it reaches the weights.
                 nonfinite = (~torch.isfinite(sum(losses, torch.zeros((), device=grad_norm.device)) + grad_norm)).float()
                 if world > 1:  # every rank skips, or none does
@@ -553,7 +656,7 @@ def train(cfg: TrainConfig) -> dict:
             last_step = step + 1 == cfg.steps
             periodic = cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or last_step)
             saved = None
-            if (periodic or signal) and bad_in_row == 0 and is_main:  # never save a state that just failed
+            if (periodic or signal) and bad_in_row == 0 and (is_main or sharded):  # never save a state that just failed
                 saved = save(step + 1)
             if signal and not last_step:
                 bar.close()
@@ -571,6 +674,7 @@ def train(cfg: TrainConfig) -> dict:
 
     unwrapped = accelerator.unwrap_model(model)
     final_eval = main_eval(unwrapped)
+    final_weights = gather_full_state(model)[0] if sharded else None  # collective
     summary["skipped_steps"] = skipped
     summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 1)
     if is_main:
@@ -578,7 +682,7 @@ def train(cfg: TrainConfig) -> dict:
         summary["accuracy_end"] = final_eval["accuracy"]
         summary["per_category_end"] = final_eval["per_category"]
         summary["examples_end"] = final_eval["examples"]
-        summary["model"] = str(save_model(unwrapped, tokenizer, out / "final"))
+        summary["model"] = str(save_model(unwrapped, tokenizer, out / "final", state_dict=final_weights))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     accelerator.wait_for_everyone()  # rank 0 has written the final model
