@@ -25,3 +25,13 @@ def tokenizer():
 def tiny_moe():
     """Qwen3-MoE, 2 MoE layers, E=4, K=2, hidden 32, in eval mode (fresh per test: tests may accumulate grads)."""
     return build_tiny_moe("qwen3_moe", "tiny").eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run only where CUDA is available (``pytest -m gpu`` on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
