@@ -154,14 +154,15 @@ def policy_forward(
     C = S - prompt_width
     policy = TopK() if routing is None else replay_policy_for(routing)
     score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
-    extra = {"keep_logits": True} if keep_logits else {}
     if mm is None:
         inputs = {"position_ids": position_ids_from_mask(attention_mask)}
     else:
         from expertrl.vlm import mm_forward_kwargs
 
         inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
-    with route(model, policy, keep_probs=keep_probs, score_experts=score_experts, allowed=allowed, **extra) as rec:
+    with route(
+        model, policy, keep_probs=keep_probs, keep_logits=keep_logits, score_experts=score_experts, allowed=allowed
+    ) as rec:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
