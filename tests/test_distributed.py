@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from expertrl.checkpoint import checkpoint_path
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
-from expertrl.train import fixed_length_generate
+from expertrl.parallel import fixed_length_generate
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = [

@@ -1,6 +1,8 @@
 """Modality-aware router guidance (MoE-GRPO Eq. 7): golden scores and masks, token groups, counting, the
 GuidanceMask under plain forwards and generate, calibration, and the saved state."""
 
+import json
+
 import pytest
 import torch
 
@@ -317,3 +319,11 @@ def test_guidance_state_from_another_model_is_rejected(tmp_path):
         GuidanceState.load(tmp_path / "x.json")
     with pytest.raises(ValueError, match=r"GuidanceState.counts has shape \(2, 2, 4\); expected \(L, G, E\) = \(3"):
         GuidanceState(COUNTS, SCORES, ALLOWED, 25.0, 2, ("vision", "text"), (0, 1, 2))
+
+
+def test_guidance_state_dict_round_trip():
+    counts = torch.tensor([[[5, 1, 0, 4], [0, 2, 6, 2]]])  # (L=1, G=2, E=4)
+    state = GuidanceState.from_counts(counts, percent=25.0, top_k=2, group_names=("text", "vision"), layers=(3,))
+    back = GuidanceState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # through JSON, as checkpoints
+    assert torch.equal(back.counts, state.counts) and torch.equal(back.allowed, state.allowed)
+    assert (back.percent, back.top_k, back.group_names, back.layers) == (25.0, 2, ("text", "vision"), (3,))

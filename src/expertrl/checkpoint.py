@@ -54,7 +54,7 @@ def atomic_save_dir(path: str | Path, write) -> Path:
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """A model in Hugging Face format, or, for a frozen base with adapters, the adapter weights alone (the base is
     rebuilt from the run's model settings); plus the tokenizer. ``state_dict``: the full weights to write instead of
-    ``model``'s own (an FSDP2-sharded model's, from ``gather_full_state``)."""
+    ``model``'s own (an FSDP2-sharded model's, from ``parallel.gather_full_state``)."""
     from expertrl.moe.lora_moe import adapter_settings, save_adapter_weights
 
     if adapter_settings(model) is not None:
@@ -70,38 +70,8 @@ def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict
 def save_model(model: nn.Module, tokenizer, path: str | Path, state_dict: dict | None = None) -> Path:
     """Save ``model`` and ``tokenizer`` in Hugging Face format (loadable with ``AutoModelForCausalLM``); a model
     with adapters saves the adapter only (load it with ``model.adapter.path`` and the run's base settings).
-    ``state_dict``: the full weights of an FSDP2-sharded ``model`` (``gather_full_state``), written instead."""
+    ``state_dict``: the full weights of an FSDP2-sharded ``model`` (``parallel.gather_full_state``), written instead."""
     return atomic_save_dir(path, lambda tmp: _write_policy(model, tokenizer, tmp, state_dict))
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True for a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
-    """The full (unsharded) weights and optimizer state of an FSDP2-sharded model, on the CPU of rank 0.
-
-    Collective: every rank must call it, in the same order. Rank 0 gets the full dicts, the other ranks empty ones.
-    The optimizer state is keyed by parameter name (``torch.distributed.checkpoint``'s full optimizer state dict),
-    not by index as ``optimizer.state_dict()`` is; ``load_full_optimizer_state`` reads it back, at any world size.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optim = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
-    return weights, optim
-
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state (``gather_full_state``'s, as saved in ``optimizer.pt``) into the optimizer of an
-    FSDP2-sharded ``model``; every rank passes the whole state and keeps its own shard. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +80,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 #   model/                  save_pretrained (safetensors) + tokenizer: the policy after step N
 #   reference/              the frozen KL reference model (only when loss.kl_coef > 0)
 #   optimizer.pt            optimizer.state_dict(), read back with torch.load(weights_only=True) (parallel=fsdp2:
-#                           the full state keyed by parameter name, see gather_full_state)
+#                           the full state keyed by parameter name, see parallel.gather_full_state)
 #   trainer_state.json      step, scheduler state, summary so far, fault counters, global RNG states
 #   config.yaml             the run's config; a resumed run must match it (train.check_resume_config)
 #
@@ -143,7 +113,7 @@ def save_checkpoint(
     """Write a complete, resumable checkpoint directory atomically (see the layout above).
 
     ``model_state`` / ``optimizer_state``: the full weights and optimizer state of an FSDP2-sharded ``model``
-    (``gather_full_state``), written instead of ``model``'s and ``optimizer.state_dict()``."""
+    (``parallel.gather_full_state``), written instead of ``model``'s and ``optimizer.state_dict()``."""
 
     def write(tmp: Path) -> None:
         _write_policy(model, tokenizer, tmp / "model", model_state)

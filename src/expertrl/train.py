@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
-from torch import nn
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from expertrl.advantages import group_advantages
@@ -33,10 +32,7 @@ from expertrl.checkpoint import (
     checkpoint_path,
     complete_checkpoints,
     find_resume_checkpoint,
-    gather_full_state,
-    is_sharded,
     latest_checkpoint,
-    load_full_optimizer_state,
     load_optimizer_state,
     load_trainer_state,
     load_weights,
@@ -64,6 +60,15 @@ from expertrl.moe.guidance import (
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import TopK, make_policy
 from expertrl.moe.setprob import SET_LOGPROBS
+from expertrl.parallel import (
+    broadcast_weights,
+    check_shardable,
+    gather_full_state,
+    is_sharded,
+    load_full_optimizer_state,
+    refuse_accelerate_fsdp,
+    shard_model,
+)
 from expertrl.rewards import compute_rewards
 from expertrl.rewards.routing import RoutingRewarder, repetition_rate
 from expertrl.rewards.shaping import soft_overlong_punishment, truncated
@@ -202,62 +207,6 @@ def make_guide(state: GuidanceState, cfg: TrainConfig, model) -> PromptCompletio
     return PromptCompletionGuide(state, in_loss=cfg.guidance.in_loss)
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """FSDP2 (``parallel=fsdp2``): ``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes),
-    then the root (embeddings, final norm, LM head), over all processes. In place; returns the model.
-
-    A router lives inside its decoder layer's unit, so whenever the (``route``-patched) router runs, its ``weight``
-    is the gathered, unsharded parameter. Every forward all-gathers, so every rank must run the same forwards:
-    ``generate`` is made to decode a fixed number of steps (``fixed_length_generate``)."""
-    from torch.distributed.fsdp import fully_shard
-
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    units = [m for m in model.modules() if type(m).__name__ in names]
-    if not units:
-        raise ValueError(
-            f"parallel=fsdp2: {type(model).__name__} names no decoder-layer class in _no_split_modules, so there is "
-            "nothing to shard layer by layer; use parallel=ddp"
-        )
-    for unit in units:
-        fully_shard(unit)
-    fully_shard(model)
-    fixed_length_generate(model)
-    return model
-
-
-def fixed_length_generate(model: nn.Module) -> None:
-    """Make ``model.generate`` decode exactly ``max_new_tokens`` steps on every rank (instance patch).
-
-    Hugging Face's ``generate`` stops when every row of *this rank's* batch has hit EOS; under FSDP2 that desyncs the
-    ranks' all-gathers. Its ``synced_gpus`` (on by default for FSDP) keeps a finished rank running dummy forwards,
-    but those pass through the routers and would enter ``route``'s routing trace. Instead EOS stopping is switched
-    off, and each row's tokens after its first EOS are replaced by the pad token, as ``generate`` pads finished
-    rows: the tokens up to EOS are unchanged, the batch is only right-padded to the full ``max_new_tokens`` (pads are
-    masked everywhere downstream). Costs the decode steps a rank would have skipped."""
-    inner = model.generate
-
-    @functools.wraps(inner)
-    def generate(*args, eos_token_id=None, pad_token_id=None, **kwargs):
-        eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
-        pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
-        prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        sequences = inner(*args, eos_token_id=None, pad_token_id=pad, synced_gpus=False, **kwargs)  # (B, P+C)
-        if eos is None:
-            return sequences
-        completion = sequences[:, prompt.shape[1] :]  # (B, C)
-        is_eos = torch.isin(completion, torch.tensor(eos, device=completion.device).reshape(-1))  # (B, C)
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # (B, C) strictly after the first EOS
-        return torch.cat([sequences[:, : prompt.shape[1]], completion.masked_fill(after_eos, pad)], dim=1)
-
-    model.generate = generate
-
-
-def broadcast_weights(model: nn.Module) -> None:
-    """Copy rank 0's weights (and buffers) to every rank, in place, before sharding (what DDP does when it wraps)."""
-    for tensor in model.state_dict().values():
-        torch.distributed.broadcast(tensor.data, src=0)
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``.
 
@@ -270,17 +219,13 @@ def train(cfg: TrainConfig) -> dict:
     normalised by the global counts, so the DDP-averaged gradient is the global-batch gradient. Metrics are reduced
     over ranks once per step; rank 0 alone evaluates, logs and writes files.
 
-    ``parallel=fsdp2`` shards the model over the processes instead (``shard_model``); the batch split and the
+    ``parallel=fsdp2`` shards the model over the processes instead (``parallel.shard_model``); the batch split and the
     losses are the same. As every forward then all-gathers, every rank runs every forward: generation decodes a fixed
     number of steps, DAPO refill rounds continue while any rank needs them, evaluation runs on all ranks (rank 0
     keeps the result) and saving gathers the full weights and optimizer state on all ranks (rank 0 writes them).
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError(
-            "parallel: this launch configures accelerate's FSDP plugin, which expertrl does not use; launch with a "
-            "plain multi-process config (accelerate launch --multi_gpu, or torchrun) and set --parallel fsdp2"
-        )
+    refuse_accelerate_fsdp(accelerator)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     is_main = accelerator.is_main_process
@@ -324,11 +269,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.routing.set_logprob == "unordered" and k_max > 4:
         raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
     task = task_from_config(cfg.task)
-    if sharded and is_processor(tokenizer):
-        raise ConfigError(
-            f"parallel: fsdp2 shards text MoE models only, but {type(model).__name__} is a vision-language model; "
-            "use parallel=ddp"
-        )
+    if sharded:
+        check_shardable(model, tokenizer)
     if task.multimodal and not is_processor(tokenizer):
         raise ConfigError(
             f"task.name: {task.name!r} shows images or video, but {type(model).__name__} is a text model; use a "
@@ -423,9 +365,7 @@ def train(cfg: TrainConfig) -> dict:
     guidance_state = None
     if cfg.guidance.enabled:
         if state is not None and state.get("guidance") is not None:
-            guidance_state = GuidanceState.from_counts(
-                torch.tensor(state["guidance"]["counts"]), **state["guidance"]["meta"]
-            )
+            guidance_state = GuidanceState.from_state_dict(state["guidance"])
         else:
             guidance_state = calibrate_guidance(accelerator.unwrap_model(model), tokenizer, task, cfg, step=-1)
         guide = make_guide(guidance_state, cfg, accelerator.unwrap_model(model))
@@ -468,17 +408,7 @@ def train(cfg: TrainConfig) -> dict:
             "skipped_steps": skipped,
             "wall_time_s": elapsed_before + time.perf_counter() - t_start,
             "routing_reward": rewarder.state_dict() if rewarder is not None else None,
-            "guidance": None
-            if guide is None
-            else {
-                "counts": guide.state.counts.tolist(),
-                "meta": dict(
-                    percent=guide.state.percent,
-                    top_k=guide.state.top_k,
-                    group_names=list(guide.state.group_names),
-                    layers=list(guide.state.layers),
-                ),
-            },
+            "guidance": guide.state.state_dict() if guide is not None else None,
         }
         path = save_checkpoint(
             checkpoint_path(out, step_done),

@@ -374,6 +374,17 @@ class GuidanceState:
             counts.long().cpu(), scores.cpu(), allowed.cpu(), float(percent), top_k, tuple(group_names), tuple(layers)
         )
 
+    def state_dict(self) -> dict:
+        """The counts and settings as JSON-safe containers (a training checkpoint's ``trainer_state.json`` keeps
+        them); ``from_state_dict`` recomputes the scores and the mask from them."""
+        meta = dict(percent=self.percent, top_k=self.top_k, group_names=list(self.group_names))
+        return {"counts": self.counts.tolist(), "meta": meta | {"layers": list(self.layers)}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> GuidanceState:
+        """The state ``state_dict`` returned."""
+        return cls.from_counts(torch.tensor(state["counts"]), **state["meta"])
+
     def group(self, name: str) -> int:
         """Index of the group called ``name``."""
         if name not in self.group_names:
