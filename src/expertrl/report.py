@@ -3,8 +3,8 @@
 Reads what ``expertrl train`` wrote (``metrics.jsonl``, ``config.yaml``, ``summary.json``, ``final/``); plots never
 touch a live model, except to produce missing routing statistics: when ``final/eval.json`` holds none (written by
 ``expertrl eval``), one evaluation pass (``evaluate.routing_statistics_pass``, greedy, top-K routing) runs on
-``final/`` over the held-out split of the run's task. Figures are matplotlib PNGs (Agg) embedded as base64 data URIs,
-so the page opens in a browser without a server. Every figure has a stable id:
+``final/`` over the held-out split of the run's task. Figures (``expertrl.plots``) are matplotlib PNGs (Agg) embedded
+as base64 data URIs, so the page opens in a browser without a server. Every figure has a stable id:
 
     fig-reward, fig-accuracy, fig-loss-diagnostics, fig-utilisation-steps, fig-utilisation-positions,
     fig-entropies, fig-jsd, fig-routing-example
@@ -18,47 +18,16 @@ A missing or corrupted run file raises ``RunError`` naming the file (and line) a
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-FIGURE_IDS = (
-    "fig-reward",
-    "fig-accuracy",
-    "fig-loss-diagnostics",
-    "fig-utilisation-steps",
-    "fig-utilisation-positions",
-    "fig-entropies",
-    "fig-jsd",
-    "fig-routing-example",
-)
-LOSS_KEYS = (
-    "loss/clip_frac",
-    "loss/gate_clip_frac",
-    "router_shift/gamma_mean",
-    "router_shift/topk_overlap",
-    "loss/approx_kl",
-    "grad_norm",
-)
-"""loss-side diagnostics plotted when present in metrics.jsonl"""
-MAX_LAYERS = 8
-"""at most this many MoE layers (evenly spaced) per heatmap row"""
-MAX_EXAMPLE_TOKENS = 40
-"""token window of the routing-example heatmaps"""
+from expertrl.plots import FIGURE_IDS, metric_series, render_figures  # FIGURE_IDS: part of this module's API
 
 
 class RunError(ValueError):
@@ -195,305 +164,14 @@ def routing_statistics_for_run(run_dir: str | Path, *, progress: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# figures
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)  # constrained layout: no second "tight" draw
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _color(i: int):
-    return plt.get_cmap("tab10")(i % 10)
-
-
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [float(p[1]) for p in pts]
-
-
-def _pick_layers(n: int) -> list[int]:
-    """Evenly spaced layer positions, at most MAX_LAYERS of them."""
-    if n <= MAX_LAYERS:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (MAX_LAYERS - 1)) for i in range(MAX_LAYERS)})
-
-
-def _grid(rows: int, cols: int, w: float = 3.2, h: float = 2.6):
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, layout="constrained")
-    return fig, axes
-
-
-def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def fig_reward(runs: list[Run]):
-    """Reward mean and within-group reward std over RL steps (MoE-GRPO Fig. 3)."""
-    fig, axes = _grid(1, 2, 4.5, 3.0)
-    for ax, key, title in zip(
-        axes[0],
-        ("reward", "reward_group_std"),
-        ("reward (mean over the step's completions)", "within-group reward std"),
-    ):
-        for i, run in enumerate(runs):
-            x, y = _series(run.metrics, key)
-            ax.plot(x, y, color=_color(i), label=run.label, lw=1.3)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    return fig
-
-
-def fig_accuracy(runs: list[Run]):
-    """Held-out accuracy (greedy, top-K routing) over RL steps; step -1 = before the RL start (after SFT)."""
-    fig, axes = _grid(1, 1, 5.0, 3.0)
-    ax = axes[0, 0]
-    for i, run in enumerate(runs):
-        x, y = _series(run.metrics, "eval/accuracy")
-        ax.plot(x, y, "o-", color=_color(i), label=run.label, ms=3, lw=1.3)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def fig_loss_diagnostics(runs: list[Run]):
-    """Clip fractions, router shift γ and friends, for the keys of LOSS_KEYS that any run logged; None if none."""
-    keys = [k for k in LOSS_KEYS if any(_series(r.metrics, k)[0] for r in runs)]
-    if not keys:
-        return None
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = _grid(rows, cols, 3.6, 2.6)
-    for j, key in enumerate(keys):
-        ax = axes[j // cols, j % cols]
-        for i, run in enumerate(runs):
-            x, y = _series(run.metrics, key)
-            ax.plot(x, y, color=_color(i), label=run.label, lw=1.2)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("RL step", fontsize=8)
-        ax.grid(alpha=0.3)
-    for j in range(len(keys), rows * cols):
-        axes[j // cols, j % cols].axis("off")
-    axes[0, 0].legend(fontsize=7)
-    return fig
-
-
-def _load_over_steps(run: Run) -> dict[int, tuple[list[int], np.ndarray]]:
-    """moe/load/layer{i} records -> {layer: (steps, (E, steps) shares)}."""
-    out = {}
-    keys = sorted(
-        {k for r in run.metrics for k in r if re.fullmatch(r"moe/load/layer\d+", k)},
-        key=lambda k: int(k.removeprefix("moe/load/layer")),
-    )
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in run.metrics if isinstance(r.get(key), list)]
-        out[int(key.removeprefix("moe/load/layer"))] = (
-            [p[0] for p in pts],
-            np.array([p[1] for p in pts], dtype=float).T,
-        )
-    return out
-
-
-def fig_utilisation_steps(runs: list[Run]):
-    """Experts × RL steps heatmap of each layer's expert load (share of completion-token slots), from metrics.jsonl."""
-    loads = [_load_over_steps(r) for r in runs]
-    cols = max(1, max(len(_pick_layers(len(ld))) for ld in loads))
-    fig, axes = _grid(len(runs), cols, 3.0, 2.4)
-    vmax = max([float(m.max()) for ld in loads for _, m in ld.values() if m.size] + [1e-9])
-    im = None
-    for i, (run, ld) in enumerate(zip(runs, loads)):
-        layers = sorted(ld)
-        if not layers:
-            _note(axes[i, 0], f"{run.label}: no moe/load/layer* in metrics.jsonl")
-        shown = [layers[p] for p in _pick_layers(len(layers))]
-        for j in range(cols):
-            ax = axes[i, j]
-            if j >= len(shown):
-                if layers or j > 0:  # keep the note of a run without loads
-                    ax.axis("off")
-                continue
-            steps, m = ld[shown[j]]
-            im = ax.imshow(
-                m,
-                aspect="auto",
-                origin="lower",
-                cmap="viridis",
-                vmin=0,
-                vmax=vmax,
-                extent=(min(steps) - 0.5, max(steps) + 0.5, -0.5, m.shape[0] - 0.5),
-                interpolation="nearest",
-            )
-            ax.set_title(f"{run.label} · layer {shown[j]}", fontsize=8)
-            ax.set_xlabel("RL step", fontsize=7)
-            ax.set_ylabel("expert", fontsize=7)
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.tick_params(labelsize=6)
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8, label="share of routed slots")
-    return fig
-
-
-def fig_utilisation_positions(runs: list[Run]):
-    """Experts × token positions heatmap per layer, from the evaluation pass (MoE-GRPO Fig. 4)."""
-    cols = max(len(_pick_layers(len(r.routing["layers"]))) for r in runs)
-    fig, axes = _grid(len(runs), cols, 3.0, 2.4)
-    im = None
-    for i, run in enumerate(runs):
-        pos = np.array(run.routing["all"]["position_usage"], dtype=float)  # (L, P, E)
-        shown = _pick_layers(pos.shape[0])
-        for j in range(cols):
-            ax = axes[i, j]
-            if j >= len(shown):
-                ax.axis("off")
-                continue
-            im = ax.imshow(
-                pos[shown[j]].T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
-            )
-            ax.set_title(f"{run.label} · layer {run.routing['layers'][shown[j]]}", fontsize=8)
-            ax.set_xlabel("token position", fontsize=7)
-            ax.set_ylabel("expert", fontsize=7)
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.tick_params(labelsize=6)
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8, label="share of routed slots at the position")
-    return fig
-
-
-def fig_entropies(runs: list[Run]):
-    """Per-token router entropy vs expert-usage entropy: over RL steps (metrics.jsonl) and per layer (eval pass)."""
-    fig, axes = _grid(2, 2, 4.5, 2.9)
-    panels = (
-        ("moe/router_entropy", "per-token router entropy H_τ (nats)\nmean over completion tokens, training"),
-        ("moe/usage_entropy", "expert-usage entropy H(u) (nats)\naggregate usage, training"),
-    )
-    ln_e = math.log(runs[0].routing["num_experts"])
-    for ax, (key, title) in zip(axes[0], panels):
-        for i, run in enumerate(runs):
-            x, y = _series(run.metrics, key)
-            ax.plot(x, y, color=_color(i), label=run.label, lw=1.2)
-        ax.axhline(ln_e, color="grey", ls="--", lw=0.8, label=f"ln E = {ln_e:.2f}")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("RL step", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax, key, title in zip(
-        axes[1],
-        ("router_entropy", "usage_entropy"),
-        ("per-token router entropy H_τ (nats), eval pass", "expert-usage entropy H(u) (nats), eval pass"),
-    ):
-        for i, run in enumerate(runs):
-            y = run.routing["all"][key]
-            ax.plot(run.routing["layers"], y, "o-", color=_color(i), label=run.label, ms=3, lw=1.2)
-        ax.axhline(ln_e, color="grey", ls="--", lw=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("MoE layer", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    return fig
-
-
-def fig_jsd(runs: list[Run]):
-    """Per-task expert usage (mean over layers; MoE-GRPO Fig. 5) and the task-pair JSD matrix (log2, mean over
-    layers)."""
-    fig, axes = _grid(len(runs), 2, 4.2, 3.0)
-    for i, run in enumerate(runs):
-        cats = run.routing["categories"]
-        names = sorted(cats)
-        usage = np.array([np.mean(np.array(cats[c]["usage"], dtype=float), axis=0) for c in names])  # (A, E)
-        ax = axes[i, 0]
-        im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("expert", fontsize=8)
-        ax.set_title(f"{run.label}: expert usage per task (mean over layers)", fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        ax = axes[i, 1]
-        jsd = run.routing.get("jsd")
-        if not jsd:
-            _note(ax, f"{run.label}: one task category only; JSD needs at least two")
-            continue
-        m = np.mean(np.array(jsd["matrix"], dtype=float), axis=0)  # (A, A)
-        im = ax.imshow(m, cmap="magma", vmin=0, interpolation="nearest")
-        ax.set_xticks(range(len(jsd["categories"])), jsd["categories"], fontsize=7, rotation=90)
-        ax.set_yticks(range(len(jsd["categories"])), jsd["categories"], fontsize=7)
-        base = jsd.get("base", 2.0)
-        ax.set_title(f"{run.label}: task-pair JSD (log{base:g}); mean = {jsd['mean']:.4f}", fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    return fig
-
-
-def _box_chosen(ax, experts: np.ndarray) -> None:
-    """Red boxes around the chosen experts: experts (rows, K) int, one heatmap row per row."""
-    for r, row in enumerate(experts):
-        for e in row:
-            if e >= 0:
-                ax.add_patch(Rectangle((e - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
-
-
-def _example_layers(n: int) -> list[int]:
-    """First, middle and last layer (those that exist)."""
-    return sorted({0, n // 2, n - 1})
-
-
-def fig_routing_example(runs: list[Run]):
-    """One example's routing probabilities with the chosen experts boxed in red (MoE-GRPO Fig. 6a): layers × experts
-    at the route that predicted the first answer token, then tokens × experts for the first, middle and last layer."""
-    cols = 1 + max(len(_example_layers(len(r.routing["layers"]))) for r in runs)
-    fig, axes = _grid(len(runs), cols, 3.3, 3.6)
-    im = None
-    for i, run in enumerate(runs):
-        ex = run.routing.get("example")
-        if not ex:
-            _note(axes[i, 0], f"{run.label}: no example in the routing statistics")
-            continue
-        probs = np.array(ex["probs"], dtype=float)  # (L, n, E)
-        experts = np.array(ex["experts"], dtype=int)  # (L, n, K)
-        t = ex.get("answer_index")
-        t = probs.shape[1] - 1 if t is None else t
-        ax = axes[i, 0]
-        im = ax.imshow(probs[:, t], aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        _box_chosen(ax, experts[:, t])
-        ax.set_yticks(range(probs.shape[0]), run.routing["layers"], fontsize=7)
-        ax.set_ylabel("MoE layer", fontsize=8)
-        ax.set_xlabel("expert", fontsize=8)
-        ax.set_title(
-            f"{run.label}: {ex['prompt'][-30:]!r} → {ex['completion'][:20]!r}\nlayers at token {t}", fontsize=8
-        )
-        lo = max(0, t - MAX_EXAMPLE_TOKENS // 2)
-        hi = min(probs.shape[1], lo + MAX_EXAMPLE_TOKENS)
-        shown = _example_layers(probs.shape[0])
-        for j in range(1, cols):
-            ax = axes[i, j]
-            if j > len(shown):
-                ax.axis("off")
-                continue
-            li = shown[j - 1]
-            ax.imshow(probs[li, lo:hi], aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-            _box_chosen(ax, experts[li, lo:hi])
-            ax.set_yticks(range(hi - lo), [repr(s)[1:-1] for s in ex["tokens"][lo:hi]], fontsize=6)
-            ax.set_xlabel("expert", fontsize=8)
-            ax.set_title(f"layer {run.routing['layers'][li]}: router input token × expert", fontsize=8)
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8, label="router probability")
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # tables
+
+Table = tuple[list[str], list[list[str]]]
+"""(column names, rows of cell strings)"""
 
 
 def _last_mean(records: list[dict], key: str, n: int = 10) -> float | None:
-    _, y = _series(records, key)
+    _, y = metric_series(records, key)
     return sum(y[-n:]) / len(y[-n:]) if y else None
 
 
@@ -503,8 +181,8 @@ def _fmt(x, digits: int = 3) -> str:
 
 def summary_rows(run: Run) -> dict:
     """The numbers of one run's row in the summary tables."""
-    steps, _ = _series(run.metrics, "reward")
-    _, acc = _series(run.metrics, "eval/accuracy")
+    steps, _ = metric_series(run.metrics, "reward")
+    _, acc = metric_series(run.metrics, "eval/accuracy")
     r = run.routing
     mean = lambda v: float(np.mean(v))  # noqa: E731
     ev = run.evaluation or {}
@@ -524,33 +202,31 @@ def summary_rows(run: Run) -> dict:
     }
 
 
-def _table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+def _table_rows(runs: list[Run]) -> Table:
     rows = [summary_rows(r) for r in runs]
     cols = list(dict.fromkeys(k for row in rows for k in row))
     return cols, [[str(row.get(c, "–")) for c in cols] for row in rows]
 
 
-def _category_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    cats = sorted({c for r in runs for c in r.routing["categories"]} | {c for r in runs for c in _per_cat_acc(r)})
+def _per_cat_acc(run: Run) -> dict:
+    """Held-out accuracy per category: from final/eval.json if there, else the run's summary.json."""
+    if run.evaluation and "per_category" in run.evaluation:
+        return run.evaluation["per_category"]
+    return run.summary.get("per_category_end", {})
+
+
+def _category_table(runs: list[Run]) -> Table:
+    accs = [_per_cat_acc(r) for r in runs]
+    cats = sorted({c for r in runs for c in r.routing["categories"]} | {c for acc in accs for c in acc})
     cols = ["category"] + [f"{r.label}: {what}" for r in runs for what in ("accuracy", "router H", "usage H")]
     rows = []
     for c in cats:
         row = [c]
-        for r in runs:
+        for r, acc in zip(runs, accs):
             g = r.routing["categories"].get(c)
-            row += [
-                _fmt(_per_cat_acc(r).get(c)),
-                _fmt(g and g["router_entropy_mean"]),
-                _fmt(g and g["usage_entropy_mean"]),
-            ]
+            row += [_fmt(acc.get(c)), _fmt(g and g["router_entropy_mean"]), _fmt(g and g["usage_entropy_mean"])]
         rows.append(row)
     return cols, rows
-
-
-def _per_cat_acc(run: Run) -> dict:
-    if run.evaluation and "per_category" in run.evaluation:
-        return run.evaluation["per_category"]
-    return run.summary.get("per_category_end", {})
 
 
 def _md_table(cols: list[str], rows: list[list[str]]) -> str:
@@ -593,22 +269,68 @@ _STYLE = (
 )
 
 
-def _figures(runs: list[Run]) -> dict[str, str | None]:
-    makers = {
-        "fig-reward": fig_reward,
-        "fig-accuracy": fig_accuracy,
-        "fig-loss-diagnostics": fig_loss_diagnostics,
-        "fig-utilisation-steps": fig_utilisation_steps,
-        "fig-utilisation-positions": fig_utilisation_positions,
-        "fig-entropies": fig_entropies,
-        "fig-jsd": fig_jsd,
-        "fig-routing-example": fig_routing_example,
-    }
-    out = {}
-    for fid, make in makers.items():
-        fig = make(runs)
-        out[fid] = None if fig is None else _png(fig)
-    return out
+def _sources(runs: list[Run]) -> list[str]:
+    """One line per run: its directory and where its routing statistics came from."""
+    return [
+        f"{r.label}: {r.path} — routing statistics from "
+        + ("final/eval.json" if r.evaluation and "routing" in r.evaluation else "an evaluation pass run by the report")
+        + f" ({r.routing['all']['n_items']} held-out prompts, {r.routing.get('tokens', 'all')} tokens)"
+        for r in runs
+    ]
+
+
+def _html_page(labels: list[str], sources: list[str], summary: Table, per_category: Table, figures: dict) -> str:
+    """The self-contained page: sources, the two tables, then every figure of FIGURE_IDS with its caption."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>expertrl report: {html.escape(', '.join(labels))}"
+        f"</title><style>{_STYLE}</style></head><body>",
+        f"<h1>expertrl report: {html.escape(' vs '.join(labels))}</h1>",
+        "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sources) + "</ul>",
+        "<h2>Summary</h2>",
+        _html_table(*summary),
+        "<p>Router entropy = mean per-token entropy of the router softmax; usage entropy = entropy of the aggregate "
+        "expert-usage distribution; both in nats, mean over MoE layers, from the evaluation pass. Task JSD: mean "
+        "pairwise Jensen–Shannon divergence of per-task expert usage, log base 2. Load balance (max violation, dead "
+        "expert fraction below 1e-3, coefficient of variation) of the evaluation pass's usage, mean over layers.</p>",
+        "<h2>Per category</h2>",
+        _html_table(*per_category),
+    ]
+    for fid in FIGURE_IDS:
+        caption = html.escape(_CAPTIONS[fid])
+        uri = figures[fid]
+        body = (
+            f"<img alt='{fid}' src='{uri}'>"
+            if uri is not None
+            else "<p><em>None of the runs logged these metrics in metrics.jsonl.</em></p>"
+        )
+        parts.append(f"<figure id='{fid}'>{body}<figcaption>{caption}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _markdown(labels: list[str], sources: list[str], summary: Table, per_category: Table) -> str:
+    """The Markdown summary: sources and the two tables; the figures stay in report.html."""
+    md = [
+        f"# expertrl report: {' vs '.join(labels)}",
+        "",
+        *[f"- {s}" for s in sources],
+        "",
+        "## Summary",
+        "",
+        _md_table(*summary),
+        "",
+        "Router entropy: mean per-token entropy of the router softmax (nats). Usage entropy: entropy of the aggregate "
+        "expert-usage distribution (nats). Both are means over MoE layers of the evaluation pass. Task JSD: mean "
+        "pairwise Jensen–Shannon divergence between per-task expert usage, log base 2, mean over layers.",
+        "",
+        "## Per category",
+        "",
+        _md_table(*per_category),
+        "",
+        f"Figures ({', '.join(FIGURE_IDS)}) are in [report.html](report.html).",
+        "",
+    ]
+    return "\n".join(md)
 
 
 def _default_output(run_dirs: list[Path], labels: list[str]) -> Path:
@@ -643,65 +365,11 @@ def write_report(
     runs = [load_run(p, lab) for p, lab in zip(paths, labels)]
     out = Path(output) if output is not None else _default_output(paths, labels)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(runs)
-    cols, rows = _table_rows(runs)
-    cat_cols, cat_rows = _category_table(runs)
-    sources = [
-        f"{r.label}: {r.path} — routing statistics from "
-        + ("final/eval.json" if r.evaluation and "routing" in r.evaluation else "an evaluation pass run by the report")
-        + f" ({r.routing['all']['n_items']} held-out prompts, {r.routing.get('tokens', 'all')} tokens)"
-        for r in runs
-    ]
-
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>expertrl report: {html.escape(', '.join(labels))}"
-        f"</title><style>{_STYLE}</style></head><body>",
-        f"<h1>expertrl report: {html.escape(' vs '.join(labels))}</h1>",
-        "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sources) + "</ul>",
-        "<h2>Summary</h2>",
-        _html_table(cols, rows),
-        "<p>Router entropy = mean per-token entropy of the router softmax; usage entropy = entropy of the aggregate "
-        "expert-usage distribution; both in nats, mean over MoE layers, from the evaluation pass. Task JSD: mean "
-        "pairwise Jensen–Shannon divergence of per-task expert usage, log base 2. Load balance (max violation, dead "
-        "expert fraction below 1e-3, coefficient of variation) of the evaluation pass's usage, mean over layers.</p>",
-        "<h2>Per category</h2>",
-        _html_table(cat_cols, cat_rows),
-    ]
-    for fid in FIGURE_IDS:
-        caption = html.escape(_CAPTIONS[fid])
-        uri = figures[fid]
-        body = (
-            f"<img alt='{fid}' src='{uri}'>"
-            if uri is not None
-            else "<p><em>None of the runs logged these metrics in metrics.jsonl.</em></p>"
-        )
-        parts.append(f"<figure id='{fid}'>{body}<figcaption>{caption}</figcaption></figure>")
-    parts.append("</body></html>")
-    html_path = out / "report.html"
-    html_path.write_text("\n".join(parts))
-
-    md = [
-        f"# expertrl report: {' vs '.join(labels)}",
-        "",
-        *[f"- {s}" for s in sources],
-        "",
-        "## Summary",
-        "",
-        _md_table(cols, rows),
-        "",
-        "Router entropy: mean per-token entropy of the router softmax (nats). Usage entropy: entropy of the aggregate "
-        "expert-usage distribution (nats). Both are means over MoE layers of the evaluation pass. Task JSD: mean "
-        "pairwise Jensen–Shannon divergence between per-task expert usage, log base 2, mean over layers.",
-        "",
-        "## Per category",
-        "",
-        _md_table(cat_cols, cat_rows),
-        "",
-        f"Figures ({', '.join(FIGURE_IDS)}) are in [report.html](report.html).",
-        "",
-    ]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
+    figures = render_figures(labels, [r.metrics for r in runs], [r.routing for r in runs])
+    sources, summary, per_category = _sources(runs), _table_rows(runs), _category_table(runs)
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(_html_page(labels, sources, summary, per_category, figures))
+    md_path.write_text(_markdown(labels, sources, summary, per_category))
     return {"html": html_path, "markdown": md_path}
 
 
