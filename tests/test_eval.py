@@ -4,13 +4,12 @@ routing statistics of an evaluation pass checked against a direct top-K forward.
 import itertools
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from expertrl.checkpoint import save_model
-from expertrl.config import ModelConfig, TaskConfig
+from expertrl.config import EvalConfig, ModelConfig, TaskConfig
 from expertrl.diagnostics import router_entropy, usage_distribution, usage_entropy
 from expertrl.evaluate import evaluate, format_table, generate_greedy, pass_at_k, routing_statistics_pass, run_eval
 from expertrl.moe.hooks import route
@@ -155,7 +154,7 @@ def test_routing_statistics_per_category_are_distributions(tiny_moe, tokenizer):
 
 def test_run_eval_writes_eval_json_with_pass_at_k_and_routing(tiny_moe, tokenizer, tmp_path, capsys):
     save_model(tiny_moe, tokenizer, tmp_path / "model")
-    cfg = SimpleNamespace(
+    cfg = EvalConfig(
         model=ModelConfig(path=str(tmp_path / "model")),
         task=TaskConfig(train_size=4, eval_size=6),
         max_new_tokens=4,
@@ -177,3 +176,14 @@ def test_run_eval_writes_eval_json_with_pass_at_k_and_routing(tiny_moe, tokenize
 def test_format_table_without_routing_or_sampling():
     text = format_table("t", {"accuracy": 0.5, "per_category": {"x": 0.5}, "n": 2})
     assert "accuracy" in text and "router H" not in text and "pass@" not in text
+
+
+def test_run_eval_of_a_dense_model_skips_the_routing_pass(tmp_path):
+    """A dense checkpoint (no router) evaluates; there are no routing statistics to collect."""
+    from expertrl.models import build_tiny_dense
+    from expertrl.tokenizer import build_char_tokenizer
+
+    save_model(build_tiny_dense("qwen3", "tiny"), build_char_tokenizer(), tmp_path / "dense")
+    cfg = EvalConfig(model=ModelConfig(path=str(tmp_path / "dense")), task=TaskConfig(train_size=4, eval_size=4))
+    result = run_eval(cfg)
+    assert "routing" not in result and result["n"] == 4

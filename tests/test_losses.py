@@ -314,10 +314,13 @@ def test_switch_lb_dense_mixture_uses_soft_dispatch():
 
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]], requires_grad=True)  # (N=2, E=2); mean (0.75, 0.25)
     experts = torch.tensor([[0, 1], [1, 0]])  # (N, K=E)
-    loss = switch_load_balancing(probs, experts, torch.ones(2))
+    loss = switch_load_balancing(probs, experts, torch.ones(2), soft_dispatch=True)
     assert torch.isclose(loss, torch.tensor(1.25))
+    hard = switch_load_balancing(probs.detach(), experts, torch.ones(2))  # hard f is uniform: no balancing signal
+    assert torch.isclose(hard, torch.tensor(1.0))
     loss.backward()
     # d/dP_e of E * sg(P_e) P_e = E * P_e / N per token: (2*0.75/2, 2*0.25/2) = (0.75, 0.25)
     assert torch.allclose(probs.grad, torch.tensor([[0.75, 0.25], [0.75, 0.25]]))
     uniform = torch.full((3, 2), 0.5)
-    assert torch.isclose(switch_load_balancing(uniform, torch.tensor([[0, 1]] * 3), torch.ones(3)), torch.tensor(1.0))
+    dense = torch.tensor([[0, 1]] * 3)
+    assert torch.isclose(switch_load_balancing(uniform, dense, torch.ones(3), soft_dispatch=True), torch.tensor(1.0))

@@ -3,11 +3,10 @@ from final/eval.json or runs the evaluation pass, and names the file (and line) 
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 
-from expertrl.config import ModelConfig, RolloutConfig, SFTConfig, TaskConfig, TrainConfig
+from expertrl.config import EvalConfig, ModelConfig, RolloutConfig, SFTConfig, TaskConfig, TrainConfig
 from expertrl.evaluate import run_eval
 from expertrl.report import (
     FIGURE_IDS,
@@ -44,7 +43,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     first, second = _tiny_run(root / "first", 0), _tiny_run(root / "second", 1)
     run_eval(
-        SimpleNamespace(
+        EvalConfig(
             model=ModelConfig(path=str(second / "final")),
             task=TaskConfig(train_size=40, eval_size=6),
             max_new_tokens=4,

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from expertrl.moe.adapters import find_routers
+from expertrl.moe.guidance import modality_token_groups
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, replay_policy_for
 from expertrl.ops import token_logp
@@ -19,7 +20,6 @@ from expertrl.vlm import (
     index_mm_batch,
     load_vlm,
     mm_forward_kwargs,
-    modality_groups,
     save_vlm,
     vision_special_ids,
     vision_token_ids,
@@ -118,14 +118,14 @@ def test_modality_groups_golden():
     ids = torch.tensor([[0, 0, 5, 9, 9, 6, 7], [0, 5, 8, 8, 9, 6, 7]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]])
     expected = torch.tensor([[-1, -1, 0, 1, 1, 0, 0], [-1, 0, 1, 1, 1, 0, 0]])
-    groups = modality_groups(ids, mask, {8, 9})
+    groups = modality_token_groups(ids, mask, {8, 9})
     assert groups.dtype == torch.int64 and torch.equal(groups, expected)
 
 
 def test_modality_groups_line_up_with_the_expanded_placeholders(vlm, items):
     model, processor = vlm
     batch = encode_mm_batch(processor, [items["image"], items["video"], items["two"]])
-    groups = modality_groups(batch["input_ids"], batch["attention_mask"], vision_token_ids(processor))
+    groups = modality_token_groups(batch["input_ids"], batch["attention_mask"], vision_token_ids(processor))
     per_item = expected_vision_tokens(batch)  # images in row order: [image, two, two], then the video
     expected = torch.stack([per_item[0], per_item[3], per_item[1] + per_item[2]])  # (3,) per row
     assert torch.equal((groups == 1).sum(-1), expected)
@@ -175,7 +175,7 @@ def test_routed_generate_traces_every_vision_and_text_position(vlm, items, kinds
     assert not torch.isin(out.sequences[:, P:], torch.tensor(vision_special_ids(model))).any()
     assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # K distinct experts per token
     attn = torch.cat([batch["attention_mask"], torch.ones(B, MAX_NEW, dtype=torch.long)], 1)
-    groups = modality_groups(out.sequences, attn, vision_token_ids(processor))[:, :-1]  # (B, S-1)
+    groups = modality_token_groups(out.sequences, attn, vision_token_ids(processor))[:, :-1]  # (B, S-1)
     assert (groups == 1).sum() == expected_vision_tokens(batch).sum()  # the placeholders are inside the trace
     assert torch.isfinite(trace.logp).all() and (trace.logp <= 0).all()
 
@@ -235,7 +235,7 @@ def test_gate_logp_of_replayed_routes_reaches_the_routers(vlm, items):
     B = batch["input_ids"].shape[0]
     with torch.no_grad(), route(model, Multinomial(), generator=torch.Generator().manual_seed(3)) as rec:
         model(**batch)
-    groups = modality_groups(batch["input_ids"], batch["attention_mask"], vision_token_ids(processor))  # (B, P)
+    groups = modality_token_groups(batch["input_ids"], batch["attention_mask"], vision_token_ids(processor))  # (B, P)
     model.zero_grad(set_to_none=True)
     with route(model, replay_policy_for(rec.trace(B))) as rec2:
         model(**batch)

@@ -75,6 +75,8 @@ class UpcycleConfig:
 
 
 DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
+"""dense families of the in-process tiny model (``models.build_tiny_dense``); a dense checkpoint may also be any of
+``moe.adapters.DENSE_MODEL_TYPES`` (Mistral too)"""
 
 
 @dataclass

@@ -23,11 +23,12 @@ import math
 import torch
 from torch import Tensor
 
+from expertrl.ops import entropy
+
 
 def token_entropy(probs: Tensor) -> Tensor:
     """Per-token entropy in nats of router probabilities: (..., E) -> (...), with 0 · ln 0 = 0."""
-    p = probs.float()
-    return -torch.special.xlogy(p, p).sum(-1)  # (...)
+    return entropy(probs)  # (...) the same function as the training metric moe/router_entropy
 
 
 def router_entropy(probs: Tensor, mask: Tensor | None = None, *, normalize: bool = False) -> Tensor:

@@ -29,6 +29,7 @@ from expertrl.diagnostics import (
     token_entropy,
     usage_entropy,
 )
+from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import TopK
 from expertrl.rollout import (
@@ -405,12 +406,6 @@ def run_eval(cfg) -> dict:
 
     from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 
-    # New EvalConfig fields, read with their defaults until config.py declares them.
-    num_samples = int(getattr(cfg, "num_samples", 0))
-    temperature = float(getattr(cfg, "temperature", 1.0))
-    pass_k = [int(k) for k in getattr(cfg, "pass_k", [1])]
-    routing_stats = bool(getattr(cfg, "routing_stats", True))
-
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)
@@ -422,12 +417,12 @@ def run_eval(cfg) -> dict:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=True,
-        num_samples=num_samples,
-        temperature=temperature,
-        pass_k=pass_k,
+        num_samples=cfg.num_samples,
+        temperature=cfg.temperature,
+        pass_k=cfg.pass_k,
         seed=cfg.seed,
     )
-    if routing_stats:
+    if cfg.routing_stats and find_routers(model, allow_dense=True):  # a dense or plain-LoRA model routes nothing
         result["routing"] = routing_statistics_pass(
             model, tokenizer, task.eval, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=True
         )

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from expertrl.config import DENSE_FAMILIES  # the dense bases the tiny builder makes
+from expertrl.moe.adapters import DENSE_MODEL_TYPES
 from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
 
 PRESETS: dict[str, dict] = {
@@ -164,10 +166,6 @@ def build_tiny_moe(
     return seeded_from_config(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), seed=seed)
 
 
-DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
-"""Dense decoders with a gate/up/down SwiGLU FFN: the bases of LoRA-MoE adapters and of upcycling."""
-
-
 def build_tiny_dense(
     family: str = "qwen3",
     preset: str = "tiny",
@@ -216,9 +214,7 @@ def load_model(
     import json
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    kernel = (
-        {} if model_type in (*DENSE_FAMILIES, "mistral") else {"experts_implementation": experts_implementation}
-    )  # MoE only
+    kernel = {} if model_type in DENSE_MODEL_TYPES else {"experts_implementation": experts_implementation}  # MoE only
     if model_type == "qwen3_vl_moe":  # a vision-language model: not an AutoModelForCausalLM mapping
         from transformers import AutoModelForImageTextToText
 

@@ -44,6 +44,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy(probs: Tensor, eps: float = 1e-12) -> Tensor:
-    """Entropy in nats of a distribution along the last dim: (..., E) -> (...)."""
-    return -(probs * probs.clamp_min(eps).log()).sum(-1)
+def entropy(probs: Tensor) -> Tensor:
+    """Entropy in nats of a distribution along the last dim: (..., E) -> (...), with 0 · ln 0 = 0."""
+    p = probs.float()
+    return -torch.special.xlogy(p, p).sum(-1)

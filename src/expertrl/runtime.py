@@ -126,16 +126,16 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
 
     from transformers import AutoTokenizer
 
-    from expertrl.moe.adapters import FAMILIES
+    from expertrl.moe.adapters import DENSE_MODEL_TYPES, FAMILIES
 
     config_file = Path(cfg.path) / "config.json"
     if config_file.is_file():  # refuse a dense or unknown family before loading any weights
         model_type = json.loads(config_file.read_text()).get("model_type")
         dense_ok = allow_dense or cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
         dense_vlm = model_type in DENSE_VLM_FAMILIES and (allow_dense or cfg.upcycle.num_experts > 0)
-        if model_type not in FAMILIES and not dense_vlm and not (dense_ok and model_type in DENSE_FAMILIES):
+        if model_type not in FAMILIES and not dense_vlm and not (dense_ok and model_type in DENSE_MODEL_TYPES):
             hint = f"supported MoE families: {sorted(FAMILIES)}"
-            if model_type in DENSE_FAMILIES:
+            if model_type in DENSE_MODEL_TYPES:
                 hint += (
                     "; a dense model can be trained with LoRA-MoE adapters (model.adapter.kind=lora_moe) or "
                     "upcycled first (model.upcycle.num_experts=8, or `expertrl upcycle SRC DST`)"

@@ -102,7 +102,9 @@ def supervised_train(
     from expertrl.runtime import clip_grad, optimizer_and_schedule
 
     device = next(model.parameters()).device
-    routed = bool(find_routers(model, allow_dense=True))
+    sites = find_routers(model, allow_dense=True)
+    routed = bool(sites)
+    dense = routed and all(s.top_k == s.num_experts for s in sites)  # LoRA-MoE dense mixture: soft Switch LB
     if not routed and (cfg.routing != "topk" or cfg.lb_coef > 0 or cfg.z_coef > 0):
         raise ConfigError(
             f"sft.routing: {type(model).__name__} has no router (a dense model or a plain LoRA), so routing "
@@ -139,7 +141,9 @@ def supervised_train(
             B = ids.shape[0]
             probs, experts = rec.probs(B), rec.trace(B).experts.long()  # (L, B, S, E), (L, B, S, K)
             L, _, S, E = probs.shape
-            lb = switch_load_balancing(probs.reshape(L, -1, E), experts.reshape(L, B * S, -1), attn.reshape(-1).float())
+            lb = switch_load_balancing(
+                probs.reshape(L, -1, E), experts.reshape(L, B * S, -1), attn.reshape(-1).float(), soft_dispatch=dense
+            )
             loss = loss + cfg.lb_coef * lb
         z = torch.zeros(())
         if cfg.z_coef > 0:  # ST-MoE router z-loss on the attended positions

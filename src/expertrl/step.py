@@ -119,7 +119,10 @@ def _routing_terms(fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs:
     last = micro.attention_mask.long().cumsum(-1).argmax(-1)  # (B,) index of each row's last attended position
     lb_mask[torch.arange(B, device=lb_mask.device), last] = 0
     experts = fwd.routing.experts.long()  # (L, B, S, K)
-    lb = switch_load_balancing(fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1))
+    dense = experts.shape[-1] == E  # RL routes a fixed K per router: K = E is a dense mixture (LoRA-MoE default)
+    lb = switch_load_balancing(
+        fwd.probs.reshape(L, B * S, E), experts.reshape(L, B * S, -1), lb_mask.reshape(-1), soft_dispatch=dense
+    )
     extra = torch.zeros((), device=lb.device)
     if lc.lb_coef > 0:
         extra = extra + lc.lb_coef * lb * (B / num_seqs)

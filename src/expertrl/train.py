@@ -136,10 +136,11 @@ def scored_rollout(
     if ref_model is not None:
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
+            P = rollout.prompt_width
+            allowed = guide.for_sequences(rollout.input_ids, rollout.attention_mask, P) if guide is not None else None
             rollout.ref_logp = policy_forward(
-                ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, routes,
-                mm=rollout.mm_inputs,
-            ).logp  # fmt: skip
+                ref_model, rollout.input_ids, rollout.attention_mask, P, routes, mm=rollout.mm_inputs, allowed=allowed
+            ).logp  # the same expert mask as the policy's forwards, so the KL starts at 0
     rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
     rewards = rewards.to(device)
     route_metrics = {}
@@ -157,6 +158,9 @@ def scored_rollout(
             rollout.mask.sum(-1), max_len=cfg.rollout.max_new_tokens, cache=cfg.rollout.overlong_cache
         )
         rewards = rewards + parts["overlong"].to(device)
+    route_metrics["completions/loop_rate"] = repetition_rate(  # before overlong filtering hides the cut ones
+        rollout.input_ids[:, rollout.prompt_width :], rollout.mask
+    )[1]
     if cfg.rollout.mask_truncated:  # DAPO overlong filtering: a cut completion gets no loss
         eos = text_tokenizer(tokenizer).eos_token_id
         cut = truncated(rollout.mask, rollout.input_ids[:, rollout.prompt_width :], eos)
@@ -460,15 +464,13 @@ def train(cfg: TrainConfig) -> dict:
                     "frac_reward_zero_std": adv_metrics["frac_reward_zero_std"],
                     "completions/mean_length": rollout.mask.sum(-1).mean(),
                     "moe/trace_bytes": float(rollout.routing.nbytes()),
-                    "completions/loop_rate": repetition_rate(
-                        rollout.input_ids[:, rollout.prompt_width :], rollout.mask
-                    )[1],
                 }
                 | routing_usage(rollout, labels)
                 | {k: v for k, v in adv_metrics.items() if "/" in k and v.dim() == 0}
             )
-            if "moe/utilisation" in adv_metrics:  # (M, E) mean routing probability per router: one key per router
-                metrics |= {f"moe/utilisation/{lab}": u for lab, u in zip(labels, adv_metrics["moe/utilisation"])}
+            for key in ("moe/utilisation", "moe/load_mse_norm_per_module"):  # per-router rows: one key per router
+                if key in adv_metrics:
+                    metrics |= {f"{key}/{lab}": row for lab, row in zip(labels, adv_metrics[key])}
             full = rollout
             if cfg.rollout.dynamic_sampling:  # DAPO: drop groups whose rewards are all equal, refill with new ones
                 target = full.batch_size

@@ -35,8 +35,8 @@ What a rollout needs beyond text (``rollout.encode_prompts``, ``generate_rollout
 * vision kwargs are flat over images, not per row: ``pixel_values`` is (sum of patches, C*T*p*p) in row order. A
   micro-batch or ``index_batch`` must slice them with ``index_mm_batch``; concatenating rollouts concatenates them.
 * the routing trace is unchanged: (L, B, S-1, K) over every position, vision placeholders included (the routers only
-  live in the text decoder; the vision tower is dense). ``modality_groups`` labels the positions (vision / text / pad)
-  for per-modality diagnostics and for masks such as ``route(allowed=...)``.
+  live in the text decoder; the vision tower is dense). ``moe.guidance.modality_token_groups`` labels the positions
+  (vision / text / pad) for per-modality diagnostics and for masks such as ``route(allowed=...)``.
 """
 
 from __future__ import annotations
@@ -276,14 +276,6 @@ def vision_special_ids(processor_or_config) -> list[int]:
     obj = getattr(processor_or_config, "config", processor_or_config)
     ids = (obj.image_token_id, obj.video_token_id, obj.vision_start_token_id, obj.vision_end_token_id)
     return sorted(int(i) for i in ids)
-
-
-def modality_groups(input_ids: Tensor, attention_mask: Tensor, vision_ids: set[int] | Tensor) -> Tensor:
-    """(B, S) int64 group label of each position: 1 vision placeholder, 0 text, -1 padding (attention 0)."""
-    assert input_ids.shape == attention_mask.shape, (input_ids.shape, attention_mask.shape)
-    ids = torch.as_tensor(sorted(vision_ids) if isinstance(vision_ids, set) else vision_ids, device=input_ids.device)
-    groups = torch.isin(input_ids, ids).long()  # (B, S) 1 = vision
-    return groups.masked_fill(attention_mask == 0, -1)
 
 
 def _as_rgb(image, where: str) -> np.ndarray:

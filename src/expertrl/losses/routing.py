@@ -11,7 +11,7 @@ from torch import Tensor
 from expertrl.ops import masked_mean
 
 
-def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor) -> Tensor:
+def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor, *, soft_dispatch: bool = False) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. arXiv:2101.03961) on the experts actually chosen.
 
     Per layer l (METHODS.md §6.1):
@@ -30,8 +30,9 @@ def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor) -> Tenso
     Slots whose expert id is -1 (``types.UNROUTED``) are ignored; a token with no routed slot drops out of P too.
 
     Dense mixtures (K = E, e.g. RO-GRPO's LoRA-MoE): every token uses every expert, so the hard ``f`` is uniform and
-    the loss a constant with no balancing gradient. There ``f`` is the detached mean probability, ``loss =
-    E · Σ_e sg(P_e) P_e``: still 1 at uniform routing, E at collapse, and its gradient pushes towards balance.
+    the loss a constant with no balancing gradient. ``soft_dispatch=True`` (the caller knows its routers are dense)
+    makes ``f`` the detached mean probability, ``loss = E · Σ_e sg(P_e) P_e``: still 1 at uniform routing, E at
+    collapse, and its gradient pushes towards balance.
 
     Args:
         probs: (L, N, E) router probabilities (the full softmax the routes were drawn from), or (N, E) for one layer.
@@ -52,7 +53,7 @@ def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor) -> Tenso
         f = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # (L, E)
     token_mask = routed.any(-1).to(probs.dtype)  # (L, N)
     p_mean = masked_mean(probs, token_mask[..., None], dim=1)  # (L, E)
-    if experts.shape[-1] == num_experts:  # dense mixture: soft dispatch fraction (see docstring)
+    if soft_dispatch:  # dense mixture: soft dispatch fraction (see docstring)
         f = p_mean.detach()
     return (num_experts * (f * p_mean).sum(-1)).mean()  # per layer E·Σ_e f_e P_e, then mean over L
 

@@ -40,7 +40,7 @@ HISTORIES = ("window", "ema")
 
 
 @torch.no_grad()
-def routing_statistics(probs: Tensor, mask: Tensor, *, pool: str = "pairs", eps: float = 1e-12) -> dict[str, Tensor]:
+def routing_statistics(probs: Tensor, mask: Tensor, *, pool: str = "pairs") -> dict[str, Tensor]:
     """Per-completion routing entropy and load imbalance of RO-GRPO.
 
     ``H_norm = mean over counted (token, module) pairs of H(p) / ln E`` with ``H(p) = -Σ_e p_e ln p_e`` (nats);
@@ -53,7 +53,6 @@ def routing_statistics(probs: Tensor, mask: Tensor, *, pool: str = "pairs", eps:
         mask: (B, T) float, 1 = completion token counted; or (M, B, T) when modules count different tokens.
         pool: "pairs" (pool all counted (token, module) pairs for H̄; the default) or "module" (mean per module,
             then over the modules that counted a token).
-        eps: floor inside the logarithm.
     Returns:
         h_norm: (B,) normalised mean routing entropy.
         m_norm: (B,) normalised load MSE to uniform (mean over modules).
@@ -76,7 +75,7 @@ def routing_statistics(probs: Tensor, mask: Tensor, *, pool: str = "pairs", eps:
     counted = (mask.detach() > 0).expand(M, B, T)  # (M, B, T) bool
     w = counted.float()  # (M, B, T)
 
-    ent = torch.where(counted, entropy(probs, eps), 0.0)  # (M, B, T); NaN at padding never leaks
+    ent = torch.where(counted, entropy(probs), 0.0)  # (M, B, T); NaN at padding never leaks
     n_mb = w.sum(-1)  # (M, B) counted tokens per module
     valid = n_mb > 0  # (M, B) module counted something for this completion
     n_valid = valid.float().sum(0)  # (B,)
