@@ -40,10 +40,11 @@ from expertrl.moe.lora_moe import matched_lora_rank
 from expertrl.moe.policies import TopK
 from expertrl.presets import preset_overrides
 from expertrl.rewards.routing import repetition_rate, routing_statistics
-from expertrl.rollout import completion_mask, decoding_kwargs, policy_forward
+from expertrl.rollout import completion_mask, decoding_kwargs, forward_sequences
 from expertrl.runtime import model_and_tokenizer, task_from_config
 from expertrl.sft import run_sft
 from expertrl.train import train
+from expertrl.types import Sampling
 
 ARMS = {
     "lora": "lora",
@@ -82,7 +83,7 @@ def heldout_routing(cfg: TrainConfig, run_dir: Path) -> dict:
     attn = torch.cat([enc["attention_mask"], mask.long()], dim=1)
     _, loop_rate = repetition_rate(seqs[:, P:], mask)
     out = {"loop_rate": float(loop_rate)}
-    fwd = policy_forward(model, seqs, attn, P, None, keep_probs=True)
+    fwd = forward_sequences(model, seqs, attn, P, None, sampling=Sampling(), keep_probs=True)
     if fwd.probs.shape[0] > 0:  # the plain-LoRA baseline has no router
         stats = routing_statistics(fwd.probs[:, :, P - 1 : -1], mask)
         out |= {"h_norm": float(stats["h_norm"].mean()), "m_norm": float(stats["m_norm"].mean())}

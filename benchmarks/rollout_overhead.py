@@ -20,6 +20,7 @@ default-job shapes (preset ``small``) and for ``--preset``; prompts are the addi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +38,6 @@ from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, TopK
-from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rollout import completion_mask, policy_forward
 from expertrl.runtime import clip_grad, optimizer_and_schedule
 from expertrl.step import loss_on_microbatch
@@ -199,7 +199,6 @@ def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tok
     task = load_task("addition", train_size=cfg.task.train_size, eval_size=cfg.task.eval_size, seed=cfg.task.seed)
     items = task.train[:prompts_per_step]
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)
-    set_logprob = SET_LOGPROBS["plackett_luce"]
     optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, 10_000)
 
     prompts = [it["prompt"] for it in items for _ in range(group_size)]
@@ -229,7 +228,7 @@ def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tok
         L, _, _, K = t.experts.shape
         state["trace"] = RoutingTrace(
             experts=torch.cat([t.experts, t.experts.new_full((L, B, 1, K), UNROUTED)], dim=2),
-            logp=torch.cat([t.logp, t.logp.new_zeros((L, B, 1, K))], dim=2),
+            set_logp=torch.cat([t.set_logp, t.set_logp.new_zeros((L, B, 1))], dim=2),
             layers=t.layers,
             num_experts=t.num_experts,
         )
@@ -241,22 +240,23 @@ def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tok
         seqs = state["seqs"]
         comp_mask = completion_mask(seqs[:, P:], tokenizer.eos_token_id)
         attn = torch.cat([prompt_mask, comp_mask.long()], dim=1)
-        old_logp, old_gate_logp, _, _ = policy_forward(model, seqs, attn, P, state["trace"])
         rewards = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(2)).float()
         adv, _ = group_advantages(rewards, group_size, scale=cfg.loss.advantage_scale)
-        state["rollout"] = Rollout(
+        batch = Rollout(
             input_ids=seqs,
             attention_mask=attn,
             prompt_width=P,
             mask=comp_mask,
-            old_logp=old_logp,
             routing=state["trace"],
-            old_gate_logp=old_gate_logp,
             group_size=group_size,
             completions=[""] * B,
             items=[it for it in items for _ in range(group_size)],
             rewards=rewards,
             advantages=adv,
+        )
+        old = policy_forward(model, batch, state["trace"])
+        state["rollout"] = dataclasses.replace(
+            batch, old_logp=old.logp, old_set_logp=old.set_logp, old_router_logp=old.router_logp
         )
 
     def loss_fwd_bwd():
@@ -265,7 +265,7 @@ def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tok
         optimizer.zero_grad(set_to_none=True)
         for idx in torch.arange(B).split(cfg.micro_batch_size):
             micro = rollout.index_batch(idx)
-            loss, _ = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=B)
+            loss, _ = loss_on_microbatch(model, micro, cfg, token_loss, num_seqs=B)
             loss.backward()
 
     def optimizer_step():

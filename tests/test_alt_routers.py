@@ -250,7 +250,8 @@ def test_expert_choice_forward_matches_slow_reference(impl):
     torch.testing.assert_close(weights, expected)
     assert (~used).any() and (weights[~used] == 0).all()
     assert _load(recorded, 4).tolist() == [6] * 4  # N = 12, c = 2, E = 4 -> C = 6 tokens per expert
-    assert (trace.logp[0].reshape(n, -1)[~used] == 0).all()
+    assert (rec.router_logp(B)[0].reshape(n, -1)[~used] == 0).all()
+    assert (trace.set_logp == 0).all()  # a variable-K choice has no set probability
 
 
 def test_expert_choice_without_renormalisation_keeps_the_softmax():
@@ -354,13 +355,15 @@ def test_trace_pads_chunks_of_different_widths():
     rec = RoutingRecorder(sites=sites, num_experts=4)
     rec.experts[0] += [torch.tensor([[1, -1], [2, 0]], dtype=torch.int16), torch.tensor([[3], [1]], dtype=torch.int16)]
     rec.experts[1] += [torch.tensor([[0, 1, 2], [1, -1, -1]], dtype=torch.int16), torch.tensor([[2], [3]]).short()]
-    rec.logp[0] += [torch.tensor([[-0.5, 0.0], [-1.0, -2.0]]), torch.tensor([[-0.1], [-0.2]])]
-    rec.logp[1] += [torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]]), torch.tensor([[-0.3], [-0.4]])]
+    rec.router_lp[0] += [torch.tensor([[-0.5, 0.0], [-1.0, -2.0]]), torch.tensor([[-0.1], [-0.2]])]
+    rec.router_lp[1] += [torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]]), torch.tensor([[-0.3], [-0.4]])]
+    for per_layer in rec.set_lp:
+        per_layer += [torch.zeros(2, 1), torch.zeros(2, 1)]
     trace = rec.trace(batch_size=2)  # 2 sequences, 2 chunks of 1 position each -> (L=2, B=2, S=2, K'=3)
     assert trace.experts.shape == (2, 2, 2, 3)
     assert trace.experts[0, :, 1].tolist() == [[3, -1, -1], [1, -1, -1]]
     assert trace.experts[1, :, 0].tolist() == [[0, 1, 2], [1, -1, -1]]
-    assert trace.logp[0, :, 0].tolist() == [[-0.5, 0.0, 0.0], [-1.0, -2.0, 0.0]]
+    assert rec.router_logp(2)[0, :, 0].tolist() == [[-0.5, 0.0, 0.0], [-1.0, -2.0, 0.0]]
 
 
 def test_keep_logits_records_raw_router_logits_for_the_z_loss(tiny_moe):

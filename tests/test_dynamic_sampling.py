@@ -32,8 +32,10 @@ def test_concat_rollouts_repads_and_replays_to_the_same_logprobs():
     assert both.prompt_width == max(a.prompt_width, b.prompt_width)
     assert both.routing.experts.shape[:3] == (2, both.batch_size, both.input_ids.shape[1])
     # replaying the re-padded batch gives each completion the log-probs it had in its own batch
-    fresh = policy_forward(model, both.input_ids, both.attention_mask, both.prompt_width, both.routing)
+    fresh = policy_forward(model, both, both.routing)
     torch.testing.assert_close(fresh.logp * both.mask, both.old_logp * both.mask, atol=1e-4, rtol=0)
+    routed = both.routing.experts[0, :, :, 0] >= 0  # (B, S) positions with a recorded route
+    torch.testing.assert_close(fresh.set_logp[:, routed], both.old_set_logp[:, routed], atol=1e-4, rtol=0)
     assert both.completions == a.completions + b.completions
 
 

@@ -257,9 +257,9 @@ def test_full_forward_gets_the_generate_masks_and_reproduces_its_log_probs(tiny_
         assert torch.equal(full_rows[:, : S - 1], gen_spy.per_position(layer, B))
     # Same masked softmax in both paths (ambiguity 10): the replayed forward gives the sampled experts the same
     # log-probs the rollout sampled them with.
-    full_logp = rec_full.trace(B).logp[:, :, : S - 1]
-    real = full_attn[:, : S - 1].bool()[None, :, :, None].expand_as(full_logp)
-    torch.testing.assert_close(full_logp[real], gen_trace.logp[real], atol=1e-5, rtol=0)
+    full_logp = rec_full.trace(B).set_logp[:, :, : S - 1]  # (L, B, S-1)
+    real = full_attn[:, : S - 1].bool()[None].expand_as(full_logp)
+    torch.testing.assert_close(full_logp[real], gen_trace.set_logp[real], atol=1e-5, rtol=0)
     assert torch.isfinite(full_logp).all()
 
 

@@ -25,7 +25,6 @@ from expertrl.moe.lora_moe import (
     save_adapter,
 )
 from expertrl.moe.policies import Multinomial, TopK, replay_policy_for
-from expertrl.moe.setprob import plackett_luce_logp
 from expertrl.rollout import generate_rollout, policy_forward
 from expertrl.tokenizer import PAD_ID
 
@@ -222,9 +221,9 @@ def test_gate_grpo_on_replayed_routes_reaches_every_router():
     trace = rec.trace(B)
     with route(model, replay_policy_for(trace)) as rec:
         _forward(model)
-    set_logp = plackett_luce_logp(rec.gate_logp(B))  # (L, B, S)
+    set_logp = rec.set_logp(B)  # (L, B, S)
     mask = MASK.float()
-    loss, _ = gate_grpo(set_logp, plackett_luce_logp(trace.logp), torch.tensor([1.0, -0.5]), mask)
+    loss, _ = gate_grpo(set_logp, trace.set_logp, torch.tensor([1.0, -0.5]), mask)
     aggregate(loss, mask, "token_mean").backward()
     for s in find_routers(model):
         assert s.weight.grad is not None and s.weight.grad.abs().sum() > 0, s.name
@@ -239,12 +238,11 @@ def test_rollout_and_policy_forward_run_on_lora_moe(tokenizer):
     )  # fmt: skip
     L, Bt, St, K = rollout.routing.experts.shape
     assert (L, Bt, St, K) == (6, 4, rollout.input_ids.shape[1], 2)
-    out = policy_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, rollout.routing)
+    out = policy_forward(model, rollout, rollout.routing)
     assert torch.equal(out.logp, rollout.old_logp)  # the first inner update has ratio exactly 1
-    live = policy_forward(
-        model, rollout.input_ids, rollout.attention_mask, rollout.prompt_width, None, score=rollout.routing
-    )  # RSPO's router shift: live top-K routing, old experts scored
-    assert live.gate_logp.shape == (6, 4, St, 2) and torch.isfinite(live.gate_logp).all()
+    assert torch.equal(out.set_logp, rollout.old_set_logp)
+    live = policy_forward(model, rollout, None, score=rollout.routing)  # RSPO: live top-K, old experts scored
+    assert live.router_logp.shape == (6, 4, St, 2) and torch.isfinite(live.router_logp).all()
 
 
 # --- adapter files -----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from expertrl.moe.adapters import FAMILIES as ADAPTER_FAMILIES
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, Replay, TopK, replay_policy_for
+from expertrl.moe.setprob import set_logprob
 from expertrl.tokenizer import PAD_ID
 from expertrl.types import UNROUTED
 
@@ -158,7 +159,8 @@ def test_replay_reproduces_a_sampled_forward(family):
     assert torch.equal(replayed, sampled)
     again = rec_replay.trace(B)
     assert torch.equal(again.experts, trace.experts)
-    assert torch.equal(again.logp, trace.logp)
+    assert torch.equal(again.set_logp, trace.set_logp)  # the same set log-prob, recomputed from all E scores
+    assert torch.equal(rec_replay.router_logp(B), rec.router_logp(B))
 
 
 def test_replay_of_a_topk_trace_on_deepseek_v3_is_native():
@@ -171,7 +173,8 @@ def test_replay_of_a_topk_trace_on_deepseek_v3_is_native():
             replayed = _forward(model)
     assert torch.equal(replayed, native)
     assert torch.equal(rec_replay.trace(B).experts, trace.experts)
-    torch.testing.assert_close(rec_replay.trace(B).logp, trace.logp)
+    torch.testing.assert_close(rec_replay.router_logp(B), rec.router_logp(B))
+    assert (trace.set_logp == 0).all()  # a sigmoid router has no set probability
 
 
 def test_unrouted_entries_fall_back_to_topk(tiny_moe):
@@ -203,17 +206,17 @@ def test_unrouted_entries_fall_back_to_topk(tiny_moe):
 # --- gate log-probs ----------------------------------------------------------------------------------------------
 
 
-def test_gate_logp_is_differentiable_and_matches_the_router_softmax(tiny_moe):
+def test_set_logp_is_differentiable_and_matches_plackett_luce_of_the_router_softmax(tiny_moe):
     sites = find_routers(tiny_moe)
     captured, handles = _capture_router_inputs(sites)
     with route(tiny_moe, Multinomial(), generator=torch.Generator().manual_seed(0)) as rec:
         _forward(tiny_moe)
     for h in handles:
         h.remove()
-    gate = rec.gate_logp(B)  # (L, B, S, K)
+    set_logp = rec.set_logp(B)  # (L, B, S)
     experts = rec.trace(B).experts.long()
-    assert gate.requires_grad and gate.shape == experts.shape
-    gate.sum().backward()
+    assert set_logp.requires_grad and set_logp.shape == experts.shape[:3]
+    set_logp.sum().backward()
     assert all(s.weight.grad is not None and s.weight.grad.abs().sum() > 0 for s in sites)
 
     # Slow reference: router logits from the captured hidden states. The last router's weight influences nothing
@@ -221,8 +224,10 @@ def test_gate_logp_is_differentiable_and_matches_the_router_softmax(tiny_moe):
     for pos, s in enumerate(sites):
         weight = s.weight.detach().clone().requires_grad_(True)
         hidden = captured[pos].detach().reshape(-1, weight.shape[1])  # (N, H)
-        ref = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1).gather(1, experts[pos].reshape(-1, 2))
-        torch.testing.assert_close(gate[pos].reshape(-1, 2), ref)
+        ref = set_logprob("plackett_luce", F.linear(hidden, weight).float(), experts[pos].reshape(-1, 2))  # (N,)
+        torch.testing.assert_close(set_logp[pos].reshape(-1), ref)
+        exact = set_logprob("plackett_luce", F.linear(hidden.double(), weight.double()), experts[pos].reshape(-1, 2))
+        torch.testing.assert_close(set_logp[pos].reshape(-1).double(), exact, atol=1e-5, rtol=0)
         if pos == len(sites) - 1:
             ref.sum().backward()
             torch.testing.assert_close(s.weight.grad, weight.grad)
@@ -257,9 +262,11 @@ def test_multinomial_matches_plackett_luce_frequencies(tiny_moe):
     ordered.fill_diagonal_(0.0)
     within_4_sigma(pairs, ordered)
 
-    logp = rec.trace(N).logp.reshape(N, 2)  # one layer, N sequences of one position
-    ref_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, experts)
-    assert torch.equal(logp, ref_logp)
+    router_logp = rec.router_logp(N).reshape(N, 2)  # one layer, N sequences of one position
+    assert torch.equal(router_logp, torch.log_softmax(logits.float(), dim=-1).gather(1, experts))
+    set_logp = rec.trace(N).set_logp.reshape(N)
+    pl = ordered[experts[:, 0], experts[:, 1]].log()  # the float64 Plackett-Luce probability of each ordered draw
+    torch.testing.assert_close(set_logp.double(), pl, atol=1e-6, rtol=0)
     ref_w = torch.softmax(logits.float(), dim=-1).gather(1, experts)
     torch.testing.assert_close(weights, ref_w / ref_w.sum(-1, keepdim=True))  # qwen3 tiny: norm_topk_prob=True
 
@@ -298,10 +305,12 @@ def test_allowed_mask_forbids_experts_per_layer(policy):
     masked[:, :2] = float("-inf")
     ref = torch.log_softmax(masked, dim=-1)  # (N, E)
     torch.testing.assert_close(ref[:, 2:].exp().sum(-1), torch.ones(B * S))
-    torch.testing.assert_close(trace.logp[0].reshape(-1, 2), ref.gather(1, trace.experts[0].reshape(-1, 2).long()))
+    chosen = trace.experts[0].reshape(-1, 2).long()
+    torch.testing.assert_close(r.router_logp(B)[0].reshape(-1, 2), ref.gather(1, chosen))  # masked, T = 1
+    torch.testing.assert_close(trace.set_logp[0].reshape(-1), set_logprob("plackett_luce", masked, chosen))
 
 
-def test_temperature_tempers_logp_but_not_weights(tiny_moe):
+def test_temperature_tempers_set_logp_but_not_weights_or_router_logp(tiny_moe):
     site = find_routers(tiny_moe)[0]
     hidden = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))  # (N, H)
     with torch.no_grad():
@@ -316,13 +325,16 @@ def test_temperature_tempers_logp_but_not_weights(tiny_moe):
             _, w4, e4 = site.module(hidden)
     assert torch.equal(e2, e1) and torch.equal(w2, w1)  # top-K of logits/2 = top-K of logits; weights at T=1
     assert torch.equal(e4, e3) and torch.equal(w3, w4)
-    tempered = torch.log_softmax(logits.float() / 2.0, dim=-1)  # (N, E)
-    plain = torch.log_softmax(logits.float(), dim=-1)
-    torch.testing.assert_close(r2.trace(64).logp.reshape(64, 2), tempered.gather(1, e2))
-    torch.testing.assert_close(r3.trace(64).logp.reshape(64, 2), tempered.gather(1, e3))
-    torch.testing.assert_close(r1.trace(64).logp.reshape(64, 2), plain.gather(1, e1))
-    torch.testing.assert_close(r4.trace(64).logp.reshape(64, 2), plain.gather(1, e3))
-    assert not torch.allclose(tempered.gather(1, e1), plain.gather(1, e1))  # the temperature mattered
+    scores = logits.float()
+    pl = lambda s, e: set_logprob("plackett_luce", s, e)  # noqa: E731
+    torch.testing.assert_close(r2.trace(64).set_logp.reshape(64), pl(scores / 2.0, e2))  # tempered
+    torch.testing.assert_close(r3.trace(64).set_logp.reshape(64), pl(scores / 2.0, e3))
+    torch.testing.assert_close(r1.trace(64).set_logp.reshape(64), pl(scores, e1))
+    torch.testing.assert_close(r4.trace(64).set_logp.reshape(64), pl(scores, e3))
+    assert not torch.allclose(pl(scores / 2.0, e1), pl(scores, e1))  # the temperature mattered
+    plain = torch.log_softmax(scores, dim=-1)  # RSPO's router log-probs never use the routing temperature
+    for r, e in ((r1, e1), (r2, e2), (r3, e3), (r4, e3)):
+        torch.testing.assert_close(r.router_logp(64).reshape(64, 2), plain.gather(1, e))
 
 
 def test_stochastic_routing_on_sigmoid_router_raises():
@@ -356,7 +368,7 @@ def test_generate_under_route(tiny_moe):
     assert [len(c) for c in rec.experts] == [5, 5]  # one prefill chunk, then one chunk per fed-back token
     trace = rec.trace(B)
     assert trace.experts.shape == (2, B, sampled.shape[1] - 1, 2)
-    assert trace.logp.shape == trace.experts.shape and (trace.logp <= 0).all()
+    assert trace.set_logp.shape == trace.experts.shape[:3] and (trace.set_logp <= 0).all()
 
 
 def test_deepseek_unrouted_replay_falls_back_to_native_choice():

@@ -10,7 +10,6 @@ from expertrl.losses import get_loss
 from expertrl.models import build_tiny_moe
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
-from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.ops import token_logp
 from expertrl.rollout import completion_mask, generate_rollout, policy_forward
 from expertrl.step import loss_on_microbatch, routing_usage
@@ -54,9 +53,11 @@ def test_rollout_shapes_and_groups(model_and_rollout):
     B, S, P, C = r.batch_size, r.input_ids.shape[1], r.prompt_width, r.completion_width
     assert B == len(ITEMS) * G and P == max(len(it["prompt"]) for it in ITEMS) and 1 <= C <= MAX_NEW
     assert r.attention_mask.shape == (B, S) and r.mask.shape == (B, C) and r.old_logp.shape == (B, C)
-    assert r.routing.experts.shape == r.routing.logp.shape == r.old_gate_logp.shape == (L, B, S, K)
+    assert r.routing.experts.shape == r.old_router_logp.shape == (L, B, S, K)
+    assert r.routing.set_logp.shape == r.old_set_logp.shape == (L, B, S)
+    assert r.sample_logp.shape == (B, C)
     assert r.routing.layers == (0, 1) and r.routing.num_experts == E and r.group_size == G
-    assert (r.routing.experts[:, :, -1] == UNROUTED).all() and (r.routing.logp[:, :, -1] == 0).all()
+    assert (r.routing.experts[:, :, -1] == UNROUTED).all() and (r.routing.set_logp[:, :, -1] == 0).all()
     assert ((r.routing.experts[:, :, :-1] >= 0) & (r.routing.experts[:, :, :-1] < E)).all()
     assert r.rewards is None and r.advantages is None
     assert (r.mask == 0).any() and (r.mask.sum(-1) == C).any()  # some rows stopped at EOS, some used the budget
@@ -78,10 +79,11 @@ def test_rollout_shapes_and_groups(model_and_rollout):
 def test_old_logp_is_a_fresh_replayed_forward(model_and_rollout):
     model, _, r = model_and_rollout
     with torch.no_grad():
-        logp, gate_logp, probs, *_ = policy_forward(model, r.input_ids, r.attention_mask, r.prompt_width, r.routing)
-    assert probs is None
-    assert torch.equal(logp, r.old_logp)
-    assert torch.equal(gate_logp, r.old_gate_logp)
+        fwd = policy_forward(model, r, r.routing)
+    assert fwd.probs is None
+    assert torch.equal(fwd.logp, r.old_logp)
+    assert torch.equal(fwd.set_logp, r.old_set_logp)
+    assert torch.equal(fwd.router_logp, r.old_router_logp)
 
 
 def test_old_logp_matches_the_rollout_generation(model_and_rollout):
@@ -99,16 +101,17 @@ def test_old_logp_matches_the_rollout_generation(model_and_rollout):
     assert torch.equal(out.sequences, r.input_ids)
     gen_logp = token_logp(torch.stack(out.logits, dim=1), out.sequences[:, P:])  # (B, C)
     torch.testing.assert_close(gen_logp[m], r.old_logp[m], atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.sample_logp[m], r.old_logp[m], atol=1e-5, rtol=0)  # recorded while generating
     # Greedy decoding: each counted token was the argmax of the rollout's scores.
     assert torch.equal(torch.stack(out.logits, dim=1).argmax(-1)[m], out.sequences[:, P:][m])
 
-    # The rollout's recorded gate log-probs agree with the replayed forward's at every attended routed position.
+    # The rollout's recorded set log-probs agree with the replayed forward's at every attended routed position.
     assert torch.equal(rec.trace(r.batch_size).experts, r.routing.experts[:, :, :-1])
-    attended = r.attention_mask[:, :-1].bool()[None, :, :, None].expand(L, -1, -1, K)  # (L, B, S-1, K)
-    counted = m[None, :, :, None].expand(L, -1, -1, K)  # (L, B, C, K) positions P-1..S-2 predict counted tokens
+    attended = r.attention_mask[:, :-1].bool()[None].expand(L, -1, -1)  # (L, B, S-1)
+    counted = m[None].expand(L, -1, -1)  # (L, B, C) positions P-1..S-2 predict counted tokens
     assert attended[:, :, P - 1 :][counted].all()  # so the comparison below covers every one of them
     torch.testing.assert_close(
-        r.routing.logp[:, :, :-1][attended], r.old_gate_logp[:, :, :-1][attended], atol=1e-4, rtol=0
+        r.routing.set_logp[:, :, :-1][attended], r.old_set_logp[:, :, :-1][attended], atol=1e-5, rtol=0
     )
 
 
@@ -116,10 +119,9 @@ def test_first_inner_update_has_ratio_exactly_one(model_and_rollout):
     model, _, r = model_and_rollout
     cfg = TrainConfig()
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)
-    set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     micro = dataclasses.replace(r, advantages=torch.linspace(-1.0, 1.0, r.batch_size))
     model.zero_grad(set_to_none=True)
-    loss, metrics = loss_on_microbatch(model, micro, cfg, token_loss, set_logprob, num_seqs=r.batch_size)
+    loss, metrics = loss_on_microbatch(model, micro, cfg, token_loss, num_seqs=r.batch_size)
     assert metrics["loss/ratio_mean"].item() == 1.0
     assert metrics["loss/gate_ratio_mean"].item() == 1.0
     assert metrics["loss/approx_kl"].item() == 0.0 and metrics["loss/gate_approx_kl"].item() == 0.0
@@ -150,8 +152,10 @@ def test_index_batch_keeps_rows_aligned(model_and_rollout):
         assert torch.equal(sub.mask[row], full.mask[i])
         assert torch.equal(sub.old_logp[row], full.old_logp[i])
         assert torch.equal(sub.routing.experts[:, row], full.routing.experts[:, i])
-        assert torch.equal(sub.routing.logp[:, row], full.routing.logp[:, i])
-        assert torch.equal(sub.old_gate_logp[:, row], full.old_gate_logp[:, i])
+        assert torch.equal(sub.routing.set_logp[:, row], full.routing.set_logp[:, i])
+        assert torch.equal(sub.old_set_logp[:, row], full.old_set_logp[:, i])
+        assert torch.equal(sub.old_router_logp[:, row], full.old_router_logp[:, i])
+        assert torch.equal(sub.sample_logp[row], full.sample_logp[i])
         assert sub.completions[row] == full.completions[i] and sub.items[row] is full.items[i]
         assert sub.rewards[row] == i and sub.advantages[row] == 10 * i and sub.reward_parts["format"][row] == 100 * i
 

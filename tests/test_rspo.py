@@ -45,6 +45,19 @@ def test_router_shift_product_hits_the_floor():
     torch.testing.assert_close(log_gamma, torch.tensor([[-0.3]]))
 
 
+def test_router_shift_median_and_upper_percentiles_golden():
+    # One layer, K = 1, five tokens with |Δ log r| = 0.0, 0.1, 0.2, 0.3, 1.0 (a sixth, masked, would be 9.0):
+    # γ median = e^-0.2; Δ p90 = 0.3 + 0.6 (1.0 - 0.3) = 0.72; Δ p99 = 0.3 + 0.96 (0.7) = 0.972 (linear interpolation).
+    old = torch.zeros(1, 1, 6, 1)
+    new = torch.tensor([0.0, -0.1, 0.2, -0.3, 1.0, 9.0]).view(1, 1, 6, 1)
+    _, m = router_shift(new, old, torch.tensor([[1.0, 1, 1, 1, 1, 0]]))
+    torch.testing.assert_close(m["router_shift/gamma_p50"], torch.tensor(math.exp(-0.2)))
+    torch.testing.assert_close(m["router_shift/delta_p90"], torch.tensor(0.72))
+    torch.testing.assert_close(m["router_shift/delta_p99"], torch.tensor(0.972))
+    ref = torch.quantile(torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0]), torch.tensor([0.9, 0.99]))
+    torch.testing.assert_close(torch.stack([m["router_shift/delta_p90"], m["router_shift/delta_p99"]]), ref)
+
+
 def test_router_shift_unchanged_routing_is_one():
     old = torch.randn(3, 2, 4, 2).log_softmax(-1)
     log_gamma, m = router_shift(old.clone(), old, torch.ones(2, 4))

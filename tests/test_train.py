@@ -35,6 +35,10 @@ def test_cli_train_two_steps(tmp_path):
     assert [r["step"] for r in steps] == [0, 1]
     for key in ("loss/clip_frac", "loss/gate_clip_frac", "moe/router_entropy", "moe/usage_entropy", "grad_norm"):
         assert key in steps[0], key
+    for key in ("gamma_p50", "delta_p90", "delta_p99", "rollout_train_overlap", "rollout_train_mismatch"):
+        assert 0 <= steps[0][f"router_shift/{key}"] <= 1 + 1e-6, key  # METHODS §1.5 / §6.6 diagnostics
+    for key in ("topk_overlap_per_layer", "rollout_train_overlap_per_layer", "delta_per_layer"):
+        assert len(steps[0][f"router_shift/{key}"]) == 2, key  # one value per MoE layer
     assert len(steps[0]["moe/load/layer0"]) == 4 and abs(sum(steps[0]["moe/load/layer0"]) - 1) < 1e-4
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_end"] <= 1.0

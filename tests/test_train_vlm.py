@@ -18,7 +18,6 @@ from expertrl.evaluate import evaluate, generate_greedy, routing_statistics_pass
 from expertrl.losses import get_loss
 from expertrl.moe.guidance import TEXT_VISION, GuidanceState, ModalityGuide, calibrate_modality
 from expertrl.moe.policies import Multinomial
-from expertrl.moe.setprob import SET_LOGPROBS
 from expertrl.rollout import concat_rollouts, encode_prompts, generate_rollout, policy_forward
 from expertrl.sft import supervised_mm_batch
 from expertrl.step import loss_on_microbatch
@@ -232,30 +231,15 @@ def test_replayed_old_logp_gives_ratio_one_at_the_first_update(vlm, guided_rollo
     model, _ = vlm
     rollout, guide = guided_rollout
     with torch.no_grad():
-        again = policy_forward(
-            model,
-            rollout.input_ids,
-            rollout.attention_mask,
-            rollout.prompt_width,
-            rollout.routing,
-            mm=rollout.mm_inputs,
-            allowed=guide.for_sequences(rollout.input_ids, rollout.attention_mask, rollout.prompt_width),
-        )
-    assert torch.equal(again.logp, rollout.old_logp) and torch.equal(again.gate_logp, rollout.old_gate_logp)
+        again = policy_forward(model, rollout, rollout.routing)  # the rollout carries its mask and vision inputs
+    assert rollout.expert_mask is not None and rollout.sampling.suppress_tokens  # guided, placeholders suppressed
+    assert torch.equal(again.logp, rollout.old_logp) and torch.equal(again.set_logp, rollout.old_set_logp)
     cfg = TrainConfig()
     micro = dataclasses.replace(rollout, advantages=torch.linspace(-1.0, 1.0, rollout.batch_size))
     micro = micro.index_batch(torch.tensor([3, 0, 2]))  # a shuffled micro-batch
     assert micro.mm_inputs["pixel_values"].shape[0] == 3 * 64 and micro.mm_inputs["image_grid_thw"].shape == (3, 3)
     model.zero_grad(set_to_none=True)
-    loss, metrics = loss_on_microbatch(
-        model,
-        micro,
-        cfg,
-        get_loss(cfg.loss.name),
-        SET_LOGPROBS["plackett_luce"],
-        num_seqs=micro.batch_size,
-        guide=guide,
-    )
+    loss, metrics = loss_on_microbatch(model, micro, cfg, get_loss(cfg.loss.name), num_seqs=micro.batch_size)
     assert metrics["loss/ratio_mean"].item() == 1.0 and metrics["loss/gate_ratio_mean"].item() == 1.0
     assert metrics["loss/approx_kl"].item() == 0.0 and metrics["loss/gate_approx_kl"].item() == 0.0
     loss.backward()
@@ -286,7 +270,7 @@ def test_concat_rollouts_repads_types_and_joins_vision_tensors(vlm, digits):
     assert (c.mm_inputs["mm_token_type_ids"][rows, :pad] == 0).all() and wide.prompt_width == P
     assert torch.equal(c.mm_inputs["mm_token_type_ids"][rows, pad:], narrow.mm_inputs["mm_token_type_ids"])
     with torch.no_grad():
-        fwd = policy_forward(model, c.input_ids, c.attention_mask, P, c.routing, mm=c.mm_inputs)
+        fwd = policy_forward(model, c, c.routing)
     torch.testing.assert_close(fwd.logp * c.mask, c.old_logp * c.mask, atol=1e-5, rtol=0)
 
 

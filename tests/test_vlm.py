@@ -170,14 +170,15 @@ def test_routed_generate_traces_every_vision_and_text_position(vlm, items, kinds
     B, P = batch["input_ids"].shape
     S = out.sequences.shape[1]
     assert S == P + MAX_NEW and B == len(kinds) * G
-    assert trace.experts.shape == trace.logp.shape == (L, B, S - 1, K)  # S is the *expanded* prompt + completion
+    assert trace.experts.shape == (L, B, S - 1, K)  # S is the *expanded* prompt + completion
+    assert trace.set_logp.shape == (L, B, S - 1)
     assert ((trace.experts >= 0) & (trace.experts < E)).all()  # every position routed, vision and pads included
     assert not torch.isin(out.sequences[:, P:], torch.tensor(vision_special_ids(model))).any()
     assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # K distinct experts per token
     attn = torch.cat([batch["attention_mask"], torch.ones(B, MAX_NEW, dtype=torch.long)], 1)
     groups = modality_token_groups(out.sequences, attn, vision_token_ids(processor))[:, :-1]  # (B, S-1)
     assert (groups == 1).sum() == expected_vision_tokens(batch).sum()  # the placeholders are inside the trace
-    assert torch.isfinite(trace.logp).all() and (trace.logp <= 0).all()
+    assert torch.isfinite(trace.set_logp).all() and (trace.set_logp <= 0).all()
 
 
 def test_replayed_forward_reproduces_the_rollout(vlm, items):
@@ -186,7 +187,7 @@ def test_replayed_forward_reproduces_the_rollout(vlm, items):
     seq = out.sequences
     B, P = batch["input_ids"].shape
     S, C = seq.shape[1], seq.shape[1] - P
-    trace = RoutingTrace(_pad_to(rec_trace.experts, 2, 0, 1, UNROUTED), _pad_to(rec_trace.logp, 2, 0, 1, 0.0),
+    trace = RoutingTrace(_pad_to(rec_trace.experts, 2, 0, 1, UNROUTED), _pad_to(rec_trace.set_logp, 2, 0, 1, 0.0),
                          rec_trace.layers, rec_trace.num_experts)  # fmt: skip
     attn = torch.cat([batch["attention_mask"], completion_mask(seq[:, P:], EOS_ID).long()], 1)  # (B, S)
     kwargs = mm_forward_kwargs(batch, S)
@@ -203,7 +204,7 @@ def test_replayed_forward_reproduces_the_rollout(vlm, items):
     torch.testing.assert_close(logits[:, P - 1 : -1], gen_logits, atol=1e-5, rtol=0)  # KV-cache numerics only
     allowed = gen_logits.index_fill(-1, torch.tensor(vision_special_ids(model)), float("-inf"))
     assert torch.equal(allowed.argmax(-1), seq[:, P:])  # greedy: the tokens are the argmaxes over allowed tokens
-    torch.testing.assert_close(rec.gate_logp(B)[:, :, :-1], rec_trace.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.set_logp(B)[:, :, :-1], rec_trace.set_logp, atol=1e-5, rtol=0)
     logp = token_logp(logits[:, P - 1 : -1], seq[:, P:])  # (B, C)
     assert logp.shape == (B, C) and (logp <= 0).all()
 
@@ -239,8 +240,8 @@ def test_gate_logp_of_replayed_routes_reaches_the_routers(vlm, items):
     model.zero_grad(set_to_none=True)
     with route(model, replay_policy_for(rec.trace(B))) as rec2:
         model(**batch)
-    gate_logp = rec2.gate_logp(B)  # (L, B, P, K)
-    gate_logp[:, groups == 1].sum().backward()  # vision positions only
+    set_logp = rec2.set_logp(B)  # (L, B, P)
+    set_logp[:, groups == 1].sum().backward()  # vision positions only
     for site in find_routers(model):
         assert site.weight.grad is not None and site.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)

@@ -36,12 +36,13 @@ from expertrl.rollout import (
     completion_mask,
     decoding_kwargs,
     encode_prompts,
-    mm_generate_kwargs,
+    forward_sequences,
     mm_to,
-    policy_forward,
     position_ids_from_mask,
+    suppressed_tokens,
     text_tokenizer,
 )
+from expertrl.types import Sampling
 
 JSD_BASE = 2.0
 """log base of every Jensen–Shannon divergence reported here (METHODS ambiguity 19): log2, so JSD is in [0, 1]"""
@@ -63,12 +64,15 @@ def _generate(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
     prompt_mask, mm = prompt_mask.to(device), mm_to(mm, device)
+    sampling = Sampling(
+        do_sample=do_sample, token_temperature=temperature, suppress_tokens=suppressed_tokens(model, mm)
+    )
     with route(model, TopK()):
         sequences = model.generate(
             input_ids=prompt_ids.to(device),
             attention_mask=prompt_mask,
-            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
-            **mm_generate_kwargs(model, mm),
+            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling),
+            **(mm or {}),
         )  # (B, S)
     return sequences, prompt_mask, mm
 
@@ -326,7 +330,7 @@ def routing_statistics_pass(
         P = prompt_mask.shape[1]
         mask = completion_mask(sequences[:, P:], tok.eos_token_id)  # (B, C)
         attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S)
-        fwd = policy_forward(model, sequences, attention_mask, P, None, keep_probs=True, mm=mm)
+        fwd = forward_sequences(model, sequences, attention_mask, P, None, sampling=Sampling(), keep_probs=True, mm=mm)
         experts = fwd.routing.experts  # (L, B, S, K) the top-K routes of this forward
         probs = fwd.probs.float()  # (L, B, S, E)
         L, B, S, E = probs.shape

@@ -24,16 +24,16 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
 
 
 def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] per position, in float32, without materialising (B, T, V) log-probs twice.
+    """log softmax(logits)[token] per position, in float32 at least, without materialising (B, T, V) log-probs twice.
 
     Args:
         logits: (B, T, V) scores whose position t predicts ``tokens[:, t]``.
         tokens: (B, T) token ids.
     Returns:
-        (B, T) float32 log-probabilities.
+        (B, T) float32 log-probabilities (float64 for float64 logits).
     """
     assert logits.shape[:-1] == tokens.shape, (logits.shape, tokens.shape)
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
 

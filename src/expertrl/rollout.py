@@ -5,6 +5,13 @@ multinomial expert sampling and greedy tokens, so all exploration comes from the
 trace, then recomputes the behaviour log-probs with one replayed forward so the old and new log-probs come from the
 same code path (the first inner update then has ratio exactly 1).
 
+"The policy we score is the policy we sampled": the token and routing distributions a rollout draws from are one
+``Sampling`` (token temperature and suppressed tokens, routing temperature, set log-probability) and one
+``ExpertMask`` (router guidance), stored on the ``Rollout``. Generation applies them (``TokenDistribution`` is
+``generate``'s last logits processor; ``route`` samples experts from the tempered, masked router softmax), and
+``policy_forward`` reads them from the batch it scores, so the old-log-prob forward and every training forward
+compute log-probs of exactly the distributions that acted.
+
 Vision-language models: the "tokenizer" passed around may be a processor (``expertrl.vlm``). ``encode_prompts`` is
 the one place that tells them apart; a multimodal batch carries its vision kwargs (``mm``: pixel values, grids,
 ``mm_token_type_ids``) into ``generate`` (with the vision special tokens suppressed) and into every replayed forward
@@ -14,15 +21,17 @@ the one place that tells them apart; a multimodal batch carries its vision kwarg
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from expertrl.moe.guidance import GuidanceMask
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK, replay_policy_for
 from expertrl.ops import token_logp
-from expertrl.types import UNROUTED, Rollout, RoutingTrace
+from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
 
 
 def is_processor(tokenizer_or_processor) -> bool:
@@ -73,14 +82,15 @@ def mm_to(mm: dict | None, device) -> dict | None:
     return None if mm is None else {k: v.to(device) for k, v in mm.items()}
 
 
-def mm_generate_kwargs(model: nn.Module, mm: dict | None) -> dict:
-    """``generate``'s extra keyword arguments for a multimodal prompt batch: every vision kwarg, and the vision
-    special tokens suppressed (a generated placeholder makes the replayed forward raise); {} for text."""
+def suppressed_tokens(model: nn.Module, mm: dict | None) -> tuple[int, ...]:
+    """Token ids a rollout of this prompt batch must never generate: a VLM's vision special tokens (a generated
+    placeholder makes the replayed forward raise); none for text. They go into ``Sampling.suppress_tokens``, so
+    the trainer scores the same suppressed distribution generation sampled from."""
     if mm is None:
-        return {}
+        return ()
     from expertrl.vlm import vision_special_ids
 
-    return {**mm, "suppress_tokens": vision_special_ids(model)}
+    return tuple(sorted(int(i) for i in vision_special_ids(model)))
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -96,63 +106,114 @@ def completion_mask(completion: Tensor, eos_token_id: int) -> Tensor:
 
 
 class Guide(Protocol):
-    """Router guidance as the rollout sees it: a per-token expert mask for generation and for full forwards."""
+    """Router guidance as the rollout sees it: token groups, each with its allowed experts per MoE layer.
+
+    Attributes:
+        allowed: (L, G, E) bool allowed experts per MoE layer and group.
+        in_loss: the training forwards use the same mask (METHODS ambiguity 10; False masks sampling only).
+    """
+
+    allowed: Tensor
+    in_loss: bool
 
     def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> AllowedFn | None:
         """The mask of one ``generate`` call over these (B, P) prompts (prefill, then one call per decode step)."""
 
-    def for_sequences(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> AllowedFn | None:
-        """The mask of one forward over (B, S) prompt + completion; None = unmasked (guidance off in the loss)."""
+    def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        """(B, S) group label of every position of prompt + completion (-1 = padding)."""
 
 
 class ForwardOut(NamedTuple):
     """What one policy forward produces.
 
     Attributes:
-        logp: (B, C) float32 log-prob of each completion token.
-        gate_logp: (L, B, S, K) live log-prob of the replayed experts, or of the ``score`` trace's experts when the
-            forward routes live (differentiable).
+        logp: (B, C) float32 log-prob of each completion token under the batch's token distribution.
+        set_logp: (L, B, S) log-prob of each replayed expert set under the batch's routing distribution
+            (differentiable; Gate-GRPO's g_θ).
+        router_logp: (L, B, S, K) detached log-prob, under the untempered masked router softmax, of the old-activated
+            experts: the replayed ones, or the ``score`` trace's when the forward routes live (RSPO's router shift).
         probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
         routing: the routes this forward used (the replayed trace, or the live top-K choice).
         logits: (L, B, S, E) raw router logits if ``keep_logits`` else None.
     """
 
     logp: Tensor
-    gate_logp: Tensor
+    set_logp: Tensor
+    router_logp: Tensor
     probs: Tensor | None
     routing: RoutingTrace
     logits: Tensor | None = None
 
 
+def mask_for_sequences(expert_mask: ExpertMask | None) -> AllowedFn | None:
+    """The ``route(allowed=...)`` callable of one forward over the batch whose positions ``expert_mask`` labels."""
+    if expert_mask is None:
+        return None
+    return GuidanceMask(expert_mask.allowed.to(expert_mask.groups.device), expert_mask.groups)
+
+
 def policy_forward(
+    model: nn.Module,
+    batch: Rollout,
+    routes: RoutingTrace | None,
+    *,
+    keep_probs: bool = False,
+    score: RoutingTrace | None = None,
+    keep_logits: bool = False,
+) -> ForwardOut:
+    """Forward over a rollout batch's prompt + completion under the distributions the batch was sampled from.
+
+    Token log-probs use ``batch.sampling``'s token distribution, expert-set log-probs its routing temperature and
+    set definition, and the router sees ``batch.expert_mask``: the caller cannot score another policy than the one
+    that acted.
+
+    Args:
+        batch: the rollout (or a micro-batch of it).
+        routes: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
+        keep_probs: also return the routing probabilities (L, B, S, E).
+        score: with live routing, a trace whose experts' live router log-probs become ``router_logp`` (RSPO's router
+            shift of the old-activated experts).
+        keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
+    """
+    return forward_sequences(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.prompt_width,
+        routes,
+        sampling=batch.sampling,
+        expert_mask=batch.expert_mask,
+        mm=batch.mm_inputs,
+        keep_probs=keep_probs,
+        score=score,
+        keep_logits=keep_logits,
+    )
+
+
+def forward_sequences(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     prompt_width: int,
-    routing: RoutingTrace | None,
+    routes: RoutingTrace | None,
     *,
+    sampling: Sampling,
+    expert_mask: ExpertMask | None = None,
+    mm: dict | None = None,
     keep_probs: bool = False,
     score: RoutingTrace | None = None,
-    allowed: AllowedFn | None = None,
     keep_logits: bool = False,
-    mm: dict | None = None,
 ) -> ForwardOut:
-    """Forward over prompt + completion; log-probs of the completion tokens and of experts.
+    """``policy_forward`` on loose tensors (evaluation's routing pass, which has no rollout).
 
     Args:
-        routing: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
-        score: with live routing, a trace whose experts' live log-probs become ``gate_logp`` (RSPO's router shift
-            of the old-activated experts).
-        allowed: per-token allowed experts (router guidance); the same mask as the rollout's keeps g_theta, g_old and
-            the expert weights on the distribution the routes were sampled from.
-        keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
         mm: the prompts' vision kwargs (``Rollout.mm_inputs``; ``mm_token_type_ids`` (B, P)) for a VLM: passed with
             ``mm_token_type_ids`` extended to S and ``position_ids=None`` (the model recomputes M-RoPE positions,
             exactly as ``generate`` did).
     """
     B, S = input_ids.shape
     C = S - prompt_width
-    policy = TopK() if routing is None else replay_policy_for(routing)
+    policy = TopK() if routes is None else replay_policy_for(routes)
     score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
     if mm is None:
         inputs = {"position_ids": position_ids_from_mask(attention_mask)}
@@ -161,7 +222,14 @@ def policy_forward(
 
         inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
     with route(
-        model, policy, keep_probs=keep_probs, keep_logits=keep_logits, score_experts=score_experts, allowed=allowed
+        model,
+        policy,
+        temperature=sampling.routing_temperature,
+        allowed=mask_for_sequences(expert_mask),
+        keep_probs=keep_probs,
+        keep_logits=keep_logits,
+        score_experts=score_experts,
+        set_logprob=sampling.set_logprob,
     ) as rec:
         out = model(
             input_ids=input_ids,
@@ -170,28 +238,97 @@ def policy_forward(
             logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
             use_cache=False,
         )
-    logp = token_logp(out.logits[:, :-1], input_ids[:, prompt_width:])  # (B, C)
+    logp = token_logp(sampling.token_scores(out.logits[:, :-1]), input_ids[:, prompt_width:])  # (B, C)
     if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
         empty = RoutingTrace.empty(B, S, input_ids.device)
-        nothing = empty.logp
-        return ForwardOut(logp, nothing, nothing if keep_probs else None, empty, nothing if keep_logits else None)
+        nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
+        return ForwardOut(logp, empty.set_logp, nothing, nothing if keep_probs else None, empty,
+                          nothing if keep_logits else None)  # fmt: skip
     probs = rec.probs(B) if keep_probs else None
-    used = routing if routing is not None else rec.trace(B)
-    gate_logp = rec.scored(B) if score is not None else rec.gate_logp(B)
+    used = routes if routes is not None else rec.trace(B)
+    router_logp = rec.scored(B) if score is not None else rec.router_logp(B)
     logits = rec.logits(B) if keep_logits else None
-    return ForwardOut(logp, gate_logp, probs, used, logits)
+    return ForwardOut(logp, rec.set_logp(B), router_logp, probs, used, logits)
 
 
-def decoding_kwargs(tokenizer, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> dict:
-    """``generate`` keyword arguments of every expertrl decode: greedy or plain temperature sampling, nothing from
-    the checkpoint's generation_config (top-p/top-k are switched off), the tokenizer's pad and EOS."""
+class TokenDistribution:
+    """``generate``'s last logits processor: it turns the model's logits into the rollout's token distribution
+    (``Sampling.token_scores``: suppressed tokens, temperature), the one definition ``policy_forward`` applies too,
+    and, with ``record``, keeps the log-prob of each token ``generate`` then picks from it.
+
+    Only one (B, V) row of log-probs is held at a time: the token chosen at step t is read from ``input_ids`` at step
+    t + 1 (and the last one from the returned sequences, ``sample_logp``).
+    """
+
+    def __init__(self, sampling: Sampling, *, record: bool = False) -> None:
+        self.sampling = sampling
+        self.record = record
+        self._last: Tensor | None = None
+        self._picked: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._last is not None:
+            self._picked.append(self._last.gather(1, input_ids[:, -1:]))  # (B, 1) the token picked last step
+        scores = self.sampling.token_scores(scores)  # (B, V) float32
+        if self.record:
+            self._last = torch.log_softmax(scores, dim=-1)
+        return scores
+
+    def sample_logp(self, sequences: Tensor) -> Tensor:
+        """(B, C) log-prob of each generated token under the distribution it was drawn from."""
+        assert self.record, "TokenDistribution(record=True) keeps the sampled tokens' log-probs"
+        if self._last is None:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        picked = self._picked + [self._last.gather(1, sequences[:, -1:])]
+        return torch.cat(picked, dim=1)  # (B, C)
+
+
+NEUTRAL_GENERATION = dict(
+    temperature=1.0,  # TokenDistribution applies the temperature (HF's warper would run after it)
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    typical_p=None,
+    top_h=None,
+    epsilon_cutoff=None,
+    eta_cutoff=None,
+    repetition_penalty=None,
+    encoder_repetition_penalty=None,
+    no_repeat_ngram_size=None,
+    encoder_no_repeat_ngram_size=None,
+    bad_words_ids=None,
+    sequence_bias=None,
+    min_length=None,
+    min_new_tokens=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    exponential_decay_length_penalty=None,
+    guidance_scale=None,
+    watermarking_config=None,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    num_beams=1,
+    num_return_sequences=1,
+)
+"""Every ``generate`` option that would change the token distribution, set to its neutral value: a checkpoint's
+``generation_config.json`` (Qwen ships top_k, top_p, temperature and sometimes repetition_penalty) must not reshape
+the distribution a rollout samples from behind the trainer's back."""
+
+
+def decoding_kwargs(
+    tokenizer, *, max_new_tokens: int, sampling: Sampling = GREEDY, processor: TokenDistribution | None = None
+) -> dict:
+    """``generate`` keyword arguments of every expertrl decode: greedy or sampled tokens from exactly
+    ``sampling``'s token distribution (applied by ``processor``, a fresh ``TokenDistribution`` if None), nothing from
+    the checkpoint's generation_config (``NEUTRAL_GENERATION``), the tokenizer's pad and EOS."""
     tokenizer = text_tokenizer(tokenizer)
     return dict(
+        NEUTRAL_GENERATION,
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=None,
-        top_k=None,
+        do_sample=sampling.do_sample,
+        logits_processor=[processor if processor is not None else TokenDistribution(sampling)],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -206,9 +343,7 @@ def generate_rollout(
     group_size: int,
     max_new_tokens: int,
     policy: TopK | Multinomial | NoisyTopK,
-    routing_temperature: float = 1.0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     guide: Guide | None = None,
     old_routing: str = "rollout",
@@ -220,12 +355,14 @@ def generate_rollout(
         tokenizer: a tokenizer, or a VLM's processor (``encode_prompts``).
         items: task items with a ``prompt`` string (and ``images`` or ``video`` for a VLM); each is repeated G times.
         policy: routing policy of the rollout (its randomness draws from ``generator``).
-        do_sample, temperature: token decoding (MoE-GRPO: greedy).
+        sampling: the token distribution (greedy for MoE-GRPO, or a temperature), the routing temperature experts
+            are sampled at and the set log-probability; stored on the rollout (a VLM's vision special tokens are
+            added to ``suppress_tokens``) and read by every forward that scores it.
         old_routing: ``rollout`` replays the generation routes in the old-log-prob forward and in training (R3,
             MoE-GRPO); ``live`` routes that forward with live top-K and keeps *its* routes as the batch's routing
             (R2 replays them later; without replay they are the old-activated experts of RSPO's router shift).
         guide: router guidance (``Guide``): the per-token expert mask of generation and, if it applies in the loss,
-            of the old-log-prob forward.
+            of every forward that scores the rollout (``Rollout.expert_mask``).
         keep_probs: keep the old forward's routing probabilities (L, B, S, E) as ``rollout.route_probs`` (routing
             rewards read them).
     """
@@ -234,22 +371,32 @@ def generate_rollout(
     prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
     prompt_ids, prompt_mask, mm = prompt_ids.to(device), prompt_mask.to(device), mm_to(mm, device)  # (B, P)
     B, P = prompt_ids.shape
+    suppress = suppressed_tokens(model, mm)
+    if suppress:
+        sampling = replace(sampling, suppress_tokens=tuple(sorted({*sampling.suppress_tokens, *suppress})))
+    tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
-    with route(model, policy, temperature=routing_temperature, allowed=allowed, generator=generator) as rec:
+    with route(
+        model,
+        policy,
+        temperature=sampling.routing_temperature,
+        allowed=allowed,
+        generator=generator,
+        set_logprob=sampling.set_logprob,
+    ) as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature),
-            **mm_generate_kwargs(model, mm),
+            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling, processor=tokens),
+            **(mm or {}),
         )  # (B, S)
     S = sequences.shape[1]
     # (L, B, S-1, K): the last token is generated but never fed back
     trace = rec.trace(B) if rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
-    S_rec = trace.experts.shape[2]
-    assert S_rec == S - 1, (S_rec, S)
+    assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
         experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
-        logp=_pad_to(trace.logp, 2, 0, 1, 0.0),
+        set_logp=_pad_to(trace.set_logp, 2, 0, 1, 0.0),  # (L, B, S)
         layers=trace.layers,
         num_experts=trace.num_experts,
     )
@@ -257,30 +404,32 @@ def generate_rollout(
     tok = text_tokenizer(tokenizer)
     mask = completion_mask(completion, tok.eos_token_id)  # (B, C)
     attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S) pads after EOS are not attended
-    old = policy_forward(
-        model,
-        sequences,
-        attention_mask,
-        P,
-        trace if old_routing == "rollout" else None,
-        keep_probs=keep_probs,
-        allowed=guide.for_sequences(sequences, attention_mask, P) if guide is not None else None,
-        mm=mm,
-    )
+    expert_mask = None
+    if guide is not None and guide.in_loss:  # METHODS ambiguity 10: the same masked softmax in every forward
+        expert_mask = ExpertMask(guide.allowed.to(device), guide.groups(sequences, attention_mask, P))
     texts = [tok.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
-    return Rollout(
+    rollout = Rollout(
         input_ids=sequences,
         attention_mask=attention_mask,
         prompt_width=P,
         mask=mask,
-        old_logp=old.logp,
-        routing=old.routing,
-        old_gate_logp=old.gate_logp,
+        routing=trace,
         group_size=group_size,
         completions=texts,
         items=[it for it in items for _ in range(group_size)],
-        route_probs=old.probs,
+        sampling=sampling,
+        expert_mask=expert_mask,
+        sample_logp=tokens.sample_logp(sequences),
         mm_inputs=mm,
+    )
+    old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
+    return replace(
+        rollout,
+        routing=old.routing,
+        old_logp=old.logp,
+        old_set_logp=old.set_logp,
+        old_router_logp=old.router_logp,
+        route_probs=old.probs,
     )
 
 
@@ -303,49 +452,58 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     """One batch from several rollouts of one policy (DAPO's refill), re-padded to a common (P, C).
 
     Prompts are left-padded to the widest P and completions right-padded to the widest C. Padded positions are
-    unattended, unmasked, and carry ``UNROUTED`` routes (replay routes them by live top-K; they affect nothing).
-    Positions ids follow the attention mask, so a sequence's real tokens see the same positions as before.
-    Multimodal rollouts: ``mm_token_type_ids`` is left-padded like the prompts (pads are text, 0) and the vision
-    tensors, flat over images in row order, are concatenated.
+    unattended, unmasked, and carry ``UNROUTED`` routes (replay routes them by live top-K; they affect nothing) and
+    the padding group of the expert mask. Position ids follow the attention mask, so a sequence's real tokens see the
+    same positions as before. Multimodal rollouts: ``mm_token_type_ids`` is left-padded like the prompts (pads are
+    text, 0) and the vision tensors, flat over images in row order, are concatenated.
     """
     assert rollouts and len({r.group_size for r in rollouts}) == 1, "rollouts must share the group size"
+    assert len({r.sampling for r in rollouts}) == 1, "rollouts sampled from different distributions cannot be joined"
     P = max(r.prompt_width for r in rollouts)
     C = max(r.completion_width for r in rollouts)
-    fields: dict[str, list] = {k: [] for k in ("ids", "attn", "mask", "old", "exp", "lp", "ogl", "ref", "rew", "adv")}
-    for r in rollouts:
-        left, right = P - r.prompt_width, C - r.completion_width
-        fields["ids"].append(_pad_to(r.input_ids, 1, left, right, pad_token_id))
-        fields["attn"].append(_pad_to(r.attention_mask, 1, left, right, 0))
-        fields["mask"].append(_pad_to(r.mask, 1, 0, right, 0.0))
-        fields["old"].append(_pad_to(r.old_logp, 1, 0, right, 0.0))
-        fields["exp"].append(_pad_to(r.routing.experts, 2, left, right, UNROUTED))
-        fields["lp"].append(_pad_to(r.routing.logp, 2, left, right, 0.0))
-        fields["ogl"].append(_pad_to(r.old_gate_logp, 2, left, right, 0.0))
-        if r.ref_logp is not None:
-            fields["ref"].append(_pad_to(r.ref_logp, 1, 0, right, 0.0))
-        fields["rew"].append(r.rewards)
-        fields["adv"].append(r.advantages)
     first = rollouts[0]
+
+    def joined(get, dim: int, pad_value, *, seq: bool = True, prompt_dim: bool = True) -> Tensor | None:
+        """Concatenate ``get(r)`` over the rollouts along the batch dim ``dim``, padding the sequence dim (the next
+        one) left by P − P_r (``prompt_dim``: the tensor spans prompt + completion) and right by C − C_r."""
+        parts = [get(r) for r in rollouts]
+        if parts[0] is None:
+            return None
+        if seq:
+            parts = [
+                _pad_to(x, dim + 1, P - r.prompt_width if prompt_dim else 0, C - r.completion_width, pad_value)
+                for x, r in zip(parts, rollouts)
+            ]
+        return torch.cat(parts, dim=dim)
+
+    expert_mask = None
+    if first.expert_mask is not None:
+        groups = joined(lambda r: r.expert_mask.groups, 0, -1)  # (B, S), padding may use every expert
+        expert_mask = ExpertMask(first.expert_mask.allowed, groups)
     return Rollout(
-        input_ids=torch.cat(fields["ids"]),
-        attention_mask=torch.cat(fields["attn"]),
+        input_ids=joined(lambda r: r.input_ids, 0, pad_token_id),
+        attention_mask=joined(lambda r: r.attention_mask, 0, 0),
         prompt_width=P,
-        mask=torch.cat(fields["mask"]),
-        old_logp=torch.cat(fields["old"]),
+        mask=joined(lambda r: r.mask, 0, 0.0, prompt_dim=False),
         routing=RoutingTrace(
-            experts=torch.cat(fields["exp"], dim=1),
-            logp=torch.cat(fields["lp"], dim=1),
+            experts=joined(lambda r: r.routing.experts, 1, UNROUTED),
+            set_logp=joined(lambda r: r.routing.set_logp, 1, 0.0),
             layers=first.routing.layers,
             num_experts=first.routing.num_experts,
         ),
-        old_gate_logp=torch.cat(fields["ogl"], dim=1),
         group_size=first.group_size,
         completions=[c for r in rollouts for c in r.completions],
         items=[it for r in rollouts for it in r.items],
-        rewards=None if first.rewards is None else torch.cat(fields["rew"]),
-        advantages=None if first.advantages is None else torch.cat(fields["adv"]),
+        sampling=first.sampling,
+        expert_mask=expert_mask,
+        sample_logp=joined(lambda r: r.sample_logp, 0, 0.0, prompt_dim=False),
+        old_logp=joined(lambda r: r.old_logp, 0, 0.0, prompt_dim=False),
+        old_set_logp=joined(lambda r: r.old_set_logp, 1, 0.0),
+        old_router_logp=joined(lambda r: r.old_router_logp, 1, 0.0),
+        rewards=joined(lambda r: r.rewards, 0, None, seq=False),
+        advantages=joined(lambda r: r.advantages, 0, None, seq=False),
         reward_parts={k: torch.cat([r.reward_parts[k] for r in rollouts]) for k in first.reward_parts},
-        ref_logp=torch.cat(fields["ref"]) if fields["ref"] else None,
+        ref_logp=joined(lambda r: r.ref_logp, 0, 0.0, prompt_dim=False),
         mm_inputs=_concat_mm(rollouts, P),
     )
 

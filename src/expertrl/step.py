@@ -26,13 +26,15 @@ def loss_on_microbatch(
     micro: Rollout,
     cfg: TrainConfig,
     token_loss,
-    set_logprob,
     num_seqs: float,
     num_tokens: float | None = None,
     num_gate_tokens: float | None = None,
-    guide=None,
+    first_update: bool = False,
 ):
     """Token loss (+ RSPO, KL) + gate_coef * Gate-GRPO + lb_coef * Switch LB for one micro-batch.
+
+    ``first_update``: this forward runs at the rollout's weights (the first inner update), so it also logs how the
+    rollout's routes agree with the trainer's own top-K choice (``router_shift/rollout_train_*``).
 
     Micro-batch losses are scaled so that they sum to the full-batch loss: ``num_seqs`` is the rollout batch size,
     ``num_tokens`` its completion-token count (``token_mean`` only) and ``num_gate_tokens`` the count of tokens the
@@ -46,18 +48,14 @@ def loss_on_microbatch(
     """
     P = micro.prompt_width
     lc, replay = cfg.loss, cfg.routing.replay
-    fwd = policy_forward(
+    fwd = policy_forward(  # under the distributions the micro-batch was sampled from (micro.sampling, expert_mask)
         model,
-        micro.input_ids,
-        micro.attention_mask,
-        P,
+        micro,
         None if replay == "none" else micro.routing,  # live top-K, or the recorded routes (R3 / R2)
         keep_probs=True,
         score=micro.routing if replay == "none" else None,  # old-activated experts scored by the live router
-        allowed=guide.for_sequences(micro.input_ids, micro.attention_mask, P) if guide is not None else None,
         keep_logits=lc.z_coef > 0,
-        mm=micro.mm_inputs,  # a VLM's vision kwargs (None for text)
-    )  # logp (B, C), gate_logp (L, B, S, K), probs (L, B, S, E)
+    )  # logp (B, C), set_logp (L, B, S), router_logp (L, B, S, K), probs (L, B, S, E)
     # Position s routes the token predicted there, so completion token c <-> position P-1+c (types.py).
     comp = slice(P - 1, -1)
     routed = fwd.probs.shape[0] > 0  # False for a model with no router (plain-LoRA baseline)
@@ -65,8 +63,8 @@ def loss_on_microbatch(
         log_gamma, metrics = torch.zeros_like(micro.old_logp), {}
     else:
         log_gamma, metrics = router_shift(
-            fwd.gate_logp[:, :, comp],
-            micro.old_gate_logp[:, :, comp],
+            fwd.router_logp[:, :, comp],
+            micro.old_router_logp[:, :, comp],
             micro.mask,
             gamma_min=cfg.rspo.gamma_min,
             layer_agg=cfg.rspo.layer_agg,
@@ -87,8 +85,8 @@ def loss_on_microbatch(
     # Gate-GRPO (MoE-GRPO Eq. 5): ratio of the live router's probability of each recorded expert set to the old one.
     start = P - 1 if lc.gate_tokens == "completion" else 0
     if lc.gate_coef > 0:
-        set_logp = set_logprob(fwd.gate_logp[:, :, start:-1])  # (L, B, T)
-        old_set_logp = set_logprob(micro.old_gate_logp[:, :, start:-1])  # (L, B, T)
+        set_logp = fwd.set_logp[:, :, start:-1]  # (L, B, T) of the sampling distribution (tempered, masked)
+        old_set_logp = micro.old_set_logp[:, :, start:-1]  # (L, B, T) the same, from the old forward
         gate_mask = micro.mask
         if lc.gate_tokens == "all":
             gate_mask = torch.cat([micro.attention_mask[:, : P - 1].float(), micro.mask], dim=1)  # (B, S-1)
@@ -98,7 +96,7 @@ def loss_on_microbatch(
         loss = loss + lc.gate_coef * gate_loss
         metrics |= {f"loss/{k}": v for k, v in gate_metrics.items()} | {"loss/gate": gate_loss.detach()}
     if routed:
-        routing_loss, routing_metrics = _routing_terms(fwd, micro, cfg, comp, num_seqs)
+        routing_loss, routing_metrics = _routing_terms(fwd, micro, cfg, comp, num_seqs, first_update)
         loss = loss + routing_loss
         metrics |= routing_metrics
     metrics["loss/token"] = aggregate(
@@ -107,9 +105,19 @@ def loss_on_microbatch(
     return loss, metrics
 
 
-def _routing_terms(fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs: float) -> tuple[Tensor, dict]:
+def _routing_terms(
+    fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs: float, first_update: bool = False
+) -> tuple[Tensor, dict]:
     """The weighted Switch load-balancing loss (+ router z-loss) on the experts this forward used, and the routing
-    metrics. Scaled like the token loss so micro-batch terms sum to the full-batch term."""
+    metrics. Scaled like the token loss so micro-batch terms sum to the full-batch term.
+
+    Overlap metrics (METHODS §1.5, §6.6), over completion tokens: ``router_shift/topk_overlap`` (and
+    ``_per_layer``, (L,)) is |S_old ∩ S_live| / K, the share of the old policy's experts the live router would still
+    pick with top-K. At the first inner update the weights are the rollout's, so the same quantity is the
+    rollout-vs-train agreement, logged as ``router_shift/rollout_train_overlap`` (+ ``_per_layer``) with
+    ``rollout_train_mismatch``, the fraction of tokens whose expert set differs in at least one layer (the R3
+    paper's statistic): how far sampled routes stray from top-K under MoE-GRPO, or how much an engine's routes
+    disagree with the trainer's under R3."""
     lc = cfg.loss
     # Switch load balancing on the experts this forward actually used (every routed, attended position).
     L, B, S, E = fwd.probs.shape
@@ -137,7 +145,14 @@ def _routing_terms(fwd, micro: Rollout, cfg: TrainConfig, comp: slice, num_seqs:
         live_top = probs_c.topk(k, dim=-1).indices  # (L, B, C, K) what top-K routing would pick now
         old = micro.routing.experts[:, :, comp].long()  # (L, B, C, K) what the old policy activated
         overlap = (live_top[..., :, None] == old[..., None, :]).any(-1).float().mean(-1)  # (L, B, C)
-        metrics["router_shift/topk_overlap"] = masked_mean(overlap, micro.mask.expand_as(overlap))
+        tok_mask = micro.mask.expand_as(overlap)  # (L, B, C)
+        metrics["router_shift/topk_overlap"] = masked_mean(overlap, tok_mask)
+        metrics["router_shift/topk_overlap_per_layer"] = masked_mean(overlap, tok_mask, dim=(1, 2))  # (L,)
+        if first_update:
+            metrics["router_shift/rollout_train_overlap"] = metrics["router_shift/topk_overlap"]
+            metrics["router_shift/rollout_train_overlap_per_layer"] = metrics["router_shift/topk_overlap_per_layer"]
+            differs = (overlap < 1).any(0).float()  # (B, C) the set differs in at least one layer
+            metrics["router_shift/rollout_train_mismatch"] = masked_mean(differs, micro.mask)
         router_h = entropy(probs_c)  # (L, B, C) per-token router entropy
         metrics["moe/router_entropy"] = masked_mean(router_h, micro.mask.expand_as(router_h))
     return extra, metrics

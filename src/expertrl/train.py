@@ -59,7 +59,7 @@ from expertrl.moe.guidance import (
 )
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import TopK, make_policy
-from expertrl.moe.setprob import SET_LOGPROBS
+from expertrl.moe.setprob import MAX_UNORDERED_K
 from expertrl.parallel import (
     broadcast_weights,
     check_shardable,
@@ -91,6 +91,7 @@ from expertrl.runtime import (
 )
 from expertrl.sft import supervised_train
 from expertrl.step import loss_on_microbatch, routing_usage
+from expertrl.types import Sampling
 
 
 def scored_rollout(
@@ -125,9 +126,7 @@ def scored_rollout(
         group_size=cfg.rollout.group_size,
         max_new_tokens=cfg.rollout.max_new_tokens,
         policy=policy,
-        routing_temperature=cfg.routing.temperature,
-        do_sample=cfg.rollout.do_sample,
-        temperature=cfg.rollout.temperature,
+        sampling=sampling_of(cfg),
         generator=generator,
         guide=guide,
         old_routing="rollout" if cfg.routing.replay == "rollout" else "live",
@@ -136,11 +135,8 @@ def scored_rollout(
     if ref_model is not None:
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
-            P = rollout.prompt_width
-            allowed = guide.for_sequences(rollout.input_ids, rollout.attention_mask, P) if guide is not None else None
-            rollout.ref_logp = policy_forward(
-                ref_model, rollout.input_ids, rollout.attention_mask, P, routes, mm=rollout.mm_inputs, allowed=allowed
-            ).logp  # the same expert mask as the policy's forwards, so the KL starts at 0
+            # the same distributions and expert mask as the policy's forwards, so the KL starts at 0
+            rollout.ref_logp = policy_forward(ref_model, rollout, routes).logp
     rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, task)
     rewards = rewards.to(device)
     route_metrics = {}
@@ -171,6 +167,17 @@ def scored_rollout(
         rollout.rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale
     )
     return rollout, adv_metrics | route_metrics
+
+
+def sampling_of(cfg: TrainConfig) -> Sampling:
+    """The distributions rollouts sample from (and every forward that scores them uses): token decoding, the routing
+    temperature and the set log-probability of ``cfg``."""
+    return Sampling(
+        do_sample=cfg.rollout.do_sample,
+        token_temperature=cfg.rollout.temperature if cfg.rollout.do_sample else 1.0,
+        routing_temperature=cfg.routing.temperature,
+        set_logprob=cfg.routing.set_logprob,
+    )
 
 
 def calibrate_guidance(model, tokenizer, task, cfg: TrainConfig, step: int) -> GuidanceState:
@@ -270,8 +277,11 @@ def train(cfg: TrainConfig) -> dict:
             "loss.gate_coef > 0 needs a routing policy with a closed-form set probability; noisy_topk has none. "
             "Use routing.policy=multinomial, or set loss.gate_coef=0 for a noise-exploration ablation."
         )
-    if cfg.routing.set_logprob == "unordered" and k_max > 4:
-        raise ValueError(f"routing.set_logprob=unordered sums K! orders; K={k_max} is too many, use plackett_luce")
+    if cfg.routing.set_logprob == "unordered" and k_max > MAX_UNORDERED_K:
+        raise ConfigError(
+            f"routing.set_logprob: unordered sums the K! orders of each expert set; K={k_max} is too many (at most "
+            f"{MAX_UNORDERED_K}), use plackett_luce"
+        )
     task = task_from_config(cfg.task)
     if sharded:
         check_shardable(model, tokenizer)
@@ -286,7 +296,6 @@ def train(cfg: TrainConfig) -> dict:
             "video; use guidance.groups=prompt_completion, or a multimodal task (task.name=mm:<name>) on a VLM"
         )
     token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)  # misspelled kwargs fail here, not at step 500
-    set_logprob = SET_LOGPROBS[cfg.routing.set_logprob]
     policy = make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std)
     labels = site_labels(sites)
     rr = cfg.routing_reward
@@ -516,7 +525,7 @@ def train(cfg: TrainConfig) -> dict:
                 for src, micro_idx, weight in passes + [(full, pad_idx, 0.0)] * n_pad:
                     micro = src.index_batch(micro_idx.to(src.input_ids.device))
                     loss, micro_metrics = loss_on_microbatch(
-                        model, micro, cfg, token_loss, set_logprob, guide=guide, **dens
+                        model, micro, cfg, token_loss, **dens, first_update=inner == 0
                     )
                     accelerator.backward(loss * weight if weight != 1.0 else loss)
                     if weight:

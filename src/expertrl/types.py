@@ -22,26 +22,83 @@ UNROUTED = -1
 """Expert id stored for a position whose route was not recorded (the last position of a generated sequence)."""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The distributions a rollout drew its actions from. The one definition every forward that scores the rollout
+    uses: the rollout engine applies it while sampling, and the old-log-prob and training forwards read it from the
+    batch (``Rollout.sampling``), so the ratio's numerator and denominator are the policy that acted.
+
+    Attributes:
+        do_sample: tokens were sampled; False = greedy decoding (the ratio then uses the untempered softmax, the
+            distribution whose mode greedy decoding takes).
+        token_temperature: temperature of the token softmax when sampling (TRL and verl divide logits by it too).
+        suppress_tokens: token ids that could not be generated (their logit is -inf in every forward that scores
+            tokens; a vision-language model's image and video placeholders).
+        routing_temperature: temperature of the router softmax that experts were sampled from (Gate-GRPO's g_old
+            and g_theta). Expert *weights* and RSPO's router shift always use the untempered router softmax.
+        set_logprob: how the probability of a sampled expert set is computed (``expertrl.moe.setprob``).
+    """
+
+    do_sample: bool = False
+    token_temperature: float = 1.0
+    suppress_tokens: tuple[int, ...] = ()
+    routing_temperature: float = 1.0
+    set_logprob: str = "plackett_luce"
+
+    def token_scores(self, logits: Tensor) -> Tensor:
+        """(..., V) logits -> scores (float32, or float64 for a float64 model) whose softmax is the token
+        distribution that was sampled from."""
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self.suppress_tokens:
+            banned = torch.tensor(self.suppress_tokens, device=scores.device)
+            scores = scores.index_fill(-1, banned, float("-inf"))
+        if self.do_sample and self.token_temperature != 1.0:
+            scores = scores / self.token_temperature
+        return scores
+
+
+GREEDY = Sampling()
+"""Greedy tokens, routing at temperature 1, Plackett-Luce sets: the default of every decode."""
+
+
+@dataclass
+class ExpertMask:
+    """Which experts each position of a batch may use (router guidance, MoE-GRPO §3.5): ``allowed[l, groups[b, s]]``.
+
+    Attributes:
+        allowed: (L, G, E) bool allowed experts per MoE layer and token group.
+        groups: (B, S) int64 group label of each position; -1 (padding) may use every expert.
+    """
+
+    allowed: Tensor
+    groups: Tensor
+
+    def index_batch(self, index: Tensor | slice) -> ExpertMask:
+        return replace(self, groups=self.groups[index])
+
+
 @dataclass
 class RoutingTrace:
-    """The experts each MoE layer chose for each token, and their log-probabilities under the routing policy.
+    """The experts each MoE layer chose for each token, and the log-probability of each chosen set.
 
     Attributes:
         experts: (L, B, S, K) int16 expert ids in draw order (the order matters for the Plackett-Luce set
             probability); ``UNROUTED`` (-1) where nothing was recorded.
-        logp: (L, B, S, K) float32 log-probability of each chosen expert under the distribution the routing
-            policy sampled from (masked and tempered softmax). 0 where ``experts`` is ``UNROUTED``.
+        set_logp: (L, B, S) float32 log-probability, under the distribution the routes were drawn from (masked,
+            tempered router softmax; ``Sampling``), of the expert set chosen at each position, computed inside the
+            router call from all E scores (``expertrl.moe.setprob``). 0 where ``experts`` is ``UNROUTED`` and where
+            no set probability exists (variable-K or sigmoid routers).
         layers: absolute decoder-layer index of each of the L MoE layers.
         num_experts: E.
     """
 
     experts: Tensor
-    logp: Tensor
+    set_logp: Tensor
     layers: tuple[int, ...]
     num_experts: int
 
     def __post_init__(self) -> None:
-        assert self.experts.shape == self.logp.shape, (self.experts.shape, self.logp.shape)
+        assert self.experts.shape[:3] == self.set_logp.shape, (self.experts.shape, self.set_logp.shape)
         assert self.experts.dim() == 4 and self.experts.shape[0] == len(self.layers), self.experts.shape
 
     @property
@@ -50,23 +107,24 @@ class RoutingTrace:
 
     @classmethod
     def empty(cls, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> RoutingTrace:
-        """The trace of a model with no router (L = 0): every routing quantity is an empty (0, B, S, 1) tensor."""
+        """The trace of a model with no router (L = 0): every routing quantity is an empty (0, B, S, ·) tensor."""
         experts = torch.zeros(0, batch_size, seq_len, 1, dtype=torch.int16, device=device)
-        return cls(experts=experts, logp=torch.zeros(experts.shape, device=device), layers=(), num_experts=0)
+        return cls(experts=experts, set_logp=torch.zeros(experts.shape[:3], device=device), layers=(), num_experts=0)
 
     def index_batch(self, index: Tensor | slice) -> RoutingTrace:
         """The trace of a subset of sequences (dim 1)."""
-        return replace(self, experts=self.experts[:, index], logp=self.logp[:, index])
+        return replace(self, experts=self.experts[:, index], set_logp=self.set_logp[:, index])
 
     def positions(self, start: int, stop: int) -> RoutingTrace:
         """The trace of sequence positions ``start:stop`` (dim 2)."""
-        return replace(self, experts=self.experts[:, :, start:stop], logp=self.logp[:, :, start:stop])
+        return replace(self, experts=self.experts[:, :, start:stop], set_logp=self.set_logp[:, :, start:stop])
 
     def to(self, device: torch.device | str) -> RoutingTrace:
-        return replace(self, experts=self.experts.to(device), logp=self.logp.to(device))
+        return replace(self, experts=self.experts.to(device), set_logp=self.set_logp.to(device))
 
     def nbytes(self) -> int:
-        return self.experts.numel() * self.experts.element_size() + self.logp.numel() * self.logp.element_size()
+        e, s = self.experts, self.set_logp
+        return e.numel() * e.element_size() + s.numel() * s.element_size()
 
 
 @dataclass
@@ -78,14 +136,23 @@ class Rollout:
         attention_mask: (B, S) 1 = real token.
         prompt_width: P.
         mask: (B, C) float, 1 = completion token that counts in the loss (up to and including EOS).
-        old_logp: (B, C) log-prob of each completion token under the behaviour policy (replayed routes).
-        routing: rollout routes, (L, B, S, K); the behaviour policy's choices.
-        old_gate_logp: (L, B, S, K) log-prob of the chosen experts recomputed in the old-policy forward.
-        rewards: (B,) scalar reward per completion.
-        advantages: (B,) group-relative advantage per completion.
+        routing: (L, B, S, K) the old policy's routes in the trainer: the rollout's own (sampled) routes when
+            training replays them (MoE-GRPO, R3), else the old-log-prob forward's live top-K (R2 replays them; without
+            replay they are the old-activated experts of RSPO's router shift).
         group_size: G.
         completions: B decoded completion strings.
         items: the task item behind each sequence (B dicts; the G samples of a prompt share one).
+        sampling: the token and routing distributions the rollout sampled from; every scoring forward reads it here.
+        expert_mask: the allowed experts of every position (router guidance applied in the loss), or None.
+        sample_logp: (B, C) log-prob of each completion token under the distribution generation sampled it from,
+            recorded by the rollout engine (diagnostics; the ratio's denominator is ``old_logp``).
+        old_logp: (B, C) log-prob of each completion token under the behaviour policy, recomputed by the trainer
+            with the routes replayed.
+        old_set_logp: (L, B, S) log-prob of each recorded expert set under the behaviour router (Gate-GRPO's g_old).
+        old_router_logp: (L, B, S, K) log-prob of each old-activated expert under the behaviour router's untempered
+            softmax (RSPO's router shift).
+        rewards: (B,) scalar reward per completion.
+        advantages: (B,) group-relative advantage per completion.
         reward_parts: named (B,) reward components before weighting, for logging.
         ref_logp: (B, C) log-probs under the frozen reference model, when a KL penalty is on.
         route_probs: (L, B, S, E) routing probabilities of the old forward, kept only while rewards are computed
@@ -99,12 +166,16 @@ class Rollout:
     attention_mask: Tensor
     prompt_width: int
     mask: Tensor
-    old_logp: Tensor
     routing: RoutingTrace
-    old_gate_logp: Tensor
     group_size: int
     completions: list[str]
     items: list[dict]
+    sampling: Sampling = field(default_factory=Sampling)
+    expert_mask: ExpertMask | None = None
+    sample_logp: Tensor | None = None
+    old_logp: Tensor | None = None
+    old_set_logp: Tensor | None = None
+    old_router_logp: Tensor | None = None
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     reward_parts: dict[str, Tensor] = field(default_factory=dict)
@@ -128,20 +199,27 @@ class Rollout:
             from expertrl.vlm import index_mm_batch
 
             mm = index_mm_batch(self.mm_inputs, index)
+
+        def rows(x: Tensor | None, dim: int = 0) -> Tensor | None:
+            return None if x is None else x.index_select(dim, index.to(x.device))
+
         return replace(
             self,
             input_ids=self.input_ids[index],
             attention_mask=self.attention_mask[index],
             mask=self.mask[index],
-            old_logp=self.old_logp[index],
             routing=self.routing.index_batch(index),
-            old_gate_logp=self.old_gate_logp[:, index],
             completions=[self.completions[i] for i in idx],
             items=[self.items[i] for i in idx],
-            rewards=None if self.rewards is None else self.rewards[index],
-            advantages=None if self.advantages is None else self.advantages[index],
+            expert_mask=None if self.expert_mask is None else self.expert_mask.index_batch(index),
+            sample_logp=rows(self.sample_logp),
+            old_logp=rows(self.old_logp),
+            old_set_logp=rows(self.old_set_logp, 1),
+            old_router_logp=rows(self.old_router_logp, 1),
+            rewards=rows(self.rewards),
+            advantages=rows(self.advantages),
             reward_parts={k: v[index] for k, v in self.reward_parts.items()},
-            ref_logp=None if self.ref_logp is None else self.ref_logp[index],
+            ref_logp=rows(self.ref_logp),
             route_probs=None,
             mm_inputs=mm,
         )

@@ -74,9 +74,10 @@ def router_shift(
         layer_agg: ``mean`` (Δ = mean over layers; paper) or ``product`` (Δ = sum over layers).
     Returns:
         log_gamma: (B, T) log γ̃ = max(−Δ, log γ_min), detached.
-        metrics: detached tensors ``router_shift/gamma_mean``, ``router_shift/gamma_p10`` (raw γ, masked mean and
-            10th percentile), ``router_shift/frac_below_floor`` (γ < γ_min), ``router_shift/delta_mean`` (masked mean
-            of Δ), all 0-d, and ``router_shift/delta_per_layer`` (L,), the masked mean of d^l per layer.
+        metrics: detached tensors (METHODS §1.5, §6.6 names): ``router_shift/gamma_mean``, ``gamma_p10``,
+            ``gamma_p50`` (raw γ: masked mean, 10th percentile, median), ``frac_below_floor`` (γ < γ_min),
+            ``delta_mean``, ``delta_p90``, ``delta_p99`` (Δ: masked mean and upper percentiles, where bursts of
+            router shift show first), all 0-d, and ``delta_per_layer`` (L,), the masked mean of d^l per layer.
     Raises:
         ValueError: unknown ``layer_agg`` (lists the valid ones).
     """
@@ -96,8 +97,11 @@ def router_shift(
         metrics = {
             "router_shift/gamma_mean": masked_mean(gamma, m),
             "router_shift/gamma_p10": _masked_quantile(gamma, m, 0.1),
+            "router_shift/gamma_p50": _masked_quantile(gamma, m, 0.5),
             "router_shift/frac_below_floor": masked_mean((gamma < gamma_min).to(gamma.dtype), m),
             "router_shift/delta_mean": masked_mean(delta, m),
+            "router_shift/delta_p90": _masked_quantile(delta, m, 0.9),
+            "router_shift/delta_p99": _masked_quantile(delta, m, 0.99),
             "router_shift/delta_per_layer": masked_mean(d, m.expand_as(d), dim=(1, 2)),  # (L,)
         }
     return log_gamma.detach(), metrics

@@ -461,14 +461,16 @@ class PromptCompletionGuide:
     state: GuidanceState
     in_loss: bool = True
 
+    @property
+    def allowed(self) -> Tensor:
+        return self.state.allowed  # (L, G, E)
+
     def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
         groups = prompt_completion_groups(prompt_mask, prompt_mask.shape[1])  # (B, P)
         return self.state.mask(groups, generated_group=1)  # every decoded token is a completion token
 
-    def for_sequences(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> GuidanceMask | None:
-        if not self.in_loss:
-            return None
-        return self.state.mask(prompt_completion_groups(attention_mask, prompt_width))
+    def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        return prompt_completion_groups(attention_mask, prompt_width)  # (B, S)
 
 
 PROMPT_COMPLETION = ("prompt", "completion")
@@ -530,14 +532,16 @@ class ModalityGuide:
             raise ValueError("ModalityGuide.vision_ids is empty; pass the image and video placeholder token ids")
         self.vision_ids = frozenset(int(i) for i in self.vision_ids)
 
+    @property
+    def allowed(self) -> Tensor:
+        return self.state.allowed  # (L, G, E)
+
     def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
         groups = modality_token_groups(prompt_ids, prompt_mask, self.vision_ids)  # (B, P)
         return self.state.mask(groups, generated_group=0)  # every decoded token is text
 
-    def for_sequences(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> GuidanceMask | None:
-        if not self.in_loss:
-            return None
-        return self.state.mask(modality_token_groups(input_ids, attention_mask, self.vision_ids))
+    def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        return modality_token_groups(input_ids, attention_mask, self.vision_ids)  # (B, S)
 
 
 def calibrate_modality(

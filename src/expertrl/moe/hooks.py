@@ -6,25 +6,29 @@
 
     with route(model, Replay.from_trace(trace)) as rec:          # force those experts, live router weights
         logits = model(ids).logits
-    gate_logp = rec.gate_logp(batch_size=B)                      # (L, B, S, K) differentiable log p_θ(e)
+    set_logp = rec.set_logp(batch_size=B)                        # (L, B, S) differentiable log g_θ(expert set)
 
 The context manager patches each router module's ``forward`` on the instance (the class is untouched, HF's own
 output-recording hooks keep firing) and restores the previous ``forward`` on exit, also on error. Inside, each
 router call:
-1. computes logits (N, E) exactly as the native router does, and the routing distribution
-   ``logp = log_softmax(mask(logits) / T)`` that the policy chooses from;
+1. computes logits (N, E) exactly as the native router does, in float32 at least (float64 stays float64), and the
+   routing distribution ``softmax(mask(logits) / T)`` that the policy chooses from (``T``, the mask: ``Sampling``,
+   ``ExpertMask``; the same for the rollout that samples and for every forward that scores it);
 2. asks the policy (or the replayed trace) for the experts (N, K) in draw order;
 3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
    gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
-4. records experts (int16), their log-probs under ``logp`` (differentiable when grad is on) and, if asked, the
-   full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
+4. records experts (int16); the log-probability of the chosen *set* under the routing distribution, computed here
+   from all E scores (``setprob.set_logprob``: exact however peaked the router; differentiable when grad is on);
+   the untempered masked softmax's log-probs of the chosen experts (RSPO's router shift; detached); and, if asked,
+   the full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
    router z-loss (``keep_logits``).
 With ``TopK`` and no mask this reproduces the native router bit for bit (tested).
 
 Variable expert counts (``ExpertChoice``, ``policy.fixed_k = False``): the policy returns (N, K') with ``UNROUTED``
 in unused slots. Those slots reach the experts module as the token's top-1 expert with weight exactly 0 (the fused
 kernels take any K' but need real indices), are renormalised out (only used slots share the weight sum), and are
-recorded as ``UNROUTED`` with log-prob 0; traces pad every chunk to the widest K' with ``UNROUTED``.
+recorded as ``UNROUTED`` with log-prob 0 (and set log-prob 0: the set has no closed-form probability); traces pad
+every chunk to the widest K' with ``UNROUTED``.
 
 Non-causal policies (``ExpertChoice``, ``Sinkhorn``, ``policy.causal = False``) balance over all tokens of a router
 call, later tokens included, which autoregressive decoding cannot do. ``route`` therefore also wraps
@@ -35,8 +39,8 @@ it too); a hand-written decode loop of forwards would get non-causal routing ove
 
 Sigmoid-scored routers (DeepSeek-V3) support ``TopK`` (the native group-limited selection, recorded) and
 ``Replay`` (native weights at the replayed experts); stochastic policies on them raise until a sampling
-distribution for sigmoid scores is decided. Their recorded log-probs are log of the scores normalised over E
-(experimental, not a softmax).
+distribution for sigmoid scores is decided. Their recorded router log-probs are log of the scores normalised over
+E (experimental, not a softmax); their set log-prob is 0 (undefined).
 
 Gradient checkpointing re-runs routers in backward; a recorder would see the recompute twice, so keep
 checkpointing off inside ``route`` (sampled routes must be replayed, never resampled, in a recompute).
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
 from expertrl.moe.policies import Policy, Replay, TopK
+from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
 from expertrl.types import UNROUTED, RoutingTrace
 
 AllowedFn = Callable[[int, int], Tensor | None]
@@ -66,9 +71,9 @@ class RoutingRecorder:
     """What the routers did inside one ``route`` block: per layer, a list of chunks (one per router call).
 
     A plain forward makes one chunk of B*S tokens per layer; ``generate`` makes a prefill chunk of B*P tokens and
-    one chunk of B tokens per decode step. ``trace``/``gate_logp``/``probs``/``logits`` reassemble them as
-    (L, B, S, ·). ``generating`` counts the ``model.generate`` calls in progress (non-causal policies route with
-    ``TopK`` while it is > 0).
+    one chunk of B tokens per decode step. ``trace``/``set_logp``/``router_logp``/``probs``/``logits`` reassemble
+    them as (L, B, S, ·). ``generating`` counts the ``model.generate`` calls in progress (non-causal policies route
+    with ``TopK`` while it is > 0).
     """
 
     sites: list[RouterSite]
@@ -77,7 +82,8 @@ class RoutingRecorder:
     keep_logits: bool = False
     score_experts: Tensor | None = None
     experts: list[list[Tensor]] = field(default_factory=list)
-    logp: list[list[Tensor]] = field(default_factory=list)
+    set_lp: list[list[Tensor]] = field(default_factory=list)
+    router_lp: list[list[Tensor]] = field(default_factory=list)
     full_probs: list[list[Tensor]] = field(default_factory=list)
     raw_logits: list[list[Tensor]] = field(default_factory=list)
     scored_logp: list[list[Tensor]] = field(default_factory=list)
@@ -85,7 +91,11 @@ class RoutingRecorder:
 
     def __post_init__(self) -> None:
         n = len(self.sites)
-        self.experts, self.logp = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.experts, self.set_lp, self.router_lp = (
+            [[] for _ in range(n)],
+            [[] for _ in range(n)],
+            [[] for _ in range(n)],
+        )
         self.full_probs, self.scored_logp = [[] for _ in range(n)], [[] for _ in range(n)]
         self.raw_logits = [[] for _ in range(n)]
 
@@ -110,14 +120,20 @@ class RoutingRecorder:
         """The compact routing trace (detached) of everything recorded; unused slots are ``UNROUTED``."""
         return RoutingTrace(
             experts=self._assemble(self.experts, batch_size, pad=UNROUTED),
-            logp=self._assemble(self.logp, batch_size, pad=0.0).detach(),
+            set_logp=self.set_logp(batch_size).detach(),
             layers=tuple(s.layer for s in self.sites),
             num_experts=self.num_experts,
         )
 
-    def gate_logp(self, batch_size: int) -> Tensor:
-        """(L, B, S, K) log-probs of the chosen experts (0 in unused slots); differentiable if recorded with grad."""
-        return self._assemble(self.logp, batch_size, pad=0.0)
+    def set_logp(self, batch_size: int) -> Tensor:
+        """(L, B, S) log-prob of each chosen expert set under the routing distribution (masked, tempered softmax);
+        differentiable if recorded with grad (Gate-GRPO's g_θ)."""
+        return self._assemble(self.set_lp, batch_size)[..., 0]
+
+    def router_logp(self, batch_size: int) -> Tensor:
+        """(L, B, S, K) detached log-probs of the chosen experts under the untempered masked router softmax (the
+        distribution of the expert weights; RSPO's r), 0 in unused slots."""
+        return self._assemble(self.router_lp, batch_size, pad=0.0)
 
     def probs(self, batch_size: int) -> Tensor:
         """(L, B, S, E) full routing probabilities (needs ``keep_probs=True``)."""
@@ -132,7 +148,7 @@ class RoutingRecorder:
         return self._assemble(self.raw_logits, batch_size)
 
     def scored(self, batch_size: int) -> Tensor:
-        """(L, B, S, K) log-probs of the ``score_experts`` ids under the live routing distribution (differentiable).
+        """(L, B, S, K) detached log-probs of the ``score_experts`` ids under the live untempered router softmax.
 
         This is how RSPO reads the current router's score of the experts the *old* policy activated when the forward
         itself routes live (no replay)."""
@@ -140,20 +156,29 @@ class RoutingRecorder:
         return self._assemble(self.scored_logp, batch_size)
 
     def clear(self) -> None:
-        for lists in (self.experts, self.logp, self.full_probs, self.raw_logits, self.scored_logp):
+        for lists in (self.experts, self.set_lp, self.router_lp, self.full_probs, self.raw_logits, self.scored_logp):
             for per_layer in lists:
                 per_layer.clear()
 
 
 def _record(
-    rec: RoutingRecorder, pos: int, experts: Tensor, logp_chosen: Tensor, probs: Tensor, logits: Tensor
+    rec: RoutingRecorder,
+    pos: int,
+    experts: Tensor,
+    set_logp: Tensor,
+    router_logp: Tensor,
+    probs: Tensor,
+    logits: Tensor,
 ) -> None:
+    grad = torch.is_grad_enabled()
     rec.experts[pos].append(experts.to(torch.int16))
-    rec.logp[pos].append(logp_chosen if torch.is_grad_enabled() else logp_chosen.detach())
+    at_least_32 = torch.promote_types(set_logp.dtype, torch.float32)  # a float64 model keeps float64
+    rec.set_lp[pos].append((set_logp if grad else set_logp.detach()).to(at_least_32)[:, None])  # (N, 1)
+    rec.router_lp[pos].append(router_logp.detach().to(at_least_32))
     if rec.keep_probs:
         rec.full_probs[pos].append(probs)
     if rec.keep_logits:
-        rec.raw_logits[pos].append(logits if torch.is_grad_enabled() else logits.detach())
+        rec.raw_logits[pos].append(logits if grad else logits.detach())
 
 
 def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | None) -> Tensor:
@@ -184,41 +209,45 @@ def _softmax_forward(
     temperature: float,
     allowed: AllowedFn | None,
     generator: torch.Generator | None,
+    set_kind: str,
     rec: RoutingRecorder,
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
     h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
     logits = F.linear(h, router.weight)  # (N, E), the native router's logits
-    scores = logits.float()  # (N, E) softmax in float32 like every native softmax router
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E) float32 like every native router
     mask = allowed(pos, scores.shape[0]) if allowed is not None else None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
-    logp_route = torch.log_softmax(scores / temperature if temperature != 1.0 else scores, dim=-1)  # (N, E)
+    route_scores = scores / temperature if temperature != 1.0 else scores  # (N, E) the routing distribution's
     if rec.generating and not policy.causal:
         policy = TopK()  # non-causal routing cannot run token by token: generate routes top-K (module docstring)
     with torch.no_grad():
-        experts = _choose(policy, logp_route.detach(), site.top_k, pos, generator)  # (N, K) int64
+        experts = _choose(policy, torch.log_softmax(route_scores, dim=-1), site.top_k, pos, generator)  # (N, K)
     probs = torch.softmax(scores, dim=-1)  # (N, E) untempered: expert weights always use the model's router
+    with torch.no_grad():
+        router_logp = torch.log_softmax(scores, dim=-1)  # (N, E) RSPO's r (no gradient: γ is a stop-gradient)
     if policy.fixed_k:
         weights = probs.gather(1, experts)  # (N, K) gradient reaches the router through the chosen experts
         if site.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        _record(rec, pos, experts, logp_route.gather(1, experts), probs, logits)
+        set_logp = set_logprob(set_kind, route_scores, experts)  # (N,) exact from all E scores (setprob)
+        _record(rec, pos, experts, set_logp, router_logp.gather(1, experts), probs, logits)
     else:  # (N, K') with UNROUTED slots: real index (the token's top-1 expert), weight exactly 0
         used = experts != UNROUTED  # (N, K')
-        experts = torch.where(used, experts, logp_route.detach().argmax(-1, keepdim=True))  # (N, K')
+        experts = torch.where(used, experts, router_logp.argmax(-1, keepdim=True))  # (N, K')
         weights = probs.gather(1, experts) * used  # (N, K') unused slots 0, and no gradient through them
         if site.renormalize:
             total = weights.sum(dim=-1, keepdim=True)  # (N, 1) 0 for a token no expert took
             weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-        logp_chosen = torch.where(used, logp_route.gather(1, experts), torch.zeros_like(weights))  # (N, K')
-        _record(rec, pos, torch.where(used, experts, UNROUTED), logp_chosen, probs, logits)
+        chosen_logp = torch.where(used, router_logp.gather(1, experts), torch.zeros_like(weights))  # (N, K')
+        no_set = torch.zeros(experts.shape[0], device=experts.device)  # a variable-K choice has no set probability
+        _record(rec, pos, torch.where(used, experts, UNROUTED), no_set, chosen_logp, probs, logits)
     if rec.score_experts is not None:
         ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
         ref_ok = ref >= 0
-        scored = logp_route.gather(1, ref.clamp(min=0)) * ref_ok  # (N, K); unrouted slots score 0
-        rec.scored_logp[pos].append(scored if torch.is_grad_enabled() else scored.detach())
+        rec.scored_logp[pos].append((router_logp.gather(1, ref.clamp(min=0)) * ref_ok).float())  # unrouted: 0
     weights = weights if site.family.weights_float32 else weights.to(logits.dtype)
     return logits, weights, experts
 
@@ -245,7 +274,8 @@ def _sigmoid_forward(
         weights = weights * router.routed_scaling_factor
     scores = logits.float().sigmoid()  # (N, E)
     logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
-    _record(rec, pos, experts, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True), logits)
+    no_set = torch.zeros(experts.shape[0], device=experts.device)  # no set probability for sigmoid scores
+    _record(rec, pos, experts, no_set, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True), logits)
     return logits, weights, experts
 
 
@@ -261,6 +291,7 @@ def route(
     keep_logits: bool = False,
     score_experts: Tensor | None = None,
     sites: list[RouterSite] | None = None,
+    set_logprob: str = "plackett_luce",
 ) -> Iterator[RoutingRecorder]:
     """Route every MoE layer of ``model`` with ``policy`` inside the block; yields the recorder.
 
@@ -268,7 +299,8 @@ def route(
         model: a Hugging Face MoE model of a family in ``expertrl.moe.adapters.FAMILIES``.
         policy: ``TopK``, ``Multinomial``, ``NoisyTopK``, ``ExpertChoice``, ``Sinkhorn`` or ``Replay``. Non-causal
             policies (``ExpertChoice``, ``Sinkhorn``) route with ``TopK`` inside ``model.generate``.
-        temperature: temperature of the distribution the policy chooses from (weights always use T=1).
+        temperature: temperature of the distribution the policy chooses from and the set log-probs are taken
+            under (``Sampling.routing_temperature``); expert weights always use T=1.
         allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
         generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
         keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
@@ -276,7 +308,10 @@ def route(
         score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
             (``rec.scored``), whatever the policy chooses; softmax routers only.
         sites: routers to patch (default: ``find_routers(model)``).
+        set_logprob: the set log-probability recorded for each chosen expert set (``setprob.SET_LOGPROBS``).
     """
+    if set_logprob not in SET_LOGPROBS:
+        raise ValueError(f"unknown set_logprob {set_logprob!r}; choose from {sorted(SET_LOGPROBS)}")
     custom = not isinstance(policy, (TopK, Replay))
     if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ValueError(
@@ -314,7 +349,9 @@ def route(
             module = site.module
             saved.append((module, "forward", module.__dict__.get("forward")))
             if site.family.scoring == "softmax":
-                fwd = functools.partial(_softmax_forward, site, pos, policy, temperature, allowed, generator, rec)
+                fwd = functools.partial(
+                    _softmax_forward, site, pos, policy, temperature, allowed, generator, set_logprob, rec
+                )
             else:
                 fwd = functools.partial(_sigmoid_forward, site, pos, policy, module.forward, rec)
             module.forward = fwd

@@ -1,12 +1,22 @@
-"""Log-probability of the set of experts a router chose, from the log-probs of the chosen experts.
+"""Log-probability of the set of experts a router chose, computed from all E router scores.
 
 MoE-GRPO's Gate-GRPO (Eq. 5, METHODS.md §3.4) needs ``g(E_{t,l})``, the probability of the K-set of experts the
 rollout used for one token at one layer. The paper does not say how to compute it; METHODS.md §8 row 7 picks the
 ordered Plackett-Luce probability as the default and keeps the two alternatives behind ``SET_LOGPROBS``.
 
-Every function takes ``expert_logp: (..., K)``: log p_{e_k} of the k-th chosen expert under the *full* routing
-distribution (already softmaxed, masked and tempered exactly as when sampling), in **draw order**. Each returns
-``(...)``. The same definition must be used for the numerator and the denominator of the ratio.
+Every function takes the sufficient statistics of the full routing distribution ``p = softmax(s)``:
+
+    chosen: (..., K)  the scores s_{e_k} of the chosen experts, in draw order
+    rest:   (...)     log Σ_{j not chosen} exp(s_j), the log-sum-exp of every other expert's score
+
+``s`` is any common shift of the log-probabilities (raw masked, tempered logits work; so do log-probs). Nothing is
+ever subtracted from 1: the mass left before draw k is ``exp(rest) + Σ_{j>=k} exp(chosen_j)``, a log-sum-exp of
+terms that are all present. The result is therefore as accurate as the scores themselves (float32 round-off of
+the logits, ~1e-6 nats) however peaked the router is: at 1 − p_top = 1e-9 an approach that rebuilds
+log(1 − Σ p) from the chosen experts' float32 log-probs is off by nats, this one is not. The gradient is finite
+everywhere. ``set_statistics`` gathers both from an (N, E) score matrix; ``expertrl.moe.hooks`` calls it inside
+every router call, where all E scores exist. The same definition must be used for the numerator and the
+denominator of a ratio (``Sampling.set_logprob``).
 
 Pure functions of tensors; ``torch`` only.
 """
@@ -19,81 +29,79 @@ import math
 import torch
 from torch import Tensor
 
-_MAX_UNORDERED_K = 6  # 6! = 720 orders; beyond that the enumeration is the wrong algorithm
-_LOG_HALF = -math.log(2.0)
-_MAX_LOG_EXCL = -1e-30  # log of the drawn mass is clamped below 0 so that log(1 - mass) stays finite
+MAX_UNORDERED_K = 6
+"""``unordered`` enumerates K! orders; 6! = 720 is the most it takes (beyond that it is the wrong algorithm)."""
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 at least (router log-probs may arrive in bf16); float64 stays float64."""
-    return torch.promote_types(x.dtype, torch.float32)
+def logsumexp_or_neg_inf(x: Tensor, dim: int = -1) -> Tensor:
+    """``torch.logsumexp`` whose gradient stays finite (0) where every entry is -inf (the result is then -inf)."""
+    empty = torch.isneginf(x).all(dim, keepdim=True)  # (..., 1) nothing left to sum
+    safe = torch.where(empty, torch.zeros_like(x), x)  # keeps -inf - (-inf) out of the backward
+    return torch.where(empty.squeeze(dim), torch.full_like(safe.sum(dim), -math.inf), torch.logsumexp(safe, dim))
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler 2012: switch at x = -log 2).
+def set_statistics(scores: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
+    """The chosen experts' scores and the log-sum-exp of the others', the inputs of every set log-prob.
 
-    Both branches are evaluated on inputs clamped into their own safe range, so the branch that ``torch.where``
-    discards has a finite gradient (a NaN there would leak through ``where``'s backward as 0 * inf).
+    Args:
+        scores: (N, E) routing scores (masked experts -inf), any common shift of log p; float32 or float64.
+        experts: (N, K) chosen expert ids in draw order, distinct per row.
+    Returns:
+        chosen: (N, K) ``scores`` at ``experts``.
+        rest: (N,) log Σ over the experts not in the row's ``experts`` of exp(score); -inf if there are none (K = E).
     """
-    near_zero = x > _LOG_HALF
-    a = torch.log(-torch.expm1(torch.where(near_zero, x, _LOG_HALF)))  # x in (-log 2, 0)
-    b = torch.log1p(-torch.exp(torch.where(near_zero, _LOG_HALF, x)))  # x <= -log 2, -inf included
-    return torch.where(near_zero, a, b)
+    experts = experts.long()
+    chosen = scores.gather(-1, experts)  # (N, K)
+    others = scores.scatter(-1, experts, -math.inf)  # (N, E) the chosen ones removed (no gradient to them here)
+    return chosen, logsumexp_or_neg_inf(others)  # (N, K), (N,)
 
 
-def plackett_luce_logp(expert_logp: Tensor) -> Tensor:
+def _mass_left(chosen: Tensor, rest: Tensor) -> Tensor:
+    """(..., K) log of the probability mass left before draw k: rest plus the chosen experts not yet drawn."""
+    tail = torch.logcumsumexp(chosen.flip(-1), dim=-1).flip(-1)  # (..., K) log Σ_{j>=k} exp(chosen_j)
+    return torch.logaddexp(tail, rest.unsqueeze(-1))  # (..., K)
+
+
+def plackett_luce_logp(chosen: Tensor, rest: Tensor) -> Tensor:
     """Log-probability of the ordered tuple of experts drawn without replacement (Plackett-Luce).
 
-    This is exactly the probability that ``torch.multinomial(p, K, replacement=False)`` returns ``(e_1..e_K)``
-    in that order: each draw renormalises over the experts not yet drawn (METHODS.md §3.4, option 1):
+    This is exactly the probability that ``torch.multinomial(softmax(s), K, replacement=False)`` returns
+    ``(e_1..e_K)`` in that order: each draw renormalises over the experts not yet drawn (METHODS.md §3.4, option 1):
 
-        log g(e_1..e_K) = Σ_k [ log p_{e_k} − log(1 − Σ_{j<k} p_{e_j}) ]
-
-    Computed in log space: the drawn mass ``Σ_{j<k} p_{e_j}`` is an exclusive ``logcumsumexp`` of the inputs and
-    ``log(1 − mass)`` uses ``log1mexp``, which keeps full precision when the drawn mass is close to 1 (a dominant
-    expert with log p ≈ -1e-7 gives 1 − p ≈ 1e-7 exactly, where ``1 - p.cumsum()`` in float32 would give 0).
-
-    Clamp: the mass left before draw k contains p_{e_k} itself, so ``log(1 − mass) >= log p_{e_k}`` and each
-    term is a conditional probability <= 1. Rounding can break that when the drawn mass is ~1; we enforce it with
-    ``maximum(log(1 − mass), log p_{e_k})``. The same clamp makes padded rows finite: a slot stored as log p = 0
-    (``types.UNROUTED`` positions) contributes 0, and a row of all-zero log-probs gives 0 rather than NaN.
+        log g(e_1..e_K) = Σ_k [ s_{e_k} − log( Σ_{j not drawn before k} exp(s_j) ) ]
 
     Args:
-        expert_logp: (..., K) log p of the chosen experts under the full routing distribution, in draw order.
+        chosen: (..., K) scores of the chosen experts in draw order.
+        rest: (...) log-sum-exp of the scores of every expert not chosen.
     Returns:
-        (...) log-probability of the ordered tuple; float32 at least.
+        (...) log-probability of the ordered tuple (<= 0).
     """
-    logp = expert_logp.to(_compute_dtype(expert_logp))  # (..., K)
-    # log Σ_{j<k} p_{e_j}: shift the inclusive logcumsumexp right by one, -inf (no mass drawn) before draw 1.
-    log_incl = torch.logcumsumexp(logp, dim=-1)  # (..., K)
-    log_excl = torch.cat([torch.full_like(logp[..., :1], -math.inf), log_incl[..., :-1]], dim=-1)  # (..., K)
-    log_rest = _log1mexp(log_excl.clamp(max=_MAX_LOG_EXCL))  # (..., K) log(1 − Σ_{j<k} p_{e_j})
-    log_rest = torch.maximum(log_rest, logp)  # a conditional probability is <= 1 (see docstring)
-    return (logp - log_rest).sum(-1)  # (...)
+    return (chosen - _mass_left(chosen, rest)).sum(-1)  # (...)
 
 
-def unordered_set_logp(expert_logp: Tensor) -> Tensor:
+def unordered_set_logp(chosen: Tensor, rest: Tensor) -> Tensor:
     """Log-probability of the unordered set {e_1..e_K}: the Plackett-Luce probability summed over all K! orders.
 
-    METHODS.md §3.4 option 2; for K = 2, ``g = p_a p_b (1/(1 − p_a) + 1/(1 − p_b))``. Order-free, so it does not
-    need the draw order, at the cost of K! Plackett-Luce evaluations (enumerated; fine for K <= 4).
+    METHODS.md §3.4 option 2; for K = 2, ``g = p_a p_b (1/(1 − p_a) + 1/(1 − p_b))``. Order-free, at the cost of
+    K! Plackett-Luce evaluations (enumerated; K <= ``MAX_UNORDERED_K``).
 
     Args:
-        expert_logp: (..., K) log p of the chosen experts under the full routing distribution, any order.
+        chosen: (..., K) scores of the chosen experts, any order.
+        rest: (...) log-sum-exp of the scores of every expert not chosen.
     Returns:
-        (...) log-probability of the set; float32 at least.
+        (...) log-probability of the set.
     """
-    k = expert_logp.shape[-1]
-    assert k <= _MAX_UNORDERED_K, (
-        f"unordered_set_logp enumerates all K! orders; K={k} > {_MAX_UNORDERED_K} is too many. "
+    k = chosen.shape[-1]
+    assert k <= MAX_UNORDERED_K, (
+        f"unordered_set_logp enumerates all K! orders; K={k} > {MAX_UNORDERED_K} is too many. "
         "Use set_logprob='plackett_luce' (the default) instead."
     )
-    orders = torch.tensor(list(itertools.permutations(range(k))), device=expert_logp.device)  # (K!, K)
-    permuted = expert_logp[..., orders]  # (..., K!, K)
-    return torch.logsumexp(plackett_luce_logp(permuted), dim=-1)  # (...)
+    orders = torch.tensor(list(itertools.permutations(range(k))), device=chosen.device)  # (K!, K)
+    permuted = chosen[..., orders]  # (..., K!, K)
+    return torch.logsumexp(plackett_luce_logp(permuted, rest.unsqueeze(-1)), dim=-1)  # (...)
 
 
-def independent_logp(expert_logp: Tensor) -> Tensor:
+def independent_logp(chosen: Tensor, rest: Tensor) -> Tensor:
     """Σ_k log p_{e_k}: product of the chosen experts' marginals (METHODS.md §3.4 option 3).
 
     Not a normalised probability of the sampled set; it differs from Plackett-Luce by
@@ -101,11 +109,13 @@ def independent_logp(expert_logp: Tensor) -> Tensor:
     implementation does.
 
     Args:
-        expert_logp: (..., K) log p of the chosen experts.
+        chosen: (..., K) scores of the chosen experts.
+        rest: (...) log-sum-exp of the scores of every expert not chosen.
     Returns:
-        (...) sum of the log-probs; float32 at least.
+        (...) sum of the chosen experts' log-probabilities.
     """
-    return expert_logp.to(_compute_dtype(expert_logp)).sum(-1)  # (...)
+    total = torch.logaddexp(torch.logsumexp(chosen, dim=-1), rest)  # (...) log Σ_e exp(s_e)
+    return (chosen - total.unsqueeze(-1)).sum(-1)  # (...)
 
 
 SET_LOGPROBS = {
@@ -113,4 +123,12 @@ SET_LOGPROBS = {
     "unordered": unordered_set_logp,
     "independent": independent_logp,
 }
-"""Set log-probability by name (config ``set_logprob``); all map (..., K) -> (...)."""
+"""Set log-probability by name (``Sampling.set_logprob``); all map (chosen (..., K), rest (...)) -> (...)."""
+
+
+def set_logprob(name: str, scores: Tensor, experts: Tensor) -> Tensor:
+    """(N,) log-probability, by the definition ``name``, of each row's expert set ``experts`` (N, K) under
+    ``softmax(scores)`` (N, E)."""
+    if name not in SET_LOGPROBS:
+        raise ValueError(f"unknown set log-probability {name!r}; choose from {sorted(SET_LOGPROBS)}")
+    return SET_LOGPROBS[name](*set_statistics(scores, experts))
