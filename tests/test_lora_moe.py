@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from expertrl.families import LORA_MOE
+from expertrl.families import TINY_DENSE as DENSE_FAMILIES
 from expertrl.losses.aggregate import aggregate
 from expertrl.losses.gate import gate_grpo
-from expertrl.models import DENSE_FAMILIES, build_tiny_dense, build_tiny_moe
-from expertrl.moe.adapters import LORA_MOE, find_routers, site_labels
+from expertrl.models import build_tiny_dense, build_tiny_moe
+from expertrl.moe.adapters import find_routers, site_labels
 from expertrl.moe.hooks import route
 from expertrl.moe.lora_moe import (
     LoraMoeLinear,
@@ -181,7 +183,7 @@ def test_find_routers_gives_one_site_per_adapted_module():
 
 
 def test_dense_model_without_adapters_points_to_lora_moe():
-    with pytest.raises(ValueError, match="'qwen3' is not a supported MoE family.*attach_lora_moe"):
+    with pytest.raises(ValueError, match="qwen3.*is a dense model.*model.adapter.kind=lora_moe"):
         find_routers(build_tiny_dense("qwen3", "tiny"))
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from expertrl.models import FAMILIES, PRESETS, build_moe_config, build_tiny_moe, load_model
+from expertrl.families import TINY_MOE as FAMILIES
+from expertrl.models import PRESETS, build_moe_config, build_tiny_moe, load_model
 from expertrl.tokenizer import EOS_ID, PAD_ID
 
 IDS = torch.tensor([[PAD_ID, PAD_ID, 20, 21, 22], [20, 21, 22, 23, 24]])  # (B=2, T=5), first row left-padded

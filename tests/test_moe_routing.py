@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from expertrl.models import FAMILIES, build_tiny_moe
-from expertrl.moe.adapters import FAMILIES as ADAPTER_FAMILIES
+from expertrl.families import FAMILIES as ADAPTER_FAMILIES
+from expertrl.families import TINY_MOE as FAMILIES
+from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, Replay, TopK, replay_policy_for
@@ -72,10 +73,14 @@ def test_unknown_family_lists_supported_ones():
         Qwen3Config(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, intermediate_size=32)
     )  # fmt: skip
-    with pytest.raises(ValueError, match="'qwen3' is not a supported MoE family") as err:
+    with pytest.raises(ValueError, match="qwen3.*is a dense model.*lora_moe.*upcycle"):
+        find_routers(dense)
+    dense.config.model_type = "gpt2"  # a family expertrl does not know at all
+    with pytest.raises(ValueError, match="'gpt2' is not a supported family") as err:
         find_routers(dense)
     for family in ADAPTER_FAMILIES:
-        assert family in str(err.value)
+        if ADAPTER_FAMILIES[family].kind == "moe":
+            assert family in str(err.value)
 
 
 def test_supported_family_without_routers_raises():

@@ -6,17 +6,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from expertrl.cli import upcycle_main
 from expertrl.models import build_tiny_dense, build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
-from expertrl.moe.upcycle import (
-    count_params,
-    expert_weights,
-    upcycle,
-    upcycle_checkpoint,
-    upcycle_main,
-)
+from expertrl.moe.upcycle import count_params, expert_weights, upcycle, upcycle_checkpoint
 
 TARGETS = {"qwen3": "qwen3_moe", "qwen2": "qwen2_moe", "llama": "mixtral"}
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from expertrl.cli import upcycle_main
 from expertrl.models import build_tiny_dense
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
-from expertrl.moe.upcycle import count_params, upcycle, upcycle_checkpoint, upcycle_main
+from expertrl.moe.upcycle import count_params, upcycle, upcycle_checkpoint
 from expertrl.tasks_mm import load_mm_task
 from expertrl.vlm import (
     build_tiny_dense_vlm,

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -27,28 +26,8 @@ from tqdm.auto import tqdm
 
 from expertrl.config import ConfigError, ModelConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
-from expertrl.models import load_model
-from expertrl.runtime import DTYPES
-
-
-def atomic_save_dir(path: str | Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then atomically move ``tmp_dir`` to ``path`` (replacing an older one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+from expertrl.io import atomic_save_dir
+from expertrl.models import DTYPES, load_model
 
 
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:

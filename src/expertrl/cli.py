@@ -11,6 +11,7 @@ The command modules are imported only when their command runs, so ``--help`` sta
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -62,7 +63,7 @@ COMMANDS = {
 
 # Commands with their own argparse flags (not a config dataclass): module, function(argv) -> exit code, summary.
 TOOLS = {
-    "upcycle": ("expertrl.moe.upcycle", "upcycle_main", "turn a dense checkpoint into an MoE checkpoint (SRC DST)"),
+    "upcycle": ("expertrl.cli", "upcycle_main", "turn a dense checkpoint into an MoE checkpoint (SRC DST)"),
     "report": ("expertrl.report", "report_main", "compare runs in one HTML page + Markdown (RUN_DIR [RUN_DIR ...])"),
 }
 
@@ -181,4 +182,51 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"expertrl {name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    return 0
+
+
+def upcycle_main(argv: list[str] | None = None) -> int:
+    """``expertrl upcycle SRC DST [...]``: upcycle a local dense checkpoint (``moe.upcycle.upcycle_checkpoint``)
+    and print what was done."""
+    from expertrl.moe.upcycle import count_params, upcycle_checkpoint_models
+
+    parser = argparse.ArgumentParser(
+        prog="expertrl upcycle",
+        description="Turn a dense checkpoint (qwen3/qwen2/llama/mistral, or a qwen3_vl vision-language model) into "
+        "an MoE one whose experts copy its FFN.",
+    )
+    parser.add_argument("src", help="local dense save_pretrained directory")
+    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--num-experts", type=int, default=8, help="E experts per layer (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, help="K experts per token (default 2)")
+    parser.add_argument("--noise-std", type=float, default=0.0, help="relative std of noise on expert copies")
+    parser.add_argument("--router-init-std", type=float, default=0.02, help="std of the new router weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of routers and noise")
+    parser.add_argument(
+        "--no-norm-topk-prob",
+        dest="norm_topk_prob",
+        action="store_false",
+        help="un-renormalised top-K softmax weights (MoE-GRPO Eq. 2; qwen sources only)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+    kwargs = dict(
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        noise_std=args.noise_std,
+        router_init_std=args.router_init_std,
+        norm_topk_prob=args.norm_topk_prob,
+        seed=args.seed,
+    )
+    try:
+        dst, dense, moe = upcycle_checkpoint_models(args.src, args.dst, overwrite=args.overwrite, **kwargs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.error(str(e))  # "expertrl upcycle: error: ...", exit code 2
+    before = sum(p.numel() for p in dense.parameters())
+    total, active = count_params(moe)
+    print(
+        f"upcycled {args.src} ({dense.config.model_type}, {before:,} params) -> {dst} ({moe.config.model_type}, "
+        f"E={args.num_experts}, K={args.top_k}, noise_std={args.noise_std}, norm_topk_prob={args.norm_topk_prob}, "
+        f"seed={args.seed}): {total:,} params, {active:,} active per token"
+    )
     return 0

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from expertrl.families import TINY, TINY_DENSE
+
+FamilyName = Literal[TINY]  # type: ignore[valid-type]  # the in-process families of expertrl.families
+
 
 class ConfigError(ValueError):
     """A bad configuration value. The message names the field and the fix."""
@@ -74,18 +78,11 @@ class UpcycleConfig:
         _check(self.noise_std >= 0, "model.upcycle.noise_std", f"must be >= 0, got {self.noise_std}")
 
 
-DENSE_FAMILIES = ("qwen3", "qwen2", "llama")
-"""dense families of the in-process tiny model (``models.build_tiny_dense``); a dense checkpoint may also be any of
-``moe.adapters.DENSE_MODEL_TYPES`` (Mistral too)"""
-
-
 @dataclass
 class ModelConfig:
     path: str | None = None
     """local Hugging Face checkpoint directory (loaded with from_pretrained); None = build a tiny model in-process"""
-    family: Literal[
-        "qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "qwen3_vl_moe", "qwen3", "qwen2", "llama"
-    ] = "qwen3_moe"
+    family: FamilyName = "qwen3_moe"
     """model family of the in-process model (ignored when path is set); qwen3_vl_moe is the tiny vision-language MoE
     (expertrl.vlm; one size, preset ignored); the dense ones (qwen3, qwen2, llama) need model.adapter or
     model.upcycle for RL"""
@@ -112,7 +109,7 @@ class ModelConfig:
             "model.upcycle.num_experts",
             "upcycling and adapters exclude each other: set model.upcycle.num_experts=0 or model.adapter.kind=none",
         )
-        if self.path is None and self.family not in DENSE_FAMILIES:
+        if self.path is None and self.family not in TINY_DENSE:
             _check(
                 self.adapter.kind == "none" and not self.upcycle.num_experts,
                 "model.family",
@@ -459,7 +456,7 @@ class TrainConfig:
                 "parallel",
                 "fsdp2 shards text MoE models only; train vision-language models with parallel=ddp",
             )
-        if m.path is None and m.family in DENSE_FAMILIES:
+        if m.path is None and m.family in TINY_DENSE:
             _check(
                 ad.kind != "none" or m.upcycle.num_experts > 0,
                 "model.family",

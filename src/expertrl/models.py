@@ -1,8 +1,9 @@
 """Tiny Mixture-of-Experts causal LMs built in-process from a config (no Hub), and loading local checkpoints.
 
-A size preset is written once in family-neutral names (``PRESETS``); ``build_moe_config`` translates it into the
-field names of each supported transformers 5.23 family. Token-id conventions come from ``expertrl.tokenizer``
-(pad 0, bos 1, eos 2). Embeddings are untied, the context is 512 positions, and every layer is an MoE layer.
+A size preset is written once in family-neutral names (``PRESETS``); each family's row in ``expertrl.families``
+translates it into that family's config field names (``Family.tiny_fields``). Token-id conventions come from
+``expertrl.tokenizer`` (pad 0, bos 1, eos 2). Embeddings are untied, the context is 512 positions, and every
+layer is an MoE layer.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from expertrl.config import DENSE_FAMILIES  # the dense bases the tiny builder makes
-from expertrl.moe.adapters import DENSE_MODEL_TYPES
+from expertrl.families import DENSE, FAMILIES, TINY_DENSE, TINY_MOE
 from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""``model.dtype`` names."""
 
 PRESETS: dict[str, dict] = {
     # Unit tests: builds and runs generate in milliseconds.
@@ -26,8 +29,6 @@ PRESETS: dict[str, dict] = {
     # PLATFORM.md §1: 48.0M parameters (16.15M active) at vocab 4096 (Qwen3-MoE).
     "50M": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, moe_intermediate=768, experts=8, top_k=2),
 }
-
-FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
 
 
 def _common_fields(p: dict, vocab_size: int) -> dict:
@@ -61,43 +62,6 @@ def seeded_from_config(build, *, seed: int) -> PreTrainedModel:
     return model
 
 
-def _family_fields(family: str, p: dict) -> dict:
-    """The preset ``p`` in the field names of ``family``'s config class."""
-    hidden, heads, head_dim, inter, experts = (
-        p["hidden"],
-        p["heads"],
-        p["head_dim"],
-        p["moe_intermediate"],
-        p["experts"],
-    )
-    if family == "qwen3_moe":
-        # norm_topk_prob defaults to False in the config class, but real Qwen3-MoE checkpoints ship True.
-        return dict(head_dim=head_dim, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
-                    num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
-    if family == "qwen2_moe":
-        # One always-on shared expert as wide as a routed one (gated by shared_expert_gate).
-        return dict(head_dim=head_dim, moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
-                    intermediate_size=inter, num_experts=experts, num_key_value_heads=p["kv_heads"],
-                    norm_topk_prob=True)  # fmt: skip
-    if family == "olmoe":
-        # OLMoE's experts are sized by intermediate_size (it has no moe_intermediate_size).
-        return dict(head_dim=head_dim, intermediate_size=inter, num_experts=experts,
-                    num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
-    if family == "mixtral":
-        # Mixtral always renormalises the top-k weights; it has no norm_topk_prob flag.
-        return dict(head_dim=head_dim, intermediate_size=inter, num_local_experts=experts,
-                    num_key_value_heads=p["kv_heads"])  # fmt: skip
-    if family == "deepseek_v3":
-        # MLA: no low-rank query, latent KV of hidden/2. KV heads must equal query heads, otherwise MLA + SDPA fails
-        # as soon as a padding mask is passed (PLATFORM.md §1). Every layer is MoE (first_k_dense_replace=0) and
-        # group-limited routing is disabled (one group).
-        return dict(moe_intermediate_size=inter, intermediate_size=inter, n_routed_experts=experts,
-                    n_shared_experts=1, num_key_value_heads=heads, q_lora_rank=None, kv_lora_rank=hidden // 2,
-                    qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
-                    n_group=1, topk_group=1, first_k_dense_replace=0)  # fmt: skip
-    raise ValueError(f"unknown MoE family {family!r}; choose from {FAMILIES}")
-
-
 def build_moe_config(
     family: str,
     preset: str,
@@ -111,7 +75,7 @@ def build_moe_config(
     """A transformers config for ``family`` at size ``preset``.
 
     Args:
-        family: one of ``FAMILIES`` (the transformers ``model_type``).
+        family: one of ``families.TINY_MOE`` (the transformers ``model_type``).
         preset: a key of ``PRESETS``.
         vocab_size: V.
         num_experts: E, replacing the preset's.
@@ -120,6 +84,8 @@ def build_moe_config(
         **overrides: config fields in the family's own names, applied last. A name the family's config does not
             have raises, because transformers configs silently store unknown keyword arguments.
     """
+    if family not in TINY_MOE:
+        raise ValueError(f"unknown MoE family {family!r}; choose from {list(TINY_MOE)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     p = dict(PRESETS[preset])
@@ -127,7 +93,7 @@ def build_moe_config(
     p["top_k"] = p["top_k"] if top_k is None else top_k
     assert p["hidden"] == p["heads"] * p["head_dim"], p
     assert 1 <= p["top_k"] <= p["experts"], p
-    fields = _common_fields(p, vocab_size) | dict(num_experts_per_tok=p["top_k"]) | _family_fields(family, p)
+    fields = _common_fields(p, vocab_size) | dict(num_experts_per_tok=p["top_k"]) | FAMILIES[family].tiny_fields(p)
     known = AutoConfig.for_model(family)
     unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
     if unknown:
@@ -178,18 +144,16 @@ def build_tiny_dense(
     """A randomly initialised dense causal LM of the same size preset (FFN width = the preset's expert width).
 
     Args:
-        family: one of ``DENSE_FAMILIES`` (the transformers ``model_type``).
+        family: one of ``families.TINY_DENSE`` (the transformers ``model_type``).
         preset: a key of ``PRESETS`` (the MoE fields are ignored).
         **overrides: config fields in the family's own names, applied last.
     """
-    if family not in DENSE_FAMILIES:
-        raise ValueError(f"unknown dense family {family!r}; choose from {DENSE_FAMILIES}")
+    if family not in TINY_DENSE:
+        raise ValueError(f"unknown dense family {family!r}; choose from {list(TINY_DENSE)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     p = PRESETS[preset]
-    fields = _common_fields(p, vocab_size) | dict(
-        intermediate_size=p["moe_intermediate"], num_key_value_heads=p["kv_heads"], head_dim=p["head_dim"]
-    )
+    fields = _common_fields(p, vocab_size) | FAMILIES[family].tiny_fields(p)
     known = AutoConfig.for_model(family)
     unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
     if unknown:
@@ -214,7 +178,7 @@ def load_model(
     import json
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    kernel = {} if model_type in DENSE_MODEL_TYPES else {"experts_implementation": experts_implementation}  # MoE only
+    kernel = {} if model_type in DENSE else {"experts_implementation": experts_implementation}  # MoE only
     if model_type == "qwen3_vl_moe":  # a vision-language model: not an AutoModelForCausalLM mapping
         from transformers import AutoModelForImageTextToText
 

@@ -10,16 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from expertrl.config import DENSE_FAMILIES, ModelConfig, OptimConfig, TaskConfig
-from expertrl.models import build_tiny_dense, build_tiny_moe, load_model
+from expertrl.config import ModelConfig, OptimConfig, TaskConfig
+from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
+from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
 from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-VLM_FAMILIES = ("qwen3_vl_moe",)
-"""vision-language MoE families: built by ``expertrl.vlm`` and paired with a processor instead of a tokenizer"""
-DENSE_VLM_FAMILIES = ("qwen3_vl",)
-"""dense vision-language models that upcycle into a ``VLM_FAMILIES`` member (``model.upcycle``)"""
 
 
 def seed_everything(seed: int) -> None:
@@ -44,11 +39,11 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
         model, tokenizer = _load_local(cfg, dtype, allow_dense)
-    elif cfg.family in VLM_FAMILIES:
+    elif cfg.family in VISION_MOE:
         model, tokenizer = _tiny_vlm(cfg, seed, dtype)
     else:
         tokenizer = build_char_tokenizer()
-        if cfg.family in DENSE_FAMILIES:
+        if cfg.family in TINY_DENSE:
             model = build_tiny_dense(cfg.family, cfg.preset, len(tokenizer), seed=seed, dtype=dtype)
         else:
             model = build_tiny_moe(
@@ -117,8 +112,8 @@ def _tiny_vlm(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> tuple[nn.Modul
 
 
 def is_vlm(model: nn.Module) -> bool:
-    """True for a vision-language MoE model (``VLM_FAMILIES``)."""
-    return model.config.model_type in VLM_FAMILIES
+    """True for a vision-language MoE model (``families.VISION_MOE``)."""
+    return model.config.model_type in VISION_MOE
 
 
 def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tuple[nn.Module, object]:
@@ -126,16 +121,14 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
 
     from transformers import AutoTokenizer
 
-    from expertrl.moe.adapters import DENSE_MODEL_TYPES, FAMILIES
-
     config_file = Path(cfg.path) / "config.json"
     if config_file.is_file():  # refuse a dense or unknown family before loading any weights
         model_type = json.loads(config_file.read_text()).get("model_type")
         dense_ok = allow_dense or cfg.adapter.kind != "none" or cfg.upcycle.num_experts > 0
-        dense_vlm = model_type in DENSE_VLM_FAMILIES and (allow_dense or cfg.upcycle.num_experts > 0)
-        if model_type not in FAMILIES and not dense_vlm and not (dense_ok and model_type in DENSE_MODEL_TYPES):
-            hint = f"supported MoE families: {sorted(FAMILIES)}"
-            if model_type in DENSE_MODEL_TYPES:
+        dense_vlm = model_type in VISION and model_type not in MOE and (allow_dense or cfg.upcycle.num_experts > 0)
+        if model_type not in MOE and not dense_vlm and not (dense_ok and model_type in DENSE):
+            hint = f"supported MoE families: {list(MOE)}"
+            if model_type in DENSE:
                 hint += (
                     "; a dense model can be trained with LoRA-MoE adapters (model.adapter.kind=lora_moe) or "
                     "upcycled first (model.upcycle.num_experts=8, or `expertrl upcycle SRC DST`)"
@@ -143,12 +136,12 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
             raise ValueError(
                 f"model.path {cfg.path!r} is a {model_type!r} model, which has no MoE routers expertrl knows; {hint}."
             )
-        if model_type in FAMILIES and (cfg.adapter.kind != "none" or cfg.upcycle.num_experts):
+        if model_type in MOE and (cfg.adapter.kind != "none" or cfg.upcycle.num_experts):
             raise ValueError(
                 f"model.path {cfg.path!r} is already an MoE model ({model_type}); adapters and upcycling start from a "
                 "dense one: set model.adapter.kind=none and model.upcycle.num_experts=0"
             )
-        if model_type in VLM_FAMILIES or dense_vlm:  # not AutoModelForCausalLM models; they need their processor
+        if model_type in VISION:  # not AutoModelForCausalLM models; they need their processor
             from expertrl.vlm import load_vlm
 
             return load_vlm(cfg.path, dtype=dtype, experts_implementation=cfg.experts_implementation)

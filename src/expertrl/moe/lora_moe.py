@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from expertrl.moe.adapters import FAMILIES
+from expertrl.families import MOE
+from expertrl.io import atomic_save_dir
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -178,7 +179,7 @@ def attach_lora_moe(
     Returns:
         ``model`` itself, with only adapter parameters trainable and ``model.expertrl_adapter`` set.
     """
-    if model.config.model_type in FAMILIES:
+    if model.config.model_type in MOE:
         raise ValueError(
             f"model is a {model.config.model_type!r} model with native MoE routers; LoRA-MoE adapters are for dense "
             "bases. Train its native routers instead (expertrl.moe.hooks.route), or pass a dense model."
@@ -246,8 +247,6 @@ def adapter_parameters(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write only the LoRA-MoE adapter (safetensors + JSON) to ``directory``, atomically."""
-    from expertrl.checkpoint import atomic_save_dir  # checkpoint imports the config layer; moe/ stays below it
-
     settings = adapter_settings(model)
     if settings is None or settings["kind"] != "lora_moe":
         raise ValueError("model has no LoRA-MoE adapters to save; call attach_lora_moe first")

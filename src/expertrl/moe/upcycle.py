@@ -3,8 +3,8 @@
 MoE-GRPO (METHODS.md §3.6) converts InternVL3.5-1B to 8 experts, top-2, without saying how; this is the recipe
 we use (METHODS.md §8, ambiguity 12):
 
-* the target is the native MoE family of the source (``SOURCES``): qwen3 -> qwen3_moe (every layer sparse),
-  qwen2 -> qwen2_moe, llama and mistral -> mixtral. The result is a plain ``PreTrainedModel`` that
+* the target is the native MoE family of the source (``families.UPCYCLE_SOURCES``): qwen3 -> qwen3_moe (every
+  layer sparse), qwen2 -> qwen2_moe, llama and mistral -> mixtral. The result is a plain ``PreTrainedModel`` that
   ``save_pretrained`` writes and ``AutoModelForCausalLM.from_pretrained`` reads back, and that
   ``expertrl.moe.adapters``/``hooks`` route like any native MoE;
 * a vision-language model is upcycled in its text decoder only: a dense Qwen3-VL becomes a Qwen3-VL-MoE
@@ -38,77 +38,18 @@ routing irrelevant to the output and give the routers no gradient, which defeats
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
-from expertrl.moe.adapters import FAMILIES as MOE_FAMILIES
-
-
-@dataclass(frozen=True)
-class Target:
-    """How one dense ``model_type`` maps onto its MoE family.
-
-    Attributes:
-        model_type: the MoE ``model_type``.
-        experts_field: the target config's name for E.
-        width_field: the target config's name for an expert's intermediate size.
-        fixed: target fields set by upcycling itself, whatever the source says.
-        implied: source fields the target config lacks, with the only value the target can express.
-        renormalize_always: the family always renormalises top-K weights (no ``norm_topk_prob`` field).
-        vision_language: an image-text-to-text model: the decoder is ``model.language_model``, configured by
-            ``text_config`` (mapped like a decoder's config); ``vision_config`` and the top-level fields are copied
-            field by field and the vision tower weight by weight.
-    """
-
-    model_type: str
-    experts_field: str
-    width_field: str
-    fixed: dict = field(default_factory=dict)
-    implied: dict = field(default_factory=dict)
-    renormalize_always: bool = False
-    vision_language: bool = False
-
-
-# Every layer sparse: the Qwen MoE configs default to decoder_sparse_step=1 and no mlp_only_layers, set anyway.
-_QWEN_SPARSE = dict(decoder_sparse_step=1, mlp_only_layers=[])
-SOURCES: dict[str, Target] = {
-    # Qwen3's layer_types / max_window_layers are handled by _sliding_fields (Qwen3-MoE slides all layers or none).
-    "qwen3": Target("qwen3_moe", "num_experts", "moe_intermediate_size", fixed=_QWEN_SPARSE),
-    # Qwen2 always has q/k/v biases; the shared expert is inert (module docstring).
-    "qwen2": Target(
-        "qwen2_moe",
-        "num_experts",
-        "moe_intermediate_size",
-        fixed=_QWEN_SPARSE | dict(qkv_bias=True, shared_expert_intermediate_size=1),
-    ),
-    # pretraining_tp is ignored by transformers 5 modelling code, so any value is fine (None = no constraint).
-    "llama": Target(
-        "mixtral",
-        "num_local_experts",
-        "intermediate_size",
-        implied=dict(attention_bias=False, mlp_bias=False, pretraining_tp=None),
-        renormalize_always=True,
-    ),
-    "mistral": Target("mixtral", "num_local_experts", "intermediate_size", renormalize_always=True),
-    # Qwen3-VL: only the text decoder becomes sparse; Qwen3VLMoeTextTopKRouter always renormalises its top-K weights.
-    "qwen3_vl": Target(
-        "qwen3_vl_moe",
-        "num_experts",
-        "moe_intermediate_size",
-        fixed=_QWEN_SPARSE,
-        renormalize_always=True,
-        vision_language=True,
-    ),
-}
+from expertrl.families import MOE, UPCYCLE_SOURCES, UpcycleTarget
+from expertrl.io import atomic_save_dir
 
 # Bookkeeping keys of ``PretrainedConfig.to_dict`` that describe the file, not the network.
 _META_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path"})
@@ -170,22 +111,22 @@ def _check_args(num_experts: int, top_k: int, noise_std: float, router_init_std:
         )
 
 
-def target_for(model_type: str, config_dict: dict | None = None) -> Target:
-    """The ``Target`` of a dense ``model_type``; raises on MoE and unsupported families."""
+def target_for(model_type: str, config_dict: dict | None = None) -> UpcycleTarget:
+    """The ``UpcycleTarget`` of a dense ``model_type``; raises on MoE and unsupported families."""
     cfg = config_dict or {}
     decoder_cfgs = (cfg, cfg.get("text_config") or {})  # a VLM's experts live in its text_config
     moe_keys = ("num_experts", "num_local_experts", "n_routed_experts")
-    if model_type in MOE_FAMILIES or any(k in c for c in decoder_cfgs for k in moe_keys):
+    if model_type in MOE or any(k in c for c in decoder_cfgs for k in moe_keys):
         raise ValueError(
             f"model_type {model_type!r} is already a Mixture-of-Experts model; upcycling turns a dense model into "
-            f"an MoE one. Supported dense model_types: {sorted(SOURCES)}"
+            f"an MoE one. Supported dense model_types: {sorted(UPCYCLE_SOURCES)}"
         )
-    if model_type not in SOURCES:
+    if model_type not in UPCYCLE_SOURCES:
         raise ValueError(
-            f"cannot upcycle model_type {model_type!r}; supported dense model_types: {sorted(SOURCES)} "
-            f"(-> {sorted({t.model_type for t in SOURCES.values()})})"
+            f"cannot upcycle model_type {model_type!r}; supported dense model_types: {sorted(UPCYCLE_SOURCES)} "
+            f"(-> {sorted({t.model_type for t in UPCYCLE_SOURCES.values()})})"
         )
-    return SOURCES[model_type]
+    return UPCYCLE_SOURCES[model_type]
 
 
 def _sliding_fields(dense: dict) -> dict:
@@ -232,7 +173,14 @@ def moe_config_fields(
 
 
 def _decoder_fields(
-    dense: dict, known: dict, target: Target, *, head_dim: int, num_experts: int, top_k: int, norm_topk_prob: bool
+    dense: dict,
+    known: dict,
+    target: UpcycleTarget,
+    *,
+    head_dim: int,
+    num_experts: int,
+    top_k: int,
+    norm_topk_prob: bool,
 ) -> dict:
     """The MoE decoder's config fields from the dense decoder's (``known``: the target decoder config's fields)."""
     # intermediate_size is copied where the target has it (Qwen MoE: the width of dense mlp_only_layers, unused here).
@@ -274,12 +222,12 @@ def _copy_fields(source: dict, known: dict, implied: dict, *, skip=()) -> dict:
     if unknown:
         raise ValueError(
             f"{target_name} config has no field(s) {sorted(unknown)} of the {source_name} config; "
-            "upcycling would silently drop them. Map them in expertrl.moe.upcycle.SOURCES (implied values) first."
+            "upcycling would silently drop them. Map them in expertrl.families (UpcycleTarget.implied) first."
         )
     return fields
 
 
-def _decoder(model: PreTrainedModel, target: Target) -> nn.Module:
+def _decoder(model: PreTrainedModel, target: UpcycleTarget) -> nn.Module:
     """The module holding the decoder ``layers``: ``model.model``, or a VLM's ``model.model.language_model``."""
     return model.model.language_model if target.vision_language else model.model
 
@@ -319,8 +267,8 @@ def upcycle(
     the same train/eval mode, with a copy of its ``generation_config``.
 
     Args:
-        dense_model: a causal LM of a ``model_type`` in ``SOURCES``, or a vision-language model (``qwen3_vl``) whose
-            text decoder is upcycled and whose vision tower is copied.
+        dense_model: a causal LM of a ``model_type`` in ``families.UPCYCLE_SOURCES``, or a vision-language
+            model (``qwen3_vl``) whose text decoder is upcycled and whose vision tower is copied.
         num_experts: E experts per layer.
         top_k: K experts per token.
         noise_std: relative std of Gaussian noise on each expert copy (0 = identical experts).
@@ -427,14 +375,14 @@ def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, overwrite: b
         overwrite: replace an existing ``dst_dir``.
         **kwargs: keyword arguments of ``upcycle`` (checked before anything is loaded).
     """
-    return _upcycle_checkpoint(src_dir, dst_dir, overwrite=overwrite, **kwargs)[0]
+    return upcycle_checkpoint_models(src_dir, dst_dir, overwrite=overwrite, **kwargs)[0]
 
 
-def _upcycle_checkpoint(
-    src_dir: str | Path, dst_dir: str | Path, *, overwrite: bool, **kwargs
+def upcycle_checkpoint_models(
+    src_dir: str | Path, dst_dir: str | Path, *, overwrite: bool = False, **kwargs
 ) -> tuple[Path, PreTrainedModel, PreTrainedModel]:
-    from expertrl.checkpoint import atomic_save_dir  # only this entry point writes files
-
+    """``upcycle_checkpoint`` that also returns the dense and the upcycled model (``expertrl upcycle`` reports
+    their sizes)."""
     try:
         bound = inspect.signature(upcycle).bind(None, **kwargs)
     except TypeError as e:
@@ -471,47 +419,3 @@ def _upcycle_checkpoint(
         (tmp / "upcycled_from.json").write_text(json.dumps(record, indent=2) + "\n")
 
     return atomic_save_dir(dst, write), dense, moe
-
-
-def upcycle_main(argv: list[str] | None = None) -> int:
-    """``expertrl upcycle SRC DST [...]``: upcycle a local dense checkpoint and print what was done."""
-    parser = argparse.ArgumentParser(
-        prog="expertrl upcycle",
-        description="Turn a dense checkpoint (qwen3/qwen2/llama/mistral, or a qwen3_vl vision-language model) into "
-        "an MoE one whose experts copy its FFN.",
-    )
-    parser.add_argument("src", help="local dense save_pretrained directory")
-    parser.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--num-experts", type=int, default=8, help="E experts per layer (default 8)")
-    parser.add_argument("--top-k", type=int, default=2, help="K experts per token (default 2)")
-    parser.add_argument("--noise-std", type=float, default=0.0, help="relative std of noise on expert copies")
-    parser.add_argument("--router-init-std", type=float, default=0.02, help="std of the new router weights")
-    parser.add_argument("--seed", type=int, default=0, help="seed of routers and noise")
-    parser.add_argument(
-        "--no-norm-topk-prob",
-        dest="norm_topk_prob",
-        action="store_false",
-        help="un-renormalised top-K softmax weights (MoE-GRPO Eq. 2; qwen sources only)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    args = parser.parse_args(argv)
-    kwargs = dict(
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        noise_std=args.noise_std,
-        router_init_std=args.router_init_std,
-        norm_topk_prob=args.norm_topk_prob,
-        seed=args.seed,
-    )
-    try:
-        dst, dense, moe = _upcycle_checkpoint(args.src, args.dst, overwrite=args.overwrite, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.error(str(e))  # "expertrl upcycle: error: ...", exit code 2
-    before = sum(p.numel() for p in dense.parameters())
-    total, active = count_params(moe)
-    print(
-        f"upcycled {args.src} ({dense.config.model_type}, {before:,} params) -> {dst} ({moe.config.model_type}, "
-        f"E={args.num_experts}, K={args.top_k}, noise_std={args.noise_std}, norm_topk_prob={args.norm_topk_prob}, "
-        f"seed={args.seed}): {total:,} params, {active:,} active per token"
-    )
-    return 0
