@@ -46,7 +46,7 @@ DEFAULT_METHODS = "grpo,gspo,gmpo,rspo,grpo+r3,grpo+r2,grpo+freeze_router"
 def read_metrics(path: Path) -> list[dict]:
     """The RL-step records of ``metrics.jsonl`` (the evaluation-only records at step -1 and steps are dropped)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reward" in r]
+    return [r for r in rows if "reward/mean" in r]
 
 
 def values(rows: list[dict], key: str) -> list[float]:
@@ -67,7 +67,7 @@ def stat(xs: list[float], fn) -> float | None:
 
 
 def row_for(method: str, summary: dict, rows: list[dict], wall_s: float) -> dict:
-    reward = values(rows, "reward")
+    reward = values(rows, "reward/mean")
     clip = values(rows, "loss/clip_frac")
     return {
         "method": method,
@@ -78,11 +78,11 @@ def row_for(method: str, summary: dict, rows: list[dict], wall_s: float) -> dict
         "clip_mean": stat(clip, statistics.fmean),
         "clip_max": stat(clip, max),
         "clip_burst": statistics.stdev([b - a for a, b in zip(clip, clip[1:])]) if len(clip) > 2 else None,
-        "gamma_mean": stat(values(rows, "router_shift/gamma_mean"), statistics.fmean),
-        "below_floor_mean": stat(values(rows, "router_shift/frac_below_floor"), statistics.fmean),
-        "overlap_min": stat(values(rows, "router_shift/topk_overlap"), min),
+        "gamma_mean": stat(values(rows, "router/shift/gamma_mean"), statistics.fmean),
+        "below_floor_mean": stat(values(rows, "router/shift/frac_below_floor"), statistics.fmean),
+        "overlap_min": stat(values(rows, "router/shift/topk_overlap"), min),
         "ratio_max_mean": stat(values(rows, "loss/ratio_max"), statistics.fmean),
-        "grad_norm_mean": stat(values(rows, "grad_norm"), statistics.fmean),
+        "grad_norm_mean": stat(values(rows, "optim/grad_norm"), statistics.fmean),
         "wall_s": wall_s,
     }
 

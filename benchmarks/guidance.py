@@ -74,20 +74,20 @@ def run_arm(arm: str, seed: int, task: str, start: Path, out: Path, steps: int) 
         train(load_config(TrainConfig, None, overrides))
         print(f"{arm} seed {seed}: {time.perf_counter() - t0:.0f} s")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "reward" in r]
+    rows = [r for r in rows if "reward/mean" in r]
     summary = json.loads((run_dir / "summary.json").read_text())
     q = max(1, len(rows) // 4)
     return {
         "arm": arm,
         "seed": seed,
-        "reward": [r["reward"] for r in rows],
-        "group_std": [r["reward_group_std"] for r in rows],
+        "reward": [r["reward/mean"] for r in rows],
+        "group_std": [r["reward/group_std"] for r in rows],
         "acc_start": summary["accuracy_start"],
         "acc_end": summary["accuracy_end"],
-        "reward_first": statistics.mean(r["reward"] for r in rows[:q]),
-        "reward_last": statistics.mean(r["reward"] for r in rows[-q:]),
-        "std_first": statistics.mean(r["reward_group_std"] for r in rows[:q]),
-        "std_last": statistics.mean(r["reward_group_std"] for r in rows[-q:]),
+        "reward_first": statistics.mean(r["reward/mean"] for r in rows[:q]),
+        "reward_last": statistics.mean(r["reward/mean"] for r in rows[-q:]),
+        "std_first": statistics.mean(r["reward/group_std"] for r in rows[:q]),
+        "std_last": statistics.mean(r["reward/group_std"] for r in rows[-q:]),
     }
 
 

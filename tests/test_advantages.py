@@ -12,7 +12,7 @@ def test_golden_group_of_two():
     # group [1, 0]: mean 0.5, population std 0.5 → [0.5/0.5, −0.5/0.5] = [1, −1] (up to eps)
     adv, m = group_advantages(torch.tensor([1.0, 0.0]), 2, eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([1.0, -1.0]))
-    torch.testing.assert_close(m["reward_std"], torch.tensor(0.5))
+    torch.testing.assert_close(m["reward/group_std"], torch.tensor(0.5))
 
 
 def test_zero_std_groups_are_exactly_zero():
@@ -22,7 +22,7 @@ def test_zero_std_groups_are_exactly_zero():
     adv, m = group_advantages(rewards, 8)
     assert (adv[:8] == 0).all()
     assert (adv[8:] != 0).all()
-    torch.testing.assert_close(m["frac_reward_zero_std"], torch.tensor(0.5))
+    torch.testing.assert_close(m["reward/frac_zero_std"], torch.tensor(0.5))
 
 
 def test_scale_none_only_centres():
@@ -54,7 +54,7 @@ def test_matches_naive_loop(scale, group_size):
     adv, m = group_advantages(rewards, group_size, scale=scale)
     torch.testing.assert_close(adv, _naive(rewards, group_size, scale, 1e-6))
     zero = [len(set(rewards[i : i + group_size].tolist())) == 1 for i in range(0, 24, group_size)]
-    torch.testing.assert_close(m["frac_reward_zero_std"], torch.tensor(sum(zero) / len(zero)))
+    torch.testing.assert_close(m["reward/frac_zero_std"], torch.tensor(sum(zero) / len(zero)))
 
 
 def test_errors():

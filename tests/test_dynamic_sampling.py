@@ -55,7 +55,7 @@ def test_dynamic_sampling_refills_to_the_batch_size(tmp_path):
     args += ["--task.eval_size", "2", "--eval_every", "0", "--progress", "false", "--output_dir", str(tmp_path / "r")]
     args += ["--rollout.max_refill_rounds", "2"]
     cfg = load_config(TrainConfig, None, args)
-    import expertrl.train as T
+    import expertrl.collect as T
 
     calls = []
     real = T.compute_rewards
@@ -71,8 +71,8 @@ def test_dynamic_sampling_refills_to_the_batch_size(tmp_path):
         train(cfg)
     finally:
         T.compute_rewards = real
-    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in x]
     # half the groups survive each round: 2 of 4, then +2 -> full after one refill round
-    assert [r["dynamic_sampling/refill_rounds"] for r in rows] == [1.0, 1.0]
-    assert [r["dynamic_sampling/batch_fill"] for r in rows] == [1.0, 1.0]
+    assert [r["rollout/refill_rounds"] for r in rows] == [1.0, 1.0]
+    assert [r["rollout/batch_fill"] for r in rows] == [1.0, 1.0]
     assert calls[:2] == [16, 16]

@@ -11,9 +11,10 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.guidance import (
     GuidanceMask,
     GuidanceState,
+    Guide,
     awareness_scores,
     bottom_percent_mask,
-    calibrate,
+    calibrate_guide,
     count_expert_choices,
     expand_allowed,
     num_deactivated,
@@ -22,6 +23,7 @@ from expertrl.moe.guidance import (
 )
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, Replay, TopK
+from expertrl.rollout import generate_rollout
 from expertrl.tokenizer import PAD_ID
 
 # Layer 0: N_v = [6, 2, 2, 0] (10 tokens·K)  -> s_v = [.6, .2, .2, 0]
@@ -266,27 +268,42 @@ def test_full_forward_gets_the_generate_masks_and_reproduces_its_log_probs(tiny_
 # --- calibration and the saved state -----------------------------------------------------------------------------
 
 
-def test_calibrate_counts_top_k_choices_of_attended_tokens(tiny_moe, tokenizer):
-    digits = _digit_ids(tokenizer)
-    batches = []
-    for texts in (["ab 12", "345", "x"], ["9 lives", "no digits here"]):
-        ids, attn = _batch(tokenizer, texts)
-        groups = token_id_groups(ids, attn, {1: digits})
-        groups[attn == 0] = 0  # a label on padding must still be ignored
-        batches.append(dict(input_ids=ids, attention_mask=attn, groups=groups))
-    counts = calibrate(tiny_moe, batches, num_groups=2)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    assert counts.shape == (2, 2, 4) and counts.dtype == torch.long
-    assert counts.sum(dim=(1, 2)).tolist() == [tokens * 2, tokens * 2]  # tokens x K per layer
-    ref = torch.zeros_like(counts)  # slow reference: per sequence, unpadded, top-K
-    for b in batches:
-        for row, m, g in zip(b["input_ids"], b["attention_mask"], b["groups"]):
-            with torch.no_grad(), route(tiny_moe, TopK()) as rec:
-                tiny_moe(row[m.bool()][None])
-            ref += _count_loop(rec.trace(1).experts, g[m.bool()][None], 2, 4)
-    assert torch.equal(counts, ref)
-    digit_tokens = sum(int(((b["groups"] == 1) & (b["attention_mask"] == 1)).sum()) for b in batches)
-    assert counts[:, 1].sum(-1).tolist() == [digit_tokens * 2] * 2
+def test_calibrate_guide_counts_the_top_k_routes_of_every_attended_routed_position(tiny_moe, tokenizer):
+    items = [{"prompt": p} for p in ("ab 12", "345", "x", "9 lives")]
+    rollouts = [
+        generate_rollout(
+            tiny_moe, tokenizer, items[i : i + 2], group_size=1, max_new_tokens=3, policy=TopK(), old_routing=None
+        )  # fmt: skip
+        for i in (0, 2)
+    ]
+    state = calibrate_guide(tiny_moe, rollouts, groups="prompt_completion", percent=25.0)
+    assert state.group_names == ("prompt", "completion") and state.layers == (0, 1)
+    ref = torch.zeros(2, 2, 4, dtype=torch.long)  # slow reference: position by position
+    for r in rollouts:
+        P = r.prompt_width
+        for b in range(r.batch_size):
+            for s in range(r.input_ids.shape[1] - 1):  # the last position is never routed
+                if r.attention_mask[b, s]:
+                    for layer in range(2):
+                        for e in r.routing.experts[layer, b, s].tolist():
+                            ref[layer, int(s >= P), e] += 1
+    assert torch.equal(state.counts, ref)
+    with torch.no_grad(), route(tiny_moe, TopK()) as rec:  # the counts are top-K choices: replay them unforced
+        r = rollouts[0]
+        tiny_moe(r.input_ids, attention_mask=r.attention_mask,
+                 position_ids=(r.attention_mask.cumsum(-1) - 1).clamp(min=0))  # fmt: skip
+    live = rec.trace(r.batch_size).experts[:, :, :-1]
+    real = r.attention_mask[:, :-1].bool()
+    assert torch.equal(live[:, real], r.routing.experts[:, :, :-1][:, real])
+    guide = Guide.for_groups(state, groups="prompt_completion")
+    assert guide.generated_group == 1 and torch.equal(
+        guide.groups(r.input_ids, r.attention_mask, r.prompt_width),
+        prompt_completion_groups(r.attention_mask, r.prompt_width),
+    )
+    with pytest.raises(ValueError, match="recalibrate"):
+        Guide.for_groups(state, groups="modality", vision_ids={5})
+    with pytest.raises(ValueError, match="vision placeholder"):
+        Guide.for_groups(state, groups="modality")
 
 
 def _state():

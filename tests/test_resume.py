@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import expertrl.train as train_module
+import expertrl.collect as collect_module
+import expertrl.run as run_module
 from expertrl.checkpoint import checkpoint_path, latest_checkpoint, load_trainer_state
 from expertrl.cli import main
 from expertrl.config import ConfigError, TrainConfig
@@ -26,7 +27,7 @@ ARGS = [
     "--task.train_size", "50", "--task.eval_size", "4", "--micro_batch_size", "4", "--eval_every", "0",
     "--progress", "false",
 ]  # fmt: skip
-UNTIMED = ("time/", "tokens_per_s")
+UNTIMED = "time/"
 
 
 def run(out, *overrides):
@@ -39,7 +40,7 @@ def records(out):
 
 def step_metrics(out):
     """Per-step records without the wall-clock ones."""
-    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in records(out) if "reward" in r]
+    return [{k: v for k, v in r.items() if not k.startswith(UNTIMED)} for r in records(out) if "reward/mean" in r]
 
 
 def step_dirs(out):
@@ -124,18 +125,23 @@ def test_keep_checkpoints_leaves_the_latest(finished_run):
 def nan_at(monkeypatch, bad_steps):
     """Make the loss NaN in the RL steps ``bad_steps`` (counted by rollouts, so only for a run from step 0)."""
     step = {"n": -1}
-    real_rollout, real_loss = train_module.generate_rollout, train_module.loss_on_microbatch
+    real_rollout, real_objective = collect_module.generate_rollout, run_module.objective_for
 
     def rollout(*args, **kwargs):
         step["n"] += 1
         return real_rollout(*args, **kwargs)
 
-    def loss(*args, **kwargs):
-        value, metrics = real_loss(*args, **kwargs)
-        return (value * float("nan") if step["n"] in bad_steps else value), metrics
+    def objective_for(*args, **kwargs):
+        objective = real_objective(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "generate_rollout", rollout)
-    monkeypatch.setattr(train_module, "loss_on_microbatch", loss)
+        def nan_loss(*a, **k):
+            out = objective(*a, **k)
+            return out._replace(loss=out.loss * float("nan")) if step["n"] in bad_steps else out
+
+        return nan_loss
+
+    monkeypatch.setattr(collect_module, "generate_rollout", rollout)
+    monkeypatch.setattr(run_module, "objective_for", objective_for)
 
 
 def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
@@ -143,9 +149,9 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     summary = run(out, "--steps", "3", "--sft.steps", "0")
     rows = step_metrics(out)
-    assert [r["faults/skipped_steps"] for r in rows] == [0, 1, 1]
-    assert "loss/token" in rows[0] and "loss/token" not in rows[1] and "grad_norm" not in rows[1]
-    assert rows[1]["lr"] == rows[0]["lr"]  # no optimiser step, so the schedule did not move either
+    assert [r["optim/skipped_steps"] for r in rows] == [0, 1, 1]
+    assert "loss/token" in rows[0] and "loss/token" not in rows[1] and "optim/grad_norm" not in rows[1]
+    assert rows[1]["optim/lr"] == rows[0]["optim/lr"]  # no optimiser step, so the schedule did not move either
     assert "step 1: NaN/Inf loss or gradient norm, update skipped" in capsys.readouterr().out
     assert summary["skipped_steps"] == 1
     assert step_dirs(out) == ["step-000001", "step-000003"]  # nothing saved right after the bad step
@@ -166,7 +172,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch, capsys):
     run (with a KL reference model, which the checkpoint carries) logs what an uninterrupted one does."""
     settings = ["--steps", "3", "--save_every", "0", "--sft.steps", "0", "--loss.kl_coef", "0.1"]
     run(tmp_path / "straight", *settings)
-    real_rollout = train_module.generate_rollout
+    real_rollout = collect_module.generate_rollout
     step = {"n": -1}
 
     def rollout(*args, **kwargs):
@@ -175,7 +181,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch, capsys):
             signal.raise_signal(signal.SIGTERM)
         return real_rollout(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "generate_rollout", rollout)
+    monkeypatch.setattr(collect_module, "generate_rollout", rollout)
     out = tmp_path / "run"
     handler = signal.getsignal(signal.SIGTERM)
     summary = run(out, *settings)
@@ -183,7 +189,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is handler
     assert f"--config {out}/config.yaml --resume {out}" in capsys.readouterr().out
     assert step_dirs(out) == ["step-000002"] and not (out / "final").exists()
-    monkeypatch.setattr(train_module, "generate_rollout", real_rollout)
+    monkeypatch.setattr(collect_module, "generate_rollout", real_rollout)
     assert (checkpoint_path(out, 2) / "reference" / "model.safetensors").is_file()
     run(out, *settings, "--resume", str(out))
     assert [r["step"] for r in records(out)] == [-1, 0, 1, 2, 3]

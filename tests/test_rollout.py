@@ -5,14 +5,15 @@ import dataclasses
 import pytest
 import torch
 
+from expertrl.collect import routing_usage
 from expertrl.config import TrainConfig
-from expertrl.losses import get_loss
 from expertrl.models import build_tiny_moe
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
+from expertrl.objective import Denominators
 from expertrl.ops import token_logp
 from expertrl.rollout import completion_mask, generate_rollout, policy_forward
-from expertrl.step import loss_on_microbatch, routing_usage
+from expertrl.run import objective_for
 from expertrl.tokenizer import EOS_ID, PAD_ID, build_char_tokenizer
 from expertrl.types import UNROUTED
 
@@ -118,10 +119,9 @@ def test_old_logp_matches_the_rollout_generation(model_and_rollout):
 def test_first_inner_update_has_ratio_exactly_one(model_and_rollout):
     model, _, r = model_and_rollout
     cfg = TrainConfig()
-    token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)
     micro = dataclasses.replace(r, advantages=torch.linspace(-1.0, 1.0, r.batch_size))
     model.zero_grad(set_to_none=True)
-    loss, metrics = loss_on_microbatch(model, micro, cfg, token_loss, num_seqs=r.batch_size)
+    loss, metrics, _ = objective_for(cfg)(model, micro, Denominators(r.batch_size), first_update=False)
     assert metrics["loss/ratio_mean"].item() == 1.0
     assert metrics["loss/gate_ratio_mean"].item() == 1.0
     assert metrics["loss/approx_kl"].item() == 0.0 and metrics["loss/gate_approx_kl"].item() == 0.0
@@ -165,7 +165,7 @@ def test_routing_usage_loads_are_distributions(model_and_rollout):
     usage = routing_usage(r)
     P = r.prompt_width
     for li, layer in enumerate(r.routing.layers):
-        load = usage[f"moe/load/layer{layer}"]
+        load = usage[f"router/load/layer{layer}"]
         assert load.shape == (E,) and (load >= 0).all()
         torch.testing.assert_close(load.sum(), torch.tensor(1.0))
         # Slow reference: count the experts of every counted completion token.
@@ -176,5 +176,5 @@ def test_routing_usage_loads_are_distributions(model_and_rollout):
                     for e in r.routing.experts[li, b, P - 1 + c].tolist():
                         counts[e] += 1
         torch.testing.assert_close(load, counts / counts.sum())
-    h = usage["moe/usage_entropy"]
+    h = usage["router/usage_entropy"]
     assert 0 < h.item() <= torch.log(torch.tensor(float(E))).item() + 1e-6

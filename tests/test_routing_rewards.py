@@ -223,13 +223,13 @@ def test_history_is_updated_after_scoring():
     r1, metrics1 = rewarder.score(*_batch(["uniform", "collapse", "ideal"]), progress=0.0)
     # first batch: no history, no bonus; had the batch been added first, "ideal" (0, 0) would beat (1/3, 1/3)
     close(r1, [0.0, 0.0, 0.0])
-    assert "route/h_hist" not in metrics1 and metrics1["route/relative_hit_rate"] == 0
+    assert "reward/routing_h_hist" not in metrics1 and metrics1["reward/routing_hit_rate"] == 0
     assert rewarder.history.reference() == pytest.approx((1 / 3, 1 / 3))  # h (1, 0, 0), m (0, 1, 0)
     r2, metrics2 = rewarder.score(*_batch(["ideal", "uniform"]), progress=0.1)
     close(r2, [0.2, 0.0])  # compared with batch 1 only: (0, 0) beats (1/3, 1/3); (1, 0) does not
-    close(metrics2["route/h_hist"], 1 / 3)
-    close(metrics2["route/m_hist"], 1 / 3)
-    close(metrics2["route/relative_hit_rate"], 0.5)
+    close(metrics2["reward/routing_h_hist"], 1 / 3)
+    close(metrics2["reward/routing_m_hist"], 1 / 3)
+    close(metrics2["reward/routing_hit_rate"], 0.5)
     close(metrics2["reward/routing"], 0.1)
     assert rewarder.history.reference() == pytest.approx((0.4, 0.2))  # h (1, 0, 0, 0, 1), m (0, 1, 0, 0, 0)
 
@@ -256,13 +256,13 @@ def test_empty_completion_gets_the_worst_reward_and_stays_out_of_the_history():
     smooth = RoutingRewarder(kind="smooth")
     r, metrics = smooth.score(*_batch(["ideal", "empty"]), progress=0.5)
     close(r, [0.0, -0.2 * (0.25 + 1.0)])  # ideal: H = M = 0; empty: as if H = M = 1
-    close(metrics["moe/entropy_norm"], 0.0)  # the empty completion is not averaged in
+    close(metrics["router/entropy_norm"], 0.0)  # the empty completion is not averaged in
     relative = RoutingRewarder(kind="relative", window=10)
     relative.score(*_batch(["uniform", "collapse", "empty"]), progress=0.0)
     assert len(relative.history) == 2 and relative.history.reference() == (0.5, 0.5)
     r, metrics = relative.score(*_batch(["empty", "ideal"]), progress=0.0)
     close(r, [0.0, 0.2])  # the empty one's placeholder statistics (0, 0) would beat (0.5, 0.5): no bonus all the same
-    close(metrics["route/relative_hit_rate"], 1.0)  # over the non-empty completions
+    close(metrics["reward/routing_hit_rate"], 1.0)  # over the non-empty completions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,16 +297,17 @@ def test_shuffled_rewarder_permutes_the_plain_rewards():
 def test_metrics_keys_and_values():
     probs, mask = _batch(["uniform", "collapse"])
     _, smooth = RoutingRewarder(kind="smooth").score(probs, mask, progress=0.5)
-    expected = {"reward/routing", "moe/entropy_norm", "moe/load_mse_norm", "moe/load_mse", "route/w_h", "route/w_b"}
-    assert expected | {"moe/utilisation", "moe/load_mse_norm_per_module"} == set(smooth)
+    expected = {"reward/routing", "router/entropy_norm", "router/load_mse_norm", "router/load_mse"}
+    expected |= {"reward/routing_w_h", "reward/routing_w_b"}
+    assert expected | {"router/utilisation", "router/load_mse_norm_per_module"} == set(smooth)
     assert all(smooth[k].dim() == 0 and not smooth[k].requires_grad for k in expected)
-    close(smooth["moe/entropy_norm"], 0.5)
-    close(smooth["moe/load_mse_norm"], 0.5)
-    close(smooth["moe/load_mse"], 0.125)  # (0 + 1/4) / 2
-    close(smooth["moe/utilisation"], [[0.75, 0.25]])  # (M, E): mean of (0.5, 0.5) and (1, 0)
+    close(smooth["router/entropy_norm"], 0.5)
+    close(smooth["router/load_mse_norm"], 0.5)
+    close(smooth["router/load_mse"], 0.125)  # (0 + 1/4) / 2
+    close(smooth["router/utilisation"], [[0.75, 0.25]])  # (M, E): mean of (0.5, 0.5) and (1, 0)
     close(smooth["reward/routing"], -0.2 * (0.25 * 0.5 + 1.0 * 0.5))
     _, relative = RoutingRewarder(kind="relative").score(probs, mask, progress=0.5)
-    assert "route/w_h" not in relative and "route/relative_hit_rate" in relative
+    assert "reward/routing_w_h" not in relative and "reward/routing_hit_rate" in relative
 
 
 @pytest.mark.parametrize("history", ["window", "ema"])

@@ -26,11 +26,11 @@ def test_router_shift_golden_mean_over_layers():
     new, old = _golden_gate_logp()
     log_gamma, m = router_shift(new, old, torch.ones(1, 1))
     torch.testing.assert_close(log_gamma, torch.tensor([[-0.15]]))
-    torch.testing.assert_close(m["router_shift/gamma_mean"], torch.tensor(math.exp(-0.15)))
-    torch.testing.assert_close(m["router_shift/gamma_p10"], torch.tensor(math.exp(-0.15)))
-    torch.testing.assert_close(m["router_shift/delta_mean"], torch.tensor(0.15))
-    torch.testing.assert_close(m["router_shift/delta_per_layer"], torch.tensor([0.2, 0.1]))
-    assert m["router_shift/frac_below_floor"] == 0
+    torch.testing.assert_close(m["router/shift/gamma_mean"], torch.tensor(math.exp(-0.15)))
+    torch.testing.assert_close(m["router/shift/gamma_p10"], torch.tensor(math.exp(-0.15)))
+    torch.testing.assert_close(m["router/shift/delta_mean"], torch.tensor(0.15))
+    torch.testing.assert_close(m["router/shift/delta_per_layer"], torch.tensor([0.2, 0.1]))
+    assert m["router/shift/frac_below_floor"] == 0
 
 
 def test_router_shift_product_hits_the_floor():
@@ -39,8 +39,8 @@ def test_router_shift_product_hits_the_floor():
     new, old = _golden_gate_logp()
     log_gamma, m = router_shift(new, old, torch.ones(1, 1), layer_agg="product")
     torch.testing.assert_close(log_gamma, torch.tensor([[math.log(0.8)]]))
-    torch.testing.assert_close(m["router_shift/gamma_mean"], torch.tensor(math.exp(-0.3)))  # raw γ, before the floor
-    assert m["router_shift/frac_below_floor"] == 1
+    torch.testing.assert_close(m["router/shift/gamma_mean"], torch.tensor(math.exp(-0.3)))  # raw γ, before the floor
+    assert m["router/shift/frac_below_floor"] == 1
     log_gamma, _ = router_shift(new, old, torch.ones(1, 1), layer_agg="product", gamma_min=0.0)
     torch.testing.assert_close(log_gamma, torch.tensor([[-0.3]]))
 
@@ -51,17 +51,17 @@ def test_router_shift_median_and_upper_percentiles_golden():
     old = torch.zeros(1, 1, 6, 1)
     new = torch.tensor([0.0, -0.1, 0.2, -0.3, 1.0, 9.0]).view(1, 1, 6, 1)
     _, m = router_shift(new, old, torch.tensor([[1.0, 1, 1, 1, 1, 0]]))
-    torch.testing.assert_close(m["router_shift/gamma_p50"], torch.tensor(math.exp(-0.2)))
-    torch.testing.assert_close(m["router_shift/delta_p90"], torch.tensor(0.72))
-    torch.testing.assert_close(m["router_shift/delta_p99"], torch.tensor(0.972))
+    torch.testing.assert_close(m["router/shift/gamma_p50"], torch.tensor(math.exp(-0.2)))
+    torch.testing.assert_close(m["router/shift/delta_p90"], torch.tensor(0.72))
+    torch.testing.assert_close(m["router/shift/delta_p99"], torch.tensor(0.972))
     ref = torch.quantile(torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0]), torch.tensor([0.9, 0.99]))
-    torch.testing.assert_close(torch.stack([m["router_shift/delta_p90"], m["router_shift/delta_p99"]]), ref)
+    torch.testing.assert_close(torch.stack([m["router/shift/delta_p90"], m["router/shift/delta_p99"]]), ref)
 
 
 def test_router_shift_unchanged_routing_is_one():
     old = torch.randn(3, 2, 4, 2).log_softmax(-1)
     log_gamma, m = router_shift(old.clone(), old, torch.ones(2, 4))
-    assert (log_gamma == 0).all() and m["router_shift/gamma_mean"] == 1
+    assert (log_gamma == 0).all() and m["router/shift/gamma_mean"] == 1
 
 
 def test_router_shift_metrics_ignore_masked_tokens():
@@ -69,11 +69,11 @@ def test_router_shift_metrics_ignore_masked_tokens():
     old = torch.zeros(1, 1, 2, 1)
     new = torch.tensor([0.1, 5.0]).view(1, 1, 2, 1)
     _, m = router_shift(new, old, torch.tensor([[1.0, 0.0]]))
-    torch.testing.assert_close(m["router_shift/delta_mean"], torch.tensor(0.1))
-    torch.testing.assert_close(m["router_shift/gamma_p10"], torch.tensor(math.exp(-0.1)))
-    assert m["router_shift/frac_below_floor"] == 0
+    torch.testing.assert_close(m["router/shift/delta_mean"], torch.tensor(0.1))
+    torch.testing.assert_close(m["router/shift/gamma_p10"], torch.tensor(math.exp(-0.1)))
+    assert m["router/shift/frac_below_floor"] == 0
     assert all(not v.requires_grad for v in m.values())
-    assert m["router_shift/delta_per_layer"].shape == (1,)
+    assert m["router/shift/delta_per_layer"].shape == (1,)
 
 
 def test_masked_quantile_matches_torch_quantile():

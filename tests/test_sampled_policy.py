@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from expertrl.config import TrainConfig
-from expertrl.losses import get_loss
 from expertrl.losses.gate import gate_grpo
 from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
-from expertrl.moe.guidance import GuidanceState, PromptCompletionGuide, expand_allowed
+from expertrl.moe.guidance import GuidanceState, Guide, expand_allowed
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
+from expertrl.objective import Denominators
 from expertrl.rollout import generate_rollout, policy_forward
-from expertrl.step import loss_on_microbatch
+from expertrl.run import objective_for
 from expertrl.tokenizer import build_char_tokenizer
 from expertrl.types import Sampling
 
@@ -82,13 +82,13 @@ def _pl64(logits: torch.Tensor, allowed: torch.Tensor | None, temperature: float
     return total
 
 
-def _guide(model, E: int, K: int, seed: int = 0) -> PromptCompletionGuide:
+def _guide(model, E: int, K: int, seed: int = 0) -> Guide:
     L = len(find_routers(model))
     counts = torch.randint(1, 50, (L, 2, E), generator=torch.Generator().manual_seed(seed))
     state = GuidanceState.from_counts(counts, percent=25.0, top_k=K, group_names=("prompt", "completion"),
                                       layers=tuple(range(L)))  # fmt: skip
     assert (~state.allowed).any()  # the mask really removes experts
-    return PromptCompletionGuide(state)
+    return Guide.for_groups(state, groups="prompt_completion")
 
 
 CASES = [
@@ -153,12 +153,20 @@ def test_every_set_logp_is_the_float64_plackett_luce_of_the_sampled_distribution
     # slightly on which rows share a call).
     cfg = TrainConfig()
     full = dataclasses.replace(rollout, advantages=torch.linspace(-1.0, 1.0, B))
-    loss, metrics = loss_on_microbatch(model, full, cfg, get_loss(cfg.loss.name), num_seqs=B)
+    objective = objective_for(cfg)
+    loss, metrics, _ = objective(model, full, Denominators(B), first_update=False)
     assert metrics["loss/gate_ratio_mean"].item() == 1.0 and metrics["loss/gate_approx_kl"].item() == 0.0
     assert metrics["loss/ratio_mean"].item() == 1.0 and metrics["loss/approx_kl"].item() == 0.0
     micro = full.index_batch(torch.randperm(B, generator=torch.Generator().manual_seed(1))[:5])
-    _, m2 = loss_on_microbatch(model, micro, cfg, get_loss(cfg.loss.name), num_seqs=micro.batch_size)
+    _, m2, _ = objective(model, micro, Denominators(micro.batch_size), first_update=False)
     assert abs(m2["loss/gate_ratio_mean"].item() - 1.0) < 1e-6 and abs(m2["loss/ratio_mean"].item() - 1.0) < 1e-6
+    # What the trainer does: the first update's own forward is the old policy, so its ratios are exactly 1 for any
+    # micro-batch, and the old log-probs it defines equal the separate old forward's to float round-off.
+    _, m3, behaviour = objective(model, micro, Denominators(micro.batch_size), first_update=True)
+    assert m3["loss/gate_ratio_mean"].item() == 1.0 and m3["loss/ratio_mean"].item() == 1.0
+    assert m3["loss/gate_approx_kl"].item() == 0.0 and m3["loss/approx_kl"].item() == 0.0
+    torch.testing.assert_close(behaviour.set_logp, micro.old_set_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(behaviour.logp, micro.old_logp, atol=1e-5, rtol=0)
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(s.weight.grad).all() and s.weight.grad.abs().sum() > 0 for s in sites)
@@ -187,7 +195,7 @@ def test_sampled_tokens_are_scored_under_the_sampling_temperature():
     assert (untempered - ref)[m].abs().max().item() > 1e-2  # the temperature matters, so this test would see a miss
     cfg = TrainConfig()
     micro = dataclasses.replace(r, advantages=torch.linspace(-1.0, 1.0, r.batch_size))
-    _, metrics = loss_on_microbatch(model, micro, cfg, get_loss(cfg.loss.name), num_seqs=r.batch_size)
+    _, metrics, _ = objective_for(cfg)(model, micro, Denominators(r.batch_size), first_update=False)
     assert metrics["loss/ratio_mean"].item() == 1.0 and metrics["loss/gate_ratio_mean"].item() == 1.0
 
 

@@ -92,4 +92,4 @@ def test_sinkhorn_is_more_balanced_than_top_k(monkeypatch, tokenizer, items):
 
 def test_z_loss_is_logged_and_trained(monkeypatch, tokenizer, items):
     _, _, metrics = first_step_routes(monkeypatch, tokenizer, items, "topk", z_coef=1e-3)
-    assert metrics["sft/z_loss"] > 0
+    assert metrics["loss/z"] > 0

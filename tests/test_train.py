@@ -31,15 +31,15 @@ def test_cli_train_two_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy, end of RL" in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "reward" in r]
+    steps = [r for r in records if "reward/mean" in r]
     assert [r["step"] for r in steps] == [0, 1]
-    for key in ("loss/clip_frac", "loss/gate_clip_frac", "moe/router_entropy", "moe/usage_entropy", "grad_norm"):
+    for key in ("loss/clip_frac", "loss/gate_clip_frac", "router/entropy", "router/usage_entropy", "optim/grad_norm"):
         assert key in steps[0], key
     for key in ("gamma_p50", "delta_p90", "delta_p99", "rollout_train_overlap", "rollout_train_mismatch"):
-        assert 0 <= steps[0][f"router_shift/{key}"] <= 1 + 1e-6, key  # METHODS §1.5 / §6.6 diagnostics
+        assert 0 <= steps[0][f"router/shift/{key}"] <= 1 + 1e-6, key  # METHODS §1.5 / §6.6 diagnostics
     for key in ("topk_overlap_per_layer", "rollout_train_overlap_per_layer", "delta_per_layer"):
-        assert len(steps[0][f"router_shift/{key}"]) == 2, key  # one value per MoE layer
-    assert len(steps[0]["moe/load/layer0"]) == 4 and abs(sum(steps[0]["moe/load/layer0"]) - 1) < 1e-4
+        assert len(steps[0][f"router/shift/{key}"]) == 2, key  # one value per MoE layer
+    assert len(steps[0]["router/load/layer0"]) == 4 and abs(sum(steps[0]["router/load/layer0"]) - 1) < 1e-4
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_end"] <= 1.0
     assert (out / "config.yaml").is_file()
@@ -88,14 +88,14 @@ def test_every_preset_trains(tmp_path, preset):
     cfg.task.eval_size = 2
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward" in r]
+    steps = [r for r in rows if "reward/mean" in r]
     assert len(steps) == 2
     if "loss/kl" not in steps[0]:  # dynamic sampling may have dropped every group of this tiny batch
         assert preset == "dapo"
         return
-    for key in ("router_shift/gamma_mean", "router_shift/topk_overlap", "loss/clip_frac", "loss/kl"):
+    for key in ("router/shift/gamma_mean", "router/shift/topk_overlap", "loss/clip_frac", "loss/kl"):
         assert key in steps[0], key
-    assert 0 < steps[0]["router_shift/gamma_mean"] <= 1
+    assert 0 < steps[0]["router/shift/gamma_mean"] <= 1
 
 
 def test_router_shift_appears_without_replay(tmp_path):
@@ -115,12 +115,12 @@ def test_router_shift_appears_without_replay(tmp_path):
         cfg.task.eval_size = 2
         train(cfg)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "reward" in r]
+        return [r for r in rows if "reward/mean" in r]
 
     live = run("grpo", "live")
     frozen = run("grpo,freeze_router", "frozen")
-    assert min(r["router_shift/gamma_mean"] for r in live) < 1.0
-    assert min(r["router_shift/gamma_mean"] for r in frozen) < 1.0
+    assert min(r["router/shift/gamma_mean"] for r in live) < 1.0
+    assert min(r["router/shift/gamma_mean"] for r in frozen) < 1.0
     from expertrl.models import build_tiny_moe
 
     start = build_tiny_moe("qwen3_moe", "tiny")

@@ -14,14 +14,8 @@ from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.moe.upcycle import count_params, upcycle, upcycle_checkpoint
 from expertrl.tasks_mm import load_mm_task
-from expertrl.vlm import (
-    build_tiny_dense_vlm,
-    build_tiny_vlm,
-    encode_mm_batch,
-    load_vlm,
-    save_vlm,
-    vision_special_ids,
-)
+from expertrl.vlm import encode_mm_batch, vision_special_ids
+from expertrl.vlm_models import build_tiny_dense_vlm, build_tiny_vlm, load_vlm, save_vlm
 
 L, E, K = 2, 4, 2  # text layers of the tiny VLM; experts and top-K of the upcycled one (build_tiny_vlm's E and K)
 
@@ -197,7 +191,7 @@ def test_training_settings_upcycle_a_dense_vlm_checkpoint(tmp_path):
     """`model.path` = a dense Qwen3-VL directory + `model.upcycle` gives the Qwen3-VL-MoE the loop trains."""
     from expertrl.config import ModelConfig, UpcycleConfig
     from expertrl.runtime import is_vlm, model_and_tokenizer
-    from expertrl.vlm import build_tiny_dense_vlm, save_vlm
+    from expertrl.vlm_models import build_tiny_dense_vlm, save_vlm
 
     dense, processor = build_tiny_dense_vlm()
     save_vlm(dense, processor, tmp_path / "dense")

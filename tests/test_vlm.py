@@ -14,16 +14,8 @@ from expertrl.rollout import _pad_to, completion_mask, position_ids_from_mask
 from expertrl.tasks_mm import load_mm_task
 from expertrl.tokenizer import EOS_ID, PAD_ID
 from expertrl.types import UNROUTED, RoutingTrace
-from expertrl.vlm import (
-    build_tiny_vlm,
-    encode_mm_batch,
-    index_mm_batch,
-    load_vlm,
-    mm_forward_kwargs,
-    save_vlm,
-    vision_special_ids,
-    vision_token_ids,
-)
+from expertrl.vlm import encode_mm_batch, index_mm_batch, mm_forward_kwargs, vision_special_ids, vision_token_ids
+from expertrl.vlm_models import build_tiny_vlm, load_vlm, save_vlm
 
 L, E, K, G, MAX_NEW = 2, 4, 2, 2, 2
 MERGE = 2  # spatial merge: 2x2 patches become one token

@@ -29,7 +29,7 @@ def group_advantages(
         eps: δ added to the std (METHODS.md §0: ≈ 1e-6; TRL uses 1e-4).
     Returns:
         advantages: (B,) float32 at least.
-        metrics: ``frac_reward_zero_std`` (fraction of groups whose rewards are all equal) and ``reward_std``
+        metrics: ``reward/frac_zero_std`` (fraction of groups whose rewards are all equal) and ``reward/group_std``
             (mean within-group population std); detached 0-d tensors.
     """
     if scale not in SCALES:
@@ -43,5 +43,5 @@ def group_advantages(
         adv = adv / (std + eps)
     zero_std = r.amax(-1) == r.amin(-1)  # (B/G,) all rewards equal: exact test, std may round to ~1e-8
     adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
-    metrics = {"frac_reward_zero_std": zero_std.to(r.dtype).mean(), "reward_std": std.mean()}
+    metrics = {"reward/frac_zero_std": zero_std.to(r.dtype).mean(), "reward/group_std": std.mean()}
     return adv.reshape(-1), metrics  # (B,)

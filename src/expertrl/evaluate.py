@@ -30,51 +30,32 @@ from expertrl.diagnostics import (
     usage_entropy,
 )
 from expertrl.moe.adapters import find_routers
-from expertrl.moe.hooks import route
 from expertrl.moe.policies import TopK
-from expertrl.rollout import (
-    completion_mask,
-    decoding_kwargs,
-    encode_prompts,
-    forward_sequences,
-    mm_to,
-    position_ids_from_mask,
-    suppressed_tokens,
-    text_tokenizer,
-)
-from expertrl.types import Sampling
+from expertrl.rollout import generate_rollout, position_ids_from_mask, text_tokenizer
+from expertrl.types import GREEDY, Rollout, Sampling
 
 JSD_BASE = 2.0
 """log base of every Jensen–Shannon divergence reported here (METHODS ambiguity 19): log2, so JSD is in [0, 1]"""
 
 
 @torch.no_grad()
-def _generate(
+def _rollout(
     model: nn.Module,
     tokenizer,
     items: list[dict],
     *,
     max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
+    sampling: Sampling = GREEDY,
     group_size: int = 1,
-) -> tuple[Tensor, Tensor, dict | None]:
-    """Completions of ``items`` (each repeated ``group_size`` times) with deterministic top-K routing: sequences
-    (B, S), the prompt mask (B, P) and the prompts' vision kwargs (None for text), all on the model's device."""
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
-    prompt_mask, mm = prompt_mask.to(device), mm_to(mm, device)
-    sampling = Sampling(
-        do_sample=do_sample, token_temperature=temperature, suppress_tokens=suppressed_tokens(model, mm)
-    )
-    with route(model, TopK()):
-        sequences = model.generate(
-            input_ids=prompt_ids.to(device),
-            attention_mask=prompt_mask,
-            **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling),
-            **(mm or {}),
-        )  # (B, S)
-    return sequences, prompt_mask, mm
+    routing: bool = False,
+) -> Rollout:
+    """Completions of ``items`` with deterministic top-K routing (the papers' inference setting), through the rollout
+    engine's own generate path (``rollout.generate_rollout``). ``routing``: also one top-K forward over prompt +
+    completion that keeps the full router probabilities (``route_probs``) and its routes (``routing``)."""
+    return generate_rollout(
+        model, tokenizer, items, group_size=group_size, max_new_tokens=max_new_tokens, policy=TopK(),
+        sampling=sampling, old_routing="live" if routing else None, keep_probs=routing,
+    )  # fmt: skip
 
 
 def generate_greedy(model: nn.Module, tokenizer, prompts: list[str] | list[dict], *, max_new_tokens: int) -> list[str]:
@@ -85,10 +66,7 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[str] | list[dict]
         prompts: prompt strings, or task items (``prompt`` and, for a VLM, ``images`` or ``video``).
     """
     items = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    sequences, prompt_mask, _ = _generate(
-        model, tokenizer, items, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
-    )
-    return text_tokenizer(tokenizer).batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+    return _rollout(model, tokenizer, items, max_new_tokens=max_new_tokens).completions
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -122,8 +100,11 @@ def evaluate(
     temperature: float = 1.0,
     pass_k: Sequence[int] = (1,),
     seed: int | None = None,
+    routing: bool = False,
 ) -> dict:
-    """Accuracy (mean score) of greedy top-K completions on ``items``, overall and per ``category``; optionally pass@k.
+    """Accuracy (mean score) of greedy top-K completions on ``items``, overall and per ``category``; optionally
+    pass@k and the routing statistics of the same greedy completions (``routing``: see ``routing_statistics_pass``; one
+    generation serves both).
 
     Args:
         score: ``score(completion, item) -> float`` (the task's verifier).
@@ -133,9 +114,9 @@ def evaluate(
         pass_k: the k of pass@k, each in [1, num_samples].
         seed: seeds the global torch RNG before sampling (token sampling draws from it); None leaves it alone.
     Returns:
-        ``{"accuracy", "per_category": {cat: float}, "n", "examples": [first 3 (prompt, completion)]}``, and with
-        sampling also ``"num_samples", "temperature", "sample_mean_score", "pass_at_k": {"k": float},
-        "pass_at_k_per_category": {cat: {"k": float}}``.
+        ``{"accuracy", "per_category": {cat: float}, "n", "examples": [first 3 (prompt, completion)]}``, with
+        ``routing`` also ``"routing"``, and with sampling also ``"num_samples", "temperature", "sample_mean_score",
+        "pass_at_k": {"k": float}, "pass_at_k_per_category": {cat: {"k": float}}``.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0 (0 = greedy only), got {num_samples}")
@@ -148,10 +129,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     scores, cats, examples = [], [], []
+    stats = RoutingStats(tokenizer) if routing else None
     for start in tqdm(range(0, len(items), batch_size), desc="eval greedy", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
-        completions = generate_greedy(model, tokenizer, chunk, max_new_tokens=max_new_tokens)
-        for it, text in zip(chunk, completions):
+        rollout = _rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, routing=routing)
+        if stats is not None:
+            stats.add(chunk, rollout)
+        for it, text in zip(chunk, rollout.completions):
             scores.append(float(score(text, it)))
             cats.append(str(it.get("category", "all")))
             if len(examples) < 3:
@@ -162,6 +146,8 @@ def evaluate(
         "n": len(scores),
         "examples": examples,
     }
+    if stats is not None:
+        result["routing"] = stats.result()
     if num_samples > 0:
         result |= _sampled_pass_at_k(
             model, tokenizer, items, score, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
@@ -182,11 +168,10 @@ def _sampled_pass_at_k(
     correct, sample_scores, cats = [], [], []
     for start in tqdm(range(0, len(items), per_call), desc=f"eval pass@k (n={n})", disable=not progress, leave=False):
         chunk = items[start : start + per_call]
-        sequences, prompt_mask, _ = _generate(
-            model, tokenizer, chunk, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            group_size=n,
-        )  # fmt: skip
-        texts = text_tokenizer(tokenizer).batch_decode(sequences[:, prompt_mask.shape[1] :], skip_special_tokens=True)
+        sampling = Sampling(do_sample=True, token_temperature=temperature)
+        texts = _rollout(
+            model, tokenizer, chunk, max_new_tokens=max_new_tokens, sampling=sampling, group_size=n
+        ).completions
         for i, it in enumerate(chunk):
             s = [float(score(t, it)) for t in texts[i * n : (i + 1) * n]]
             sample_scores.extend(s)
@@ -317,71 +302,80 @@ def routing_statistics_pass(
         raise ValueError("routing_statistics_pass: items is empty; pass at least one task item")
     was_training = model.training
     model.eval()
-    tok = text_tokenizer(tokenizer)
-    accs: dict[str, _Acc] = {}
-    total: _Acc | None = None
-    example: dict | None = None
-    layers, E, K = None, None, None
+    stats = RoutingStats(tokenizer, tokens=tokens, max_positions=max_positions)
     for start in tqdm(range(0, len(items), batch_size), desc="eval routing", disable=not progress, leave=False):
         chunk = items[start : start + batch_size]
-        sequences, prompt_mask, mm = _generate(
-            model, tokenizer, chunk, max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0
-        )
-        P = prompt_mask.shape[1]
-        mask = completion_mask(sequences[:, P:], tok.eos_token_id)  # (B, C)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S)
-        fwd = forward_sequences(model, sequences, attention_mask, P, None, sampling=Sampling(), keep_probs=True, mm=mm)
-        experts = fwd.routing.experts  # (L, B, S, K) the top-K routes of this forward
-        probs = fwd.probs.float()  # (L, B, S, E)
+        stats.add(chunk, _rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, routing=True))
+    model.train(was_training)
+    return stats.result()
+
+
+class RoutingStats:
+    """Accumulates the routing statistics of greedy top-K rollouts (``_rollout(routing=True)``) per category and in
+    all; ``result`` is ``routing_statistics_pass``'s JSON-ready dict."""
+
+    def __init__(self, tokenizer, *, tokens: str = "all", max_positions: int = 64) -> None:
+        self.tok = text_tokenizer(tokenizer)
+        self.tokens, self.max_positions = tokens, max_positions
+        self.accs: dict[str, _Acc] = {}
+        self.total: _Acc | None = None
+        self.example: dict | None = None
+        self.layers, self.E, self.K = None, None, None
+
+    def add(self, chunk: list[dict], rollout: Rollout) -> None:
+        """One chunk of items and its rollout (routes and probabilities of its top-K forward)."""
+        P, mask, attention_mask = rollout.prompt_width, rollout.mask, rollout.attention_mask
+        experts = rollout.routing.experts  # (L, B, S, K) the top-K routes of the forward
+        probs = rollout.route_probs.float()  # (L, B, S, E)
         L, B, S, E = probs.shape
-        K = experts.shape[-1]
-        layers = list(fwd.routing.layers)
+        self.layers, self.E, self.K = list(rollout.routing.layers), E, experts.shape[-1]
         h = token_entropy(probs)  # (L, B, S) per-token router entropy, nats
-        route_mask = _route_mask(attention_mask, P, mask, tokens)  # (B, S)
+        route_mask = _route_mask(attention_mask, P, mask, self.tokens)  # (B, S)
         positions = position_ids_from_mask(attention_mask)  # (B, S)
-        if total is None:
-            total = _Acc(L, E, K, max_positions, probs.device)
-        total.add(experts, h, route_mask, positions, max_positions)
+        if self.total is None:
+            self.total = _Acc(L, E, self.K, self.max_positions, probs.device)
+        self.total.add(experts, h, route_mask, positions, self.max_positions)
         cats = [str(it.get("category", "all")) for it in chunk]
         for cat in sorted(set(cats)):
             rows = torch.tensor([c == cat for c in cats], device=probs.device)
-            acc = accs.setdefault(cat, _Acc(L, E, K, max_positions, probs.device))
-            acc.add(experts[:, rows], h[:, rows], route_mask[rows], positions[rows], max_positions)
-        if example is None:
+            acc = self.accs.setdefault(cat, _Acc(L, E, self.K, self.max_positions, probs.device))
+            acc.add(experts[:, rows], h[:, rows], route_mask[rows], positions[rows], self.max_positions)
+        if self.example is None:
             keep = route_mask[0].bool()  # (S,)
-            ids = sequences[0][keep]
-            example = {
+            ids = rollout.input_ids[0][keep]
+            self.example = {
                 "prompt": chunk[0]["prompt"],
-                "completion": tok.decode(sequences[0, P:][mask[0].bool()], skip_special_tokens=True),
-                "tokens": [tok.decode([int(t)]) for t in ids],
+                "completion": rollout.completions[0],
+                "tokens": [self.tok.decode([int(t)]) for t in ids],
                 "probs": probs[:, 0][:, keep],  # (L, n, E)
                 "experts": experts[:, 0][:, keep].long(),  # (L, n, K)
                 "answer_index": int(keep[: P - 1].sum()) if bool(keep[P - 1]) else None,
             }
-    model.train(was_training)
-    out = {
-        "layers": layers,
-        "num_experts": E,
-        "top_k": K,
-        "tokens": tokens,
-        "jsd_base": JSD_BASE,
-        "categories": {cat: acc.summary() for cat, acc in sorted(accs.items())},
-        "all": total.summary(),
-        "jsd": None,
-        "example": example,
-    }
-    names = sorted(accs)
-    if len(names) >= 2:
-        usage = torch.stack([out["categories"][c]["usage"] for c in names], dim=1)  # (L, A, E)
-        mats, means = zip(*(pairwise_jsd(u, base=JSD_BASE) for u in usage))
-        out["jsd"] = {
-            "categories": names,
-            "base": JSD_BASE,
-            "matrix": torch.stack(mats),  # (L, A, A)
-            "mean_per_layer": torch.stack(means),  # (L,)
-            "mean": torch.stack(means).mean(),  # mean over layers of the mean over category pairs
+
+    def result(self) -> dict:
+        out = {
+            "layers": self.layers,
+            "num_experts": self.E,
+            "top_k": self.K,
+            "tokens": self.tokens,
+            "jsd_base": JSD_BASE,
+            "categories": {cat: acc.summary() for cat, acc in sorted(self.accs.items())},
+            "all": self.total.summary(),
+            "jsd": None,
+            "example": self.example,
         }
-    return to_json(out)
+        names = sorted(self.accs)
+        if len(names) >= 2:
+            usage = torch.stack([out["categories"][c]["usage"] for c in names], dim=1)  # (L, A, E)
+            mats, means = zip(*(pairwise_jsd(u, base=JSD_BASE) for u in usage))
+            out["jsd"] = {
+                "categories": names,
+                "base": JSD_BASE,
+                "matrix": torch.stack(mats),  # (L, A, A)
+                "mean_per_layer": torch.stack(means),  # (L,)
+                "mean": torch.stack(means).mean(),  # mean over layers of the mean over category pairs
+            }
+        return to_json(out)
 
 
 def to_json(x):
@@ -414,22 +408,10 @@ def run_eval(cfg) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)
     result = evaluate(
-        model,
-        tokenizer,
-        task.eval,
-        task.score,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        progress=True,
-        num_samples=cfg.num_samples,
-        temperature=cfg.temperature,
-        pass_k=cfg.pass_k,
-        seed=cfg.seed,
-    )
-    if cfg.routing_stats and find_routers(model, allow_dense=True):  # a dense or plain-LoRA model routes nothing
-        result["routing"] = routing_statistics_pass(
-            model, tokenizer, task.eval, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=True
-        )
+        model, tokenizer, task.eval, task.score, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        progress=True, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k, seed=cfg.seed,
+        routing=cfg.routing_stats and bool(find_routers(model, allow_dense=True)),  # a dense model routes nothing
+    )  # fmt: skip
     print(format_table(task.name, result))
     if cfg.model.path is not None:
         out = Path(cfg.model.path) / "eval.json"

@@ -131,7 +131,7 @@ _ROWS = (
         tiny_fields=_mixtral,
     ),  # fmt: skip
     Family("deepseek_v3", "moe", router_class="DeepseekV3TopkRouter", scoring="sigmoid", tiny_fields=_deepseek_v3),
-    # the tiny one is expertrl.vlm.build_tiny_vlm (one size)
+    # the tiny one is expertrl.vlm_models.build_tiny_vlm (one size)
     Family("qwen3_vl_moe", "moe", vision=True, router_class="Qwen3VLMoeTextTopKRouter", renormalize="always"),
     # Qwen3's layer_types / max_window_layers are handled by upcycle._sliding_fields.
     Family(

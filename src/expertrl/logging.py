@@ -48,7 +48,7 @@ class MetricsLogger:
         return record
 
 
-SUMMED_ACROSS_RANKS = ("num_tokens", "tokens_per_s")
+SUMMED_ACROSS_RANKS = ("rollout/num_tokens", "time/tokens_per_s")
 
 
 def reduce_across_ranks(records: list[dict]) -> dict:

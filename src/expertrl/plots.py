@@ -42,10 +42,10 @@ FIGURE_IDS = (
 LOSS_KEYS = (
     "loss/clip_frac",
     "loss/gate_clip_frac",
-    "router_shift/gamma_mean",
-    "router_shift/topk_overlap",
+    "router/shift/gamma_mean",
+    "router/shift/topk_overlap",
     "loss/approx_kl",
-    "grad_norm",
+    "optim/grad_norm",
 )
 """loss-side diagnostics plotted when present in metrics.jsonl"""
 MAX_LAYERS = 8
@@ -131,11 +131,11 @@ def load_over_steps(records: Records) -> dict[int, tuple[list[int], np.ndarray]]
     out = {}
     keys = sorted(
         {k for r in records for k in r if re.fullmatch(r"moe/load/layer\d+", k)},
-        key=lambda k: int(k.removeprefix("moe/load/layer")),
+        key=lambda k: int(k.removeprefix("router/load/layer")),
     )
     for key in keys:
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), list)]
-        out[int(key.removeprefix("moe/load/layer"))] = (
+        out[int(key.removeprefix("router/load/layer"))] = (
             [p[0] for p in pts],
             np.array([p[1] for p in pts], dtype=float).T,
         )
@@ -151,7 +151,7 @@ def fig_reward(labels: list[str], metrics: list[Records]) -> Figure:
     fig, axes = _grid(1, 2, 4.5, 3.0)
     for ax, key, title in zip(
         axes[0],
-        ("reward", "reward_group_std"),
+        ("reward/mean", "reward/group_std"),
         ("reward (mean over the step's completions)", "within-group reward std"),
     ):
         _plot_metric(ax, labels, metrics, key, lw=1.3)
@@ -234,8 +234,8 @@ def fig_entropies(labels: list[str], metrics: list[Records], routings: list[dict
     """Per-token router entropy vs expert-usage entropy: over RL steps (metrics.jsonl) and per layer (eval pass)."""
     fig, axes = _grid(2, 2, 4.5, 2.9)
     panels = (
-        ("moe/router_entropy", "per-token router entropy H_τ (nats)\nmean over completion tokens, training"),
-        ("moe/usage_entropy", "expert-usage entropy H(u) (nats)\naggregate usage, training"),
+        ("router/entropy", "per-token router entropy H_τ (nats)\nmean over completion tokens, training"),
+        ("router/usage_entropy", "expert-usage entropy H(u) (nats)\naggregate usage, training"),
     )
     ln_e = math.log(routings[0]["num_experts"])
     for ax, (key, title) in zip(axes[0], panels):

@@ -181,7 +181,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 def summary_rows(run: Run) -> dict:
     """The numbers of one run's row in the summary tables."""
-    steps, _ = metric_series(run.metrics, "reward")
+    steps, _ = metric_series(run.metrics, "reward/mean")
     _, acc = metric_series(run.metrics, "eval/accuracy")
     r = run.routing
     mean = lambda v: float(np.mean(v))  # noqa: E731
@@ -189,7 +189,7 @@ def summary_rows(run: Run) -> dict:
     return {
         "run": run.label,
         "RL steps": len(steps),
-        "reward (last 10)": _fmt(_last_mean(run.metrics, "reward")),
+        "reward (last 10)": _fmt(_last_mean(run.metrics, "reward/mean")),
         "accuracy start": _fmt(acc[0] if acc else None),
         "accuracy end": _fmt(acc[-1] if acc else None),
         **{f"pass@{k}": _fmt(v) for k, v in ev.get("pass_at_k", {}).items()},

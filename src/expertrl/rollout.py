@@ -27,11 +27,13 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from expertrl.mm import VISION_KWARGS, mm_forward_kwargs
 from expertrl.moe.guidance import GuidanceMask
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK, replay_policy_for
 from expertrl.ops import token_logp
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
+from expertrl.vlm import encode_mm_batch, vision_special_ids
 
 
 def is_processor(tokenizer_or_processor) -> bool:
@@ -59,8 +61,6 @@ def encode_prompts(
             ``vlm.encode_mm_batch``); None with a text tokenizer.
     """
     if is_processor(tokenizer_or_processor):
-        from expertrl.vlm import VISION_KWARGS, encode_mm_batch
-
         enc = encode_mm_batch(tokenizer_or_processor, items, group_size=group_size)
         return enc["input_ids"], enc["attention_mask"], {k: enc[k] for k in VISION_KWARGS if k in enc}
     media = [i for i, it in enumerate(items) if "images" in it or "video" in it]
@@ -88,8 +88,6 @@ def suppressed_tokens(model: nn.Module, mm: dict | None) -> tuple[int, ...]:
     the trainer scores the same suppressed distribution generation sampled from."""
     if mm is None:
         return ()
-    from expertrl.vlm import vision_special_ids
-
     return tuple(sorted(int(i) for i in vision_special_ids(model)))
 
 
@@ -218,8 +216,6 @@ def forward_sequences(
     if mm is None:
         inputs = {"position_ids": position_ids_from_mask(attention_mask)}
     else:
-        from expertrl.vlm import mm_forward_kwargs
-
         inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
     with route(
         model,
@@ -346,7 +342,7 @@ def generate_rollout(
     sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     guide: Guide | None = None,
-    old_routing: str = "rollout",
+    old_routing: str | None = "rollout",
     keep_probs: bool = False,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
@@ -358,15 +354,16 @@ def generate_rollout(
         sampling: the token distribution (greedy for MoE-GRPO, or a temperature), the routing temperature experts
             are sampled at and the set log-probability; stored on the rollout (a VLM's vision special tokens are
             added to ``suppress_tokens``) and read by every forward that scores it.
-        old_routing: ``rollout`` replays the generation routes in the old-log-prob forward and in training (R3,
-            MoE-GRPO); ``live`` routes that forward with live top-K and keeps *its* routes as the batch's routing
-            (R2 replays them later; without replay they are the old-activated experts of RSPO's router shift).
+        old_routing: ``rollout`` runs the old-log-prob forward replaying the generation routes (``old_*`` fields set);
+            ``live`` routes that forward with live top-K and keeps *its* routes as the batch's routing; None runs no
+            old forward (the trainer's path: its first update's forward is the old policy, ``objective.py``).
         guide: router guidance (``Guide``): the per-token expert mask of generation and, if it applies in the loss,
             of every forward that scores the rollout (``Rollout.expert_mask``).
-        keep_probs: keep the old forward's routing probabilities (L, B, S, E) as ``rollout.route_probs`` (routing
-            rewards read them).
+        keep_probs: keep routing probabilities (L, B, S, E) as ``rollout.route_probs``: the old forward's if one runs,
+            else those generation sampled with (the last position, never routed, is 0). Routing rewards and
+            evaluation's routing statistics read them.
     """
-    assert old_routing in ("rollout", "live"), old_routing
+    assert old_routing in ("rollout", "live", None), old_routing
     device = next(model.parameters()).device
     prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
     prompt_ids, prompt_mask, mm = prompt_ids.to(device), prompt_mask.to(device), mm_to(mm, device)  # (B, P)
@@ -376,6 +373,7 @@ def generate_rollout(
         sampling = replace(sampling, suppress_tokens=tuple(sorted({*sampling.suppress_tokens, *suppress})))
     tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
+    keep_generation_probs = keep_probs and old_routing is None
     with route(
         model,
         policy,
@@ -383,6 +381,7 @@ def generate_rollout(
         allowed=allowed,
         generator=generator,
         set_logprob=sampling.set_logprob,
+        keep_probs=keep_generation_probs,
     ) as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
@@ -422,6 +421,10 @@ def generate_rollout(
         sample_logp=tokens.sample_logp(sequences),
         mm_inputs=mm,
     )
+    if old_routing is None:
+        if not keep_generation_probs or not rec.sites:
+            return rollout
+        return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
     old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
     return replace(
         rollout,
@@ -514,8 +517,6 @@ def _concat_mm(rollouts: list[Rollout], prompt_width: int) -> dict | None:
     assert all(with_mm) or not any(with_mm), "cannot concatenate multimodal and text-only rollouts"
     if not any(with_mm):
         return None
-    from expertrl.vlm import VISION_KWARGS
-
     types = [_pad_to(r.mm_inputs["mm_token_type_ids"], 1, prompt_width - r.prompt_width, 0, 0) for r in rollouts]
     out = {"mm_token_type_ids": torch.cat(types)}  # (B, P)
     for key in VISION_KWARGS[1:]:

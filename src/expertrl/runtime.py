@@ -34,7 +34,8 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     same network with the same initial weights (resume and evaluation of adapter runs rely on it).
 
     A vision-language MoE model (``model.family=qwen3_vl_moe``, or ``model.path`` to a Qwen3-VL-MoE checkpoint such as
-    ``expertrl.vlm.save_vlm`` writes) comes with its processor in place of the tokenizer (``rollout.encode_prompts``).
+    ``expertrl.vlm_models.save_vlm`` writes) comes with its processor in place of the tokenizer
+    (``rollout.encode_prompts``).
     """
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
@@ -101,7 +102,7 @@ def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
 
 def _tiny_vlm(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> tuple[nn.Module, object]:
     """The in-process Qwen3-VL-MoE of ``expertrl.vlm`` (one size, E=4, K=2; ``model.preset`` does not apply)."""
-    from expertrl.vlm import build_tiny_vlm  # imported here: the Qwen3-VL modelling code takes seconds to import
+    from expertrl.vlm_models import build_tiny_vlm  # heavy: transformers' Qwen3-VL processing code (~3 s)
 
     if cfg.num_experts is not None or cfg.top_k is not None:
         raise ValueError(
@@ -142,7 +143,7 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
                 "dense one: set model.adapter.kind=none and model.upcycle.num_experts=0"
             )
         if model_type in VISION:  # not AutoModelForCausalLM models; they need their processor
-            from expertrl.vlm import load_vlm
+            from expertrl.vlm_models import load_vlm  # heavy: transformers' Qwen3-VL processing code
 
             return load_vlm(cfg.path, dtype=dtype, experts_implementation=cfg.experts_implementation)
     model = load_model(

@@ -20,11 +20,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from expertrl.config import ConfigError, SFTConfig, SFTJobConfig
-from expertrl.losses.routing import router_z_loss, switch_load_balancing
+from expertrl.losses.routing import routing_aux_loss
+from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
 from expertrl.rollout import is_processor, position_ids_from_mask, text_tokenizer
+from expertrl.tasks import sample_items
+from expertrl.vlm import encode_mm_batch
 
 
 def supervised_batch(tokenizer, items: list[dict], device) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,8 +62,6 @@ def supervised_mm_batch(processor, items: list[dict], device) -> tuple[Tensor, T
         kwargs of the forward (``mm_token_type_ids`` (B, S), answer tokens and pads are text; pixel values and
         grids as ``vlm.encode_mm_batch`` gives them, rows in the same order).
     """
-    from expertrl.vlm import VISION_KWARGS, encode_mm_batch
-
     enc = encode_mm_batch(processor, items)  # (B, P) left-padded prompts
     tok = processor.tokenizer
     rows, types, masks = [], [], []
@@ -124,7 +125,7 @@ def supervised_train(
     bar = tqdm(range(cfg.steps), desc="sft", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
-        batch = [items[rng.randrange(len(items))] for _ in range(cfg.batch_size)]
+        batch = sample_items(items, cfg.batch_size, rng)
         if is_processor(tokenizer):  # M-RoPE: no position ids, the model computes its 3-D positions
             ids, attn, target, mm = supervised_mm_batch(tokenizer, batch, device)
             inputs = {"position_ids": None, "use_cache": False, **mm}
@@ -135,31 +136,23 @@ def supervised_train(
             logits = model(input_ids=ids, attention_mask=attn, **inputs).logits
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         ce = (ce * target.flatten()).sum() / target.sum()
-        loss = ce
-        lb = torch.zeros(())
-        if cfg.lb_coef > 0:
+        loss, metrics = ce, {"loss/ce": ce.detach()}
+        if routed and (cfg.lb_coef > 0 or cfg.z_coef > 0):  # the router losses of RL, on every attended position
             B = ids.shape[0]
-            probs, experts = rec.probs(B), rec.trace(B).experts.long()  # (L, B, S, E), (L, B, S, K)
-            L, _, S, E = probs.shape
-            lb = switch_load_balancing(
-                probs.reshape(L, -1, E), experts.reshape(L, B * S, -1), attn.reshape(-1).float(), soft_dispatch=dense
-            )
-            loss = loss + cfg.lb_coef * lb
-        z = torch.zeros(())
-        if cfg.z_coef > 0:  # ST-MoE router z-loss on the attended positions
-            B = ids.shape[0]
-            logits_r = rec.logits(B)  # (L, B, S, E)
-            z = router_z_loss(logits_r.reshape(logits_r.shape[0], -1, logits_r.shape[-1]), attn.reshape(-1).float())
-            loss = loss + cfg.z_coef * z
+            aux, aux_metrics = routing_aux_loss(
+                attn, probs=rec.probs(B) if cfg.lb_coef > 0 else None, experts=rec.trace(B).experts,
+                lb_coef=cfg.lb_coef, logits=rec.logits(B) if cfg.z_coef > 0 else None, z_coef=cfg.z_coef,
+                soft_dispatch=dense,
+            )  # fmt: skip
+            loss = loss + aux
+            metrics |= aux_metrics
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad(model, cfg.optim.grad_clip)
         optimizer.step()
         schedule.step()
-        last = {"sft/loss": ce.detach(), "sft/lb_loss": lb.detach(), "sft/grad_norm": grad_norm.detach()}
-        if cfg.z_coef > 0:
-            last["sft/z_loss"] = z.detach()
-        last["sft/step_time"] = time.perf_counter() - t0
+        last = metrics | {"optim/grad_norm": grad_norm.detach(), "optim/lr": schedule.get_last_lr()[0]}
+        last["time/step"] = time.perf_counter() - t0
         if log is not None:
             log(last, step)
         bar.set_postfix(loss=f"{ce.item():.3f}")

@@ -39,6 +39,12 @@ class Task:
     """items carry ``images`` or ``video`` (``mm:`` tasks): the model must be a vision-language model"""
 
 
+def sample_items(items: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """``n`` items drawn uniformly with replacement by ``rng`` (the one sampler of prompts: RL steps, guidance
+    calibration and SFT batches)."""
+    return [items[rng.randrange(len(items))] for _ in range(n)]
+
+
 def load_task(name: str, *, train_size: int, eval_size: int, seed: int, verifier: str = "task", **kwargs) -> Task:
     """Build the task ``name`` (one of ``TASK_FORMS``) with deterministic train and eval splits.
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from expertrl.mm import index_mm_batch
+
 UNROUTED = -1
 """Expert id stored for a position whose route was not recorded (the last position of a generated sequence)."""
 
@@ -194,11 +196,7 @@ class Rollout:
     def index_batch(self, index: Tensor) -> Rollout:
         """A micro-batch made of the sequences ``index`` (a 1-D LongTensor)."""
         idx = index.tolist()
-        mm = None
-        if self.mm_inputs is not None:  # imported here: expertrl.vlm loads the Qwen3-VL modelling code
-            from expertrl.vlm import index_mm_batch
-
-            mm = index_mm_batch(self.mm_inputs, index)
+        mm = None if self.mm_inputs is None else index_mm_batch(self.mm_inputs, index)
 
         def rows(x: Tensor | None, dim: int = 0) -> Tensor | None:
             return None if x is None else x.index_select(dim, index.to(x.device))

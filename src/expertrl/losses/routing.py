@@ -75,3 +75,48 @@ def router_z_loss(logits: Tensor, mask: Tensor) -> Tensor:
     assert mask.shape == logits.shape[1:2], (logits.shape, mask.shape)
     z = torch.logsumexp(logits.float(), dim=-1)  # (L, N)
     return masked_mean(z.square(), mask[None].expand_as(z), dim=1).mean()  # per layer, then over L
+
+
+def routing_aux_loss(
+    mask: Tensor,
+    *,
+    probs: Tensor | None = None,
+    experts: Tensor | None = None,
+    lb_coef: float = 0.0,
+    logits: Tensor | None = None,
+    z_coef: float = 0.0,
+    soft_dispatch: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted router losses of one forward, shared by RL (``objective.Objective``) and SFT (``sft``):
+    ``lb_coef · switch_load_balancing + z_coef · router_z_loss``.
+
+    Args:
+        mask: (B, S) 1 = position counts (the caller decides which: every attended position in SFT; in RL each row's
+            last attended position is dropped, its route was never used by a rollout).
+        probs: (L, B, S, E) the routing probabilities of the forward; with ``experts`` (L, B, S, K, -1 = unrouted),
+            the Switch load balancing is computed and logged (``loss/lb``), whatever ``lb_coef``. None = skip it.
+        lb_coef: its weight in the returned loss.
+        logits: (L, B, S, E) raw router logits, needed when ``z_coef > 0`` (``loss/z``).
+        soft_dispatch: the routers are dense mixtures (K = E), see ``switch_load_balancing``.
+    Returns:
+        the weighted loss (0-d) and the detached metrics.
+    """
+    loss = torch.zeros((), device=mask.device)
+    metrics: dict[str, Tensor] = {}
+    flat_mask = mask.reshape(-1).float()  # (B*S,)
+    if probs is not None:
+        L, B, S, E = probs.shape
+        lb = switch_load_balancing(
+            probs.reshape(L, B * S, E), experts.long().reshape(L, B * S, -1), flat_mask.to(probs.dtype),
+            soft_dispatch=soft_dispatch,
+        )  # fmt: skip
+        metrics["loss/lb"] = lb.detach()
+        if lb_coef > 0:
+            loss = loss + lb_coef * lb
+    if z_coef > 0:
+        assert logits is not None, "routing_aux_loss: z_coef > 0 needs the raw router logits"
+        L, B, S, E = logits.shape
+        z = router_z_loss(logits.reshape(L, B * S, E), flat_mask)
+        loss = loss + z_coef * z
+        metrics["loss/z"] = z.detach()
+    return loss, metrics

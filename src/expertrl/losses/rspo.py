@@ -95,14 +95,14 @@ def router_shift(
         gamma = torch.exp(-delta)  # (B, T) raw γ, for the metrics
         m = mask.to(gamma.dtype)
         metrics = {
-            "router_shift/gamma_mean": masked_mean(gamma, m),
-            "router_shift/gamma_p10": _masked_quantile(gamma, m, 0.1),
-            "router_shift/gamma_p50": _masked_quantile(gamma, m, 0.5),
-            "router_shift/frac_below_floor": masked_mean((gamma < gamma_min).to(gamma.dtype), m),
-            "router_shift/delta_mean": masked_mean(delta, m),
-            "router_shift/delta_p90": _masked_quantile(delta, m, 0.9),
-            "router_shift/delta_p99": _masked_quantile(delta, m, 0.99),
-            "router_shift/delta_per_layer": masked_mean(d, m.expand_as(d), dim=(1, 2)),  # (L,)
+            "router/shift/gamma_mean": masked_mean(gamma, m),
+            "router/shift/gamma_p10": _masked_quantile(gamma, m, 0.1),
+            "router/shift/gamma_p50": _masked_quantile(gamma, m, 0.5),
+            "router/shift/frac_below_floor": masked_mean((gamma < gamma_min).to(gamma.dtype), m),
+            "router/shift/delta_mean": masked_mean(delta, m),
+            "router/shift/delta_p90": _masked_quantile(delta, m, 0.9),
+            "router/shift/delta_p99": _masked_quantile(delta, m, 0.99),
+            "router/shift/delta_per_layer": masked_mean(d, m.expand_as(d), dim=(1, 2)),  # (L,)
         }
     return log_gamma.detach(), metrics
 

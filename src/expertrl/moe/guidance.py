@@ -1,9 +1,9 @@
 """Modality-aware router guidance (MoE-GRPO §3.3, Eq. 7): deactivate, per token group, the experts that group rarely
 uses, so that sampled routes explore only group-relevant experts.
 
-    counts = calibrate(model, batches, num_groups=2)                         # (L, G, E) top-K choices per group
-    state = GuidanceState.from_counts(counts, percent=25.0, top_k=K, group_names=("text", "vision"), layers=layers)
-    with route(model, Multinomial(), allowed=state.mask(prompt_groups, generated_group=0), generator=g):
+    state = calibrate_guide(model, topk_rollouts, groups="prompt_completion", percent=25.0)  # Eq. 7 counts
+    guide = Guide.for_groups(state, groups="prompt_completion")
+    with route(model, Multinomial(), allowed=guide.for_generation(prompt_ids, prompt_mask), generator=g):
         model.generate(...)                                                  # masked experts are never sampled
 
 Groups are any labelling of token positions (0..G-1; -1 = padding): vision vs text tokens for a VLM
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,6 @@ import torch
 from torch import Tensor, nn
 
 from expertrl.moe.adapters import find_routers
-from expertrl.moe.hooks import route
-from expertrl.moe.policies import TopK
 from expertrl.types import UNROUTED
 
 PAD_GROUP = -1
@@ -293,38 +291,6 @@ class GuidanceMask:
 # --- calibration and the saved state ------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[dict], *, num_groups: int, num_experts: int | None = None) -> Tensor:
-    """(L, G, E) int64 top-K expert choices per layer and group over ``batches`` (the paper's counting setting).
-
-    Each batch is a dict with ``input_ids`` and ``attention_mask`` (B, S) and ``groups`` (B, S) labels; other keys
-    (``pixel_values``...) go to the model as they are. Position ids follow the attention mask (left padding) unless
-    the batch has ``position_ids`` (``None`` lets the model compute them, e.g. multimodal RoPE). Unattended positions
-    are not counted whatever their label.
-    """
-    sites = find_routers(model)
-    E = sites[0].num_experts if num_experts is None else num_experts
-    device = next(model.parameters()).device
-    total = torch.zeros(len(sites), num_groups, E, dtype=torch.long)
-    for i, batch in enumerate(batches):
-        missing = {"input_ids", "attention_mask", "groups"} - set(batch)
-        if missing:
-            raise ValueError(
-                f"calibration batch {i} lacks {sorted(missing)}; each batch needs input_ids, "
-                "attention_mask and groups (B, S)"
-            )
-        inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items() if k != "groups"}
-        mask = inputs["attention_mask"]
-        B = inputs["input_ids"].shape[0]
-        if "position_ids" not in inputs:
-            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S) skip left padding
-        with route(model, TopK(), sites=sites) as rec:
-            model(**inputs, use_cache=False)
-        groups = batch["groups"].to(device).masked_fill(mask == 0, PAD_GROUP)  # (B, S)
-        total += count_expert_choices(rec.trace(B).experts, groups, num_groups, E).cpu()
-    return total
-
-
 @dataclass
 class GuidanceState:
     """Everything modality guidance needs, saved as JSON next to a run.
@@ -408,17 +374,9 @@ class GuidanceState:
             )
 
     def save(self, path: str | Path) -> None:
-        data = {
-            "format": FORMAT,
-            "layers": list(self.layers),
-            "group_names": list(self.group_names),
-            "num_experts": self.counts.shape[-1],
-            "top_k": self.top_k,
-            "percent": self.percent,
-            "counts": self.counts.tolist(),
-            "scores": self.scores.tolist(),  # float64 -> shortest repr, exact round trip
-            "allowed": self.allowed.tolist(),
-        }
+        """``guidance.json``: the ``state_dict`` (read back by ``load``), plus the scores and the mask it implies, for
+        people reading the file (recomputed, not read, on load)."""
+        data = {"format": FORMAT, **self.state_dict(), "scores": self.scores.tolist(), "allowed": self.allowed.tolist()}
         Path(path).write_text(json.dumps(data))
 
     @classmethod
@@ -429,73 +387,23 @@ class GuidanceState:
             raise ValueError(
                 f"{path} is not a guidance state file (format {data.get('format')!r}, expected {FORMAT!r})"
             )
-        E = data["num_experts"]
-        state = cls(
-            counts=torch.tensor(data["counts"], dtype=torch.long).reshape(-1, len(data["group_names"]), E),
-            scores=torch.tensor(data["scores"], dtype=torch.float64).reshape(-1, len(data["group_names"]), E),
-            allowed=torch.tensor(data["allowed"], dtype=torch.bool).reshape(-1, len(data["group_names"]), E),
-            percent=float(data["percent"]),
-            top_k=int(data["top_k"]),
-            group_names=tuple(data["group_names"]),
-            layers=tuple(data["layers"]),
-        )
+        state = cls.from_state_dict(data)
         if model is not None:
             state.check_model(model)
         return state
 
 
-# --- the rollout's view: text models with prompt / completion groups ----------------------------------------------
-
-
-@dataclass
-class PromptCompletionGuide:
-    """Router guidance for text models with two token groups, prompt (0) and completion (1): what
-    ``expertrl.rollout.generate_rollout`` asks of a guide (``rollout.Guide``).
-
-    Attributes:
-        state: the calibrated scores and mask.
-        in_loss: also mask the full forwards (old log-probs and training): the same masked softmax everywhere
-            (ambiguity 10, our default). False masks only the rollout's sampling.
-    """
-
-    state: GuidanceState
-    in_loss: bool = True
-
-    @property
-    def allowed(self) -> Tensor:
-        return self.state.allowed  # (L, G, E)
-
-    def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
-        groups = prompt_completion_groups(prompt_mask, prompt_mask.shape[1])  # (B, P)
-        return self.state.mask(groups, generated_group=1)  # every decoded token is a completion token
-
-    def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-        return prompt_completion_groups(attention_mask, prompt_width)  # (B, S)
-
+# --- token groups and the rollout's guide ---------------------------------------------------------------------------
 
 PROMPT_COMPLETION = ("prompt", "completion")
-
-
-def calibrate_prompt_completion(
-    model: nn.Module, rollouts: Iterable, *, percent: float, top_k: int | None = None
-) -> GuidanceState:
-    """Guidance state of a text model from rollouts generated with deterministic top-K routing: their traces are
-    the counts (every routed, attended position; the last generated token is never routed)."""
-    sites = find_routers(model)
-    E, K = sites[0].num_experts, sites[0].top_k if top_k is None else top_k
-    counts = torch.zeros(len(sites), 2, E, dtype=torch.long)
-    for r in rollouts:
-        groups = prompt_completion_groups(r.attention_mask, r.prompt_width)  # (B, S)
-        counts += count_expert_choices(r.routing.experts.cpu(), groups.cpu(), 2, E)
-    return GuidanceState.from_counts(
-        counts, percent=percent, top_k=K, group_names=PROMPT_COMPLETION, layers=tuple(s.layer for s in sites)
-    )
-
-
-# --- the rollout's view: vision-language models with text / vision groups ------------------------------------------
-
+"""Group names of text guidance: 0 prompt positions, 1 completion positions."""
 TEXT_VISION = ("text", "vision")
 """Group names of modality guidance: 0 text (prompt text and every generated token), 1 vision placeholders."""
+GROUPINGS = {"prompt_completion": PROMPT_COMPLETION, "modality": TEXT_VISION}
+"""``guidance.groups`` choices and their group names."""
+
+Labeller = Callable[[Tensor, Tensor, int], Tensor]
+"""``(input_ids (B, S), attention_mask (B, S), prompt_width) -> (B, S)`` group labels (-1 = padding)."""
 
 
 def modality_token_groups(input_ids: Tensor, attention_mask: Tensor, vision_ids: frozenset[int] | set[int]) -> Tensor:
@@ -503,64 +411,87 @@ def modality_token_groups(input_ids: Tensor, attention_mask: Tensor, vision_ids:
     return token_id_groups(input_ids, attention_mask, {1: set(vision_ids)})
 
 
-@dataclass
-class ModalityGuide:
-    """Router guidance for vision-language models with two token groups, text (0) and vision (1): MoE-GRPO §3.3's
-    modality-aware guidance as ``expertrl.rollout.generate_rollout`` asks for it (``rollout.Guide``).
+def labeller(groups: str, *, vision_ids: frozenset[int] | set[int] = frozenset()) -> tuple[Labeller, int]:
+    """The labelling function of ``guidance.groups`` and the group of generated tokens.
 
-    A position's group is that of its input token: a vision placeholder (``<|image_pad|>``/``<|video_pad|>``, one
-    per merged patch) is vision, everything else text, and generated tokens are text (rollouts suppress the vision
-    special tokens).
+    ``prompt_completion``: position s is 0 if s < P, else 1; generated tokens are completion (1). ``modality``: 1 for
+    a vision placeholder (``vision_ids``: ``expertrl.vlm.vision_token_ids``; one per merged patch), else 0; generated
+    tokens are text (0; rollouts suppress the vision special tokens). A position's group is that of its input token.
+    """
+    if groups == "prompt_completion":
+        return (lambda ids, attn, width: prompt_completion_groups(attn, width)), 1
+    if groups == "modality":
+        if not vision_ids:
+            raise ValueError("modality guidance needs the vision placeholder token ids (vision_ids)")
+        frozen = frozenset(int(i) for i in vision_ids)
+        return (lambda ids, attn, width: modality_token_groups(ids, attn, frozen)), 0
+    raise ValueError(f"unknown guidance groups {groups!r}; choose from {sorted(GROUPINGS)}")
+
+
+@dataclass
+class Guide:
+    """Router guidance as the rollout sees it (``rollout.Guide``): a labelling of positions into token groups and the
+    experts each group may use per layer.
 
     Attributes:
-        state: the calibrated scores and mask, with ``group_names == ("text", "vision")``.
-        vision_ids: the placeholder token ids (``expertrl.vlm.vision_token_ids(model)``).
-        in_loss: also mask the full forwards (old log-probs and training), as ``PromptCompletionGuide``.
+        state: the calibrated scores and mask (``GuidanceState``).
+        label: the labelling function (``labeller``).
+        generated_group: the group of every token ``generate`` produces.
+        in_loss: also mask the training forwards (old and new log-probs, expert weights): the same masked softmax
+            everywhere (ambiguity 10, our default). False masks only the rollout's sampling.
     """
 
     state: GuidanceState
-    vision_ids: frozenset[int]
+    label: Labeller
+    generated_group: int
     in_loss: bool = True
 
-    def __post_init__(self) -> None:
-        if self.state.group_names != TEXT_VISION:
+    @classmethod
+    def for_groups(
+        cls, state: GuidanceState, *, groups: str, vision_ids: frozenset[int] | set[int] = frozenset(), in_loss=True
+    ) -> Guide:
+        """The guide of ``guidance.groups`` over ``state`` (whose group names must match)."""
+        label, generated = labeller(groups, vision_ids=vision_ids)
+        if state.group_names != GROUPINGS[groups]:
             raise ValueError(
-                f"ModalityGuide needs a state with groups {TEXT_VISION}, got {self.state.group_names}; calibrate it "
-                "with calibrate_modality (guidance.groups=modality)"
+                f"guidance state has groups {state.group_names}, guidance.groups={groups} needs {GROUPINGS[groups]}; "
+                "recalibrate with the same guidance.groups"
             )
-        if not self.vision_ids:
-            raise ValueError("ModalityGuide.vision_ids is empty; pass the image and video placeholder token ids")
-        self.vision_ids = frozenset(int(i) for i in self.vision_ids)
+        return cls(state, label, generated, in_loss)
 
     @property
     def allowed(self) -> Tensor:
         return self.state.allowed  # (L, G, E)
 
-    def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
-        groups = modality_token_groups(prompt_ids, prompt_mask, self.vision_ids)  # (B, P)
-        return self.state.mask(groups, generated_group=0)  # every decoded token is text
-
     def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-        return modality_token_groups(input_ids, attention_mask, self.vision_ids)  # (B, S)
+        """(B, S) group of every position of prompt + completion (-1 = padding)."""
+        return self.label(input_ids, attention_mask, prompt_width)
+
+    def for_generation(self, prompt_ids: Tensor, prompt_mask: Tensor) -> GuidanceMask:
+        """The mask of one ``generate`` call over these (B, P) prompts (prefill, then one call per decode step)."""
+        groups = self.label(prompt_ids, prompt_mask, prompt_ids.shape[1])  # (B, P)
+        return self.state.mask(groups, generated_group=self.generated_group)
 
 
-def calibrate_modality(
-    model: nn.Module, batches: Iterable[dict], *, vision_ids: frozenset[int] | set[int], percent: float
+def calibrate_guide(
+    model: nn.Module,
+    rollouts: Iterable,
+    *,
+    groups: str,
+    percent: float,
+    vision_ids: frozenset[int] | set[int] = frozenset(),
 ) -> GuidanceState:
-    """Guidance state of a vision-language model: deterministic top-K routes of prompt batches, counted per modality.
-
-    Args:
-        batches: multimodal model inputs (``expertrl.vlm.encode_mm_batch``: ``input_ids``, ``attention_mask`` and the
-            vision kwargs); each must hold vision and text tokens somewhere across the batches.
-        vision_ids: the placeholder token ids (group 1).
-    """
+    """The guidance state of ``model`` from rollouts generated with deterministic top-K routing (the paper's counting
+    setting, Eq. 7): their traces, labelled by ``groups``, are the counts (every routed, attended position: prompt,
+    vision placeholders and completion alike; the last generated token is never routed)."""
     sites = find_routers(model)
-    labelled = (
-        # position_ids=None: the model computes its 3-D M-RoPE positions (vision tokens share them).
-        {**b, "groups": modality_token_groups(b["input_ids"], b["attention_mask"], vision_ids), "position_ids": None}
-        for b in batches
-    )
-    counts = calibrate(model, labelled, num_groups=2, num_experts=sites[0].num_experts)
+    label, _ = labeller(groups, vision_ids=vision_ids)
+    E, K = sites[0].num_experts, sites[0].top_k
+    names = GROUPINGS[groups]
+    counts = torch.zeros(len(sites), len(names), E, dtype=torch.long)
+    for r in rollouts:
+        labels = label(r.input_ids, r.attention_mask, r.prompt_width)  # (B, S)
+        counts += count_expert_choices(r.routing.experts.cpu(), labels.cpu(), len(names), E)
     return GuidanceState.from_counts(
-        counts, percent=percent, top_k=sites[0].top_k, group_names=TEXT_VISION, layers=tuple(s.layer for s in sites)
+        counts, percent=percent, top_k=K, group_names=names, layers=tuple(s.layer for s in sites)
     )

@@ -366,7 +366,7 @@ def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, overwrite: b
 
     Loads with ``local_files_only=True`` and no remote code, in the checkpoint's dtype; copies the tokenizer and
     processor files present (``TOKENIZER_FILES``, ``PROCESSOR_FILES``) and writes ``upcycled_from.json`` (source,
-    model types, E, K, noise, seed). A dense Qwen3-VL gives a Qwen3-VL-MoE that ``expertrl.vlm.load_vlm`` and
+    model types, E, K, noise, seed). A dense Qwen3-VL gives a Qwen3-VL-MoE that ``expertrl.vlm_models.load_vlm`` and
     ``AutoModelForImageTextToText`` read.
 
     Args:

@@ -326,7 +326,8 @@ class RoutingRewarder:
             generator: required when ``shuffled``; derive it from (seed, step) so resume is exact.
         Returns:
             rewards: (B,) float32 routing reward, to add to the task reward before the group advantage.
-            metrics: detached tensors: 0-d scalars and "moe/utilisation" (M, E), "moe/load_mse_norm_per_module" (M,).
+            metrics: detached tensors: 0-d scalars and "router/utilisation" (M, E),
+                "router/load_mse_norm_per_module" (M,).
         """
         progress = _check_progress(progress)
         if self.shuffled and generator is None:
@@ -343,14 +344,14 @@ class RoutingRewarder:
                 torch.where(empty, ones, h), torch.where(empty, ones, m), progress, **self.smooth_kwargs
             )
             w_h, w_b = smooth_weights(progress, **{k: v for k, v in self.smooth_kwargs.items() if k != "w_route"})
-            metrics["route/w_h"], metrics["route/w_b"] = h.new_tensor(w_h), h.new_tensor(w_b)
+            metrics["reward/routing_w_h"], metrics["reward/routing_w_b"] = h.new_tensor(w_h), h.new_tensor(w_b)
         else:
             reference = self.history.reference()
             hit = relative_reward(h, m, reference, bonus=1.0) * keep  # (B,) 1 = both statistics beat the history
             rewards = self.bonus * hit  # (B,) empty completions never earn the bonus
-            metrics["route/relative_hit_rate"] = hit.sum() / n_keep
+            metrics["reward/routing_hit_rate"] = hit.sum() / n_keep
             if reference is not None:  # no history value exists before the first batch: the keys are left out
-                metrics["route/h_hist"], metrics["route/m_hist"] = (
+                metrics["reward/routing_h_hist"], metrics["reward/routing_m_hist"] = (
                     h.new_tensor(reference[0]),
                     h.new_tensor(reference[1]),
                 )
@@ -363,11 +364,11 @@ class RoutingRewarder:
         metrics.update(
             {
                 "reward/routing": rewards.mean(),
-                "moe/entropy_norm": (h * keep).sum() / n_keep,
-                "moe/load_mse_norm": (m * keep).sum() / n_keep,
-                "moe/load_mse": (stats["m_raw"] * keep).sum() / n_keep,
-                "moe/load_mse_norm_per_module": (stats["m_norm_per_module"] * counted).sum(-1) / n_counted,
-                "moe/utilisation": (stats["utilisation"] * counted[..., None]).sum(1) / n_counted[:, None],
+                "router/entropy_norm": (h * keep).sum() / n_keep,
+                "router/load_mse_norm": (m * keep).sum() / n_keep,
+                "router/load_mse": (stats["m_raw"] * keep).sum() / n_keep,
+                "router/load_mse_norm_per_module": (stats["m_norm_per_module"] * counted).sum(-1) / n_counted,
+                "router/utilisation": (stats["utilisation"] * counted[..., None]).sum(1) / n_counted[:, None],
             }
         )
         return rewards.float(), {k: v.detach() for k, v in metrics.items()}

@@ -1,0 +1,389 @@
+"""Everything one ``expertrl train`` run is made of, built in one place: ``build_run(cfg) -> Run``.
+
+``build_run`` makes every object from the config (model, tokenizer, task, routing policy, sampling distributions,
+objective, routing rewarder), runs every start-up check that needs the model, restores a resumed run's state, runs
+the supervised warm-up and the start evaluation of a new run, calibrates router guidance, builds the frozen
+reference model and the optimiser, and wraps the model for several processes (DDP or FSDP2). What is left is the
+loop of ``train.py``: ``collect -> update -> record``.
+
+Several processes (``torchrun`` / ``accelerate launch``): each rank draws the same global prompts as a 1-process run
+and rolls out its own contiguous slice of them (whole groups); losses are normalised by global counts; rank 0 alone
+evaluates, logs and writes files. ``parallel=fsdp2`` shards the model instead (``parallel.shard_model``), so every
+rank runs every forward: generation decodes a fixed number of steps, evaluation runs on all ranks (rank 0 keeps the
+result) and saving gathers the full state on all ranks (rank 0 writes it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from expertrl.checkpoint import (
+    checkpoint_path,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    load_weights,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
+from expertrl.config import ConfigError, TrainConfig
+from expertrl.configio import save_yaml
+from expertrl.evaluate import evaluate
+from expertrl.logging import MetricsLogger
+from expertrl.losses import get_loss
+from expertrl.moe.adapters import RouterSite, find_routers, site_labels
+from expertrl.moe.guidance import GuidanceState, Guide, calibrate_guide
+from expertrl.moe.lora_moe import adapter_settings, describe_trainable
+from expertrl.moe.policies import POLICIES, TopK, make_policy
+from expertrl.moe.setprob import MAX_UNORDERED_K
+from expertrl.objective import Objective
+from expertrl.parallel import (
+    broadcast_weights,
+    check_shardable,
+    gather_full_state,
+    is_sharded,
+    load_full_optimizer_state,
+    refuse_accelerate_fsdp,
+    shard_model,
+)
+from expertrl.rewards.routing import RoutingRewarder
+from expertrl.rollout import generate_rollout, is_processor
+from expertrl.runtime import derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
+from expertrl.sft import supervised_train
+from expertrl.tasks import Task, sample_items
+from expertrl.types import Sampling
+from expertrl.vlm import vision_token_ids
+
+
+@dataclass
+class Run:
+    """The objects and the mutable state of one training run (see the module docstring)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Accelerator
+    model: nn.Module  # the model the optimiser steps (a DDP wrapper, or FSDP2-sharded)
+    policy_model: nn.Module  # the same model unwrapped: rollouts, evaluation, saving
+    tokenizer: object
+    task: Task
+    sites: list[RouterSite]
+    policy: object
+    sampling: Sampling
+    objective: Objective
+    logger: MetricsLogger
+    rewarder: RoutingRewarder | None = None
+    guide: Guide | None = None
+    ref_model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    summary: dict = field(default_factory=dict)
+    start_step: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0
+    elapsed_before: float = 0.0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy_model.parameters()).device
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.parallel == "fsdp2" and self.world > 1  # one process has nothing to shard
+
+    @property
+    def labels(self) -> list[str]:
+        return site_labels(self.sites)
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` on this rank, or, sharded (where every rank must run the same rollouts), on any rank."""
+        if not self.sharded:
+            return flag
+        total = self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), reduction="sum")
+        return total.item() > 0
+
+    def evaluate(self) -> dict | None:
+        """Held-out evaluation (greedy, top-K routing) on rank 0; the other ranks wait. A sharded model all-gathers in
+        every forward, so there every rank evaluates in step, and rank 0 keeps the result."""
+        result = None
+        if self.is_main or is_sharded(self.policy_model):
+            with torch.no_grad():
+                result = evaluate(
+                    self.policy_model, self.tokenizer, self.task.eval, self.task.score,
+                    max_new_tokens=self.cfg.rollout.max_new_tokens,
+                )  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        return result if self.is_main else None
+
+    def save(self, step_done: int) -> Path | None:
+        """Write the checkpoint after ``step_done`` steps (rank 0). Sharded: every rank calls it to gather the full
+        state, and the others return None."""
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state, optimizer_state = gather_full_state(self.model, self.optimizer)
+            if not self.is_main:
+                return None
+        trainer_state = {
+            "step": step_done,
+            "scheduler": self.schedule.state_dict(),
+            "summary": self.summary,
+            "skipped_steps": self.skipped,
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.t_start,
+            "routing_reward": self.rewarder.state_dict() if self.rewarder is not None else None,
+            "guidance": self.guide.state.state_dict() if self.guide is not None else None,
+        }
+        path = save_checkpoint(
+            checkpoint_path(self.out, step_done),
+            model=self.policy_model, tokenizer=self.tokenizer, optimizer=self.optimizer, trainer_state=trainer_state,
+            config=dataclasses.replace(self.cfg, resume=None), reference=self.ref_model, model_state=model_state,
+            optimizer_state=optimizer_state,
+        )  # fmt: skip
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        return path
+
+
+def sampling_of(cfg: TrainConfig) -> Sampling:
+    """The distributions rollouts sample from (and every forward that scores them uses)."""
+    return Sampling(
+        do_sample=cfg.rollout.do_sample,
+        token_temperature=cfg.rollout.temperature if cfg.rollout.do_sample else 1.0,
+        routing_temperature=cfg.routing.temperature,
+        set_logprob=cfg.routing.set_logprob,
+    )
+
+
+def objective_for(cfg: TrainConfig, sites: list[RouterSite] = ()) -> Objective:
+    """The RL objective ``cfg`` describes, bound once (misspelled loss kwargs fail here, not at step 500)."""
+    lc, rs = cfg.loss, cfg.rspo
+    return Objective(
+        token_loss=get_loss(lc.name, **lc.kwargs), agg=lc.agg, replay=cfg.routing.replay,
+        norm_const=float(cfg.rollout.max_new_tokens), gate_coef=lc.gate_coef, gate_tokens=lc.gate_tokens,
+        rspo=rs.enabled, gamma_min=rs.gamma_min, layer_agg=rs.layer_agg, placement=rs.placement,
+        kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, lb_coef=lc.lb_coef, z_coef=lc.z_coef,
+        soft_dispatch=bool(sites) and all(s.top_k == s.num_experts for s in sites),
+    )  # fmt: skip
+
+
+def check_model(cfg: TrainConfig, sites: list[RouterSite], task: Task, tokenizer) -> None:
+    """Start-up checks that need the model and the task (``TrainConfig.check_combination`` has the rest)."""
+    sigmoid = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
+    if sigmoid and (cfg.rspo.enabled or cfg.loss.gate_coef > 0):
+        raise ConfigError(
+            f"rspo.enabled / loss.gate_coef: RSPO's router shift and Gate-GRPO read router log-probabilities, but "
+            f"{sigmoid} score experts with a sigmoid (not a softmax); set rspo.enabled=false and loss.gate_coef=0"
+        )
+    if sigmoid and POLICIES[cfg.routing.policy].stochastic:
+        raise ConfigError(
+            f"routing.policy: {cfg.routing.policy} samples from a softmax, but {sigmoid} score experts with a "
+            "sigmoid; use routing.policy=topk (and routing.temperature=1.0, loss.gate_coef=0)"
+        )
+    k_max = max((s.top_k for s in sites), default=0)
+    if cfg.routing.set_logprob == "unordered" and k_max > MAX_UNORDERED_K:
+        raise ConfigError(
+            f"routing.set_logprob: unordered sums the K! orders of each expert set; K={k_max} is too many (at most "
+            f"{MAX_UNORDERED_K}), use plackett_luce"
+        )
+    if task.multimodal and not is_processor(tokenizer):
+        raise ConfigError(
+            f"task.name: {task.name!r} shows images or video, but the model is a text model; use a vision-language "
+            "MoE model (model.family=qwen3_vl_moe, or model.path to a Qwen3-VL-MoE checkpoint)"
+        )
+    if cfg.guidance.enabled and cfg.guidance.groups == "modality" and not task.multimodal:
+        raise ConfigError(
+            f"guidance.groups: modality groups are vision vs text tokens, but task {task.name!r} has no images or "
+            "video; use guidance.groups=prompt_completion, or a multimodal task (task.name=mm:<name>) on a VLM"
+        )
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Every object of the run, every start-up check, the resume state, the warm-up (module docstring)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    refuse_accelerate_fsdp(accelerator)
+    seed_everything(cfg.seed)
+    if cfg.rollout.prompts_per_step % accelerator.num_processes:
+        raise ConfigError(
+            f"rollout.prompts_per_step: the global number of prompts per step ({cfg.rollout.prompts_per_step}) must "
+            f"be divisible by the number of processes ({accelerator.num_processes}); each process rolls out whole "
+            "groups"
+        )
+    out = Path(cfg.output_dir)
+    resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
+    if resume_from is None and complete_checkpoints(out):
+        raise ConfigError(
+            f"output_dir: {str(out)!r} holds checkpoints of an earlier run; continue it with "
+            f"--config {out}/config.yaml --resume {out}, or choose another output_dir"
+        )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(dataclasses.replace(cfg, resume=None), out / "config.yaml")  # describes the run, not this launch
+    model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
+    if resume_from is not None:
+        load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
+    model.to(accelerator.device)
+    sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
+    task = task_from_config(cfg.task)
+    check_model(cfg, sites, task, tokenizer)
+    run = Run(
+        cfg=cfg, out=out, accelerator=accelerator, model=model, policy_model=model, tokenizer=tokenizer, task=task,
+        sites=sites, policy=make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std),
+        sampling=sampling_of(cfg), objective=objective_for(cfg, sites),
+        logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process),
+        rewarder=_rewarder(cfg),
+        summary={"output_dir": str(out)},
+    )  # fmt: skip
+    if run.sharded:
+        check_shardable(model, tokenizer)
+    _print_header(run)
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    if state is None:
+        _warm_up(run)
+    else:
+        run.summary |= state["summary"]
+        if run.is_main:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
+            remove_partial_checkpoints(out)
+        accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
+    if run.sharded:  # every rank shards its own copy: start from rank 0's, as DDP does
+        broadcast_weights(model)
+    if cfg.routing.freeze_router:
+        for site in sites:
+            site.weight.requires_grad_(False)
+    if cfg.loss.kl_coef > 0:  # frozen copy of the RL start model (after the warm-up); a full copy per rank
+        run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if resume_from is not None:
+            load_weights(run.ref_model, resume_from / "reference", cfg.model)
+    if cfg.guidance.enabled:
+        saved = None if state is None else state.get("guidance")
+        run.guide = make_guide(run, GuidanceState.from_state_dict(saved) if saved else calibrate(run, step=-1))
+    if run.sharded:
+        shard_model(model)  # before the optimizer, which then holds the sharded parameters
+    _optimizer(run, state, resume_from)
+    return run
+
+
+def _rewarder(cfg: TrainConfig) -> RoutingRewarder | None:
+    """RO-GRPO's routing rewarder (its keyword arguments are the config section's fields), or None when off."""
+    rr = cfg.routing_reward
+    return None if rr.kind == "none" else RoutingRewarder(**dataclasses.asdict(rr))
+
+
+def _print_header(run: Run) -> None:
+    cfg, sites, model = run.cfg, run.sites, run.policy_model
+    n_params = sum(p.numel() for p in model.parameters())
+    routers = (
+        f"{len(sites)} routers, E={sites[0].num_experts}, K={max(s.top_k for s in sites)}" if sites else "no router"
+    )
+    run.accelerator.print(
+        f"expertrl train: {type(model).__name__} ({n_params / 1e6:.2f}M params, {routers}), task {run.task.name} "
+        f"({len(run.task.train)} train / {len(run.task.eval)} held-out), routing {cfg.routing.policy}, loss "
+        f"{cfg.loss.name} + {cfg.loss.gate_coef} x gate" + (f", {run.world} processes" if run.world > 1 else "")
+    )
+    if adapter_settings(model) is not None:
+        run.accelerator.print(f"  {describe_trainable(model)}")
+
+
+def _warm_up(run: Run) -> None:
+    """A new run: the supervised warm-up (every rank warms up its own copy; DDP then broadcasts rank 0's weights) and
+    the held-out accuracy before it and before RL."""
+    cfg = run.cfg
+    if cfg.sft.steps > 0:
+        before = run.evaluate()
+        if before is not None:
+            run.summary["accuracy_init"] = before["accuracy"]
+        sft_log = MetricsLogger(run.out / "sft_metrics.jsonl", enabled=run.is_main)
+        supervised_train(
+            run.policy_model, run.tokenizer, run.task.train, cfg.sft, seed=cfg.seed,
+            progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s),
+        )  # fmt: skip
+    start = run.evaluate()
+    if start is not None:
+        run.logger.log({"eval/accuracy": start["accuracy"]}, step=-1)
+        run.summary["accuracy_start"] = start["accuracy"]
+        print(f"held-out accuracy before RL: {start['accuracy']:.3f} ({start['n']} prompts)")
+
+
+def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
+    """AdamW + schedule over the trainable parameters (restored on resume), then DDP wrapping."""
+    cfg, model = run.cfg, run.policy_model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run.optimizer, run.schedule = optimizer_and_schedule(trainable, cfg.optim, cfg.steps * cfg.inner_updates)
+    if state is not None:
+        saved = load_optimizer_state(resume_from)
+        if run.sharded:
+            load_full_optimizer_state(model, run.optimizer, saved)
+        else:
+            run.optimizer.load_state_dict(saved)
+        run.schedule.load_state_dict(state["scheduler"])
+        run.start_step, run.skipped, run.elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
+        set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
+        if run.rewarder is not None and state.get("routing_reward") is not None:
+            run.rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history
+    if not run.sharded:
+        run.model, run.optimizer = run.accelerator.prepare(model, run.optimizer)
+    if not hasattr(run.model, "config"):  # a DDP wrapper: routing hooks find the routers through model.config
+        run.model.config = model.config
+    run.model.eval()  # no dropout/jitter: rollout and updates share one deterministic forward
+
+
+def calibrate(run: Run, step: int) -> GuidanceState:
+    """Router guidance counts on the current policy: deterministic top-K routes of ``guidance.calibration_batches``
+    batches of training prompts, labelled by the guide's token groups (MoE-GRPO Eq. 7). Prompts derive from
+    (seed, step), so every rank and a resumed run count the same (step -1 = before RL)."""
+    cfg = run.cfg
+    rng = random.Random(derive_seed(cfg.seed, step + 1, 5))
+    rollouts = [
+        generate_rollout(
+            run.policy_model,
+            run.tokenizer,
+            sample_items(run.task.train, cfg.rollout.prompts_per_step, rng),
+            group_size=1,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            policy=TopK(),
+            old_routing=None,
+        )  # fmt: skip
+        for _ in range(cfg.guidance.calibration_batches)
+    ]
+    return calibrate_guide(
+        run.policy_model, rollouts, groups=cfg.guidance.groups, percent=cfg.guidance.percent, vision_ids=_vision(run)
+    )
+
+
+def make_guide(run: Run, state: GuidanceState) -> Guide:
+    """The rollouts' ``Guide`` for ``state`` (saved as ``guidance.json``)."""
+    if run.is_main:
+        state.save(run.out / "guidance.json")
+    g = run.cfg.guidance
+    return Guide.for_groups(state, groups=g.groups, vision_ids=_vision(run), in_loss=g.in_loss)
+
+
+def _vision(run: Run) -> frozenset[int]:
+    """The vision placeholder ids of a VLM (modality guidance labels them), none for a text model."""
+    return frozenset(vision_token_ids(run.policy_model)) if is_processor(run.tokenizer) else frozenset()
+
+
+__all__ = ["Run", "build_run", "calibrate", "make_guide", "objective_for", "sampling_of"]
