@@ -56,7 +56,7 @@ def test_bad_config_file_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("rows", "fragments"),
     [
-        (['{"prompt": "1+1=", "answer": "2"}', "{not json"], [":2:", "invalid JSON"]),
+        (['{"prompt": "1+1=", "answer": "2"}', "{not json"], [":2:", "not valid JSON"]),
         (['{"prompt": "1+1=", "answer": "2"}', '{"prompt": "2+2="}'], [":2:", "answer"]),
     ],
 )

@@ -12,7 +12,7 @@ from expertrl.report import (
     FIGURE_IDS,
     RunError,
     load_run,
-    read_jsonl,
+    read_metrics,
     report_main,
     routing_statistics_for_run,
     write_report,
@@ -107,7 +107,7 @@ def test_bad_metrics_line_names_the_file_and_line(runs, tmp_path):
         write_report([run], tmp_path / "rep")
     (run / "metrics.jsonl").write_text('{"step": 0}\n[1, 2]\n')
     with pytest.raises(RunError, match=r"metrics\.jsonl:2: expected a JSON object"):
-        read_jsonl(run / "metrics.jsonl")
+        read_metrics(run / "metrics.jsonl")
 
 
 def test_missing_files_name_the_file_and_the_fix(runs, tmp_path, capsys):

@@ -78,7 +78,7 @@ def test_jsonl(tmp_path):
 def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q"\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         load_task(f"jsonl:{path}", train_size=1, eval_size=0, seed=0)
     path.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q", "answer": "a"}\n{"prompt": "q"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: missing field 'answer'"):

@@ -165,7 +165,7 @@ def test_jsonl_mm_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ("{not json", "invalid JSON"),
+        ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
         ({"images": ["ok.png"], "options": ["a", "b"], "answer": "A"}, "field 'prompt'"),
         ({"prompt": "q", "images": ["ok.png"], "options": ["a"], "answer": "A"}, "field 'options'"),

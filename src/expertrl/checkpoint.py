@@ -26,16 +26,15 @@ from tqdm.auto import tqdm
 
 from expertrl.config import ConfigError, ModelConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
-from expertrl.io import atomic_save_dir
+from expertrl.io import atomic_save_dir, read_jsonl
 from expertrl.models import DTYPES, load_model
+from expertrl.moe.lora_moe import adapter_settings, load_adapter_weights, save_adapter_weights
 
 
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """A model in Hugging Face format, or, for a frozen base with adapters, the adapter weights alone (the base is
     rebuilt from the run's model settings); plus the tokenizer. ``state_dict``: the full weights to write instead of
     ``model``'s own (an FSDP2-sharded model's, from ``parallel.gather_full_state``)."""
-    from expertrl.moe.lora_moe import adapter_settings, save_adapter_weights
-
     if adapter_settings(model) is not None:
         assert state_dict is None, "adapter weights of a sharded model are not gathered"
         save_adapter_weights(model, directory)
@@ -229,8 +228,6 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path:
 def load_weights(model: nn.Module, path: Path, cfg: ModelConfig) -> None:
     """Copy the weights of the ``save_pretrained`` directory ``path`` into ``model``, which must be the same network
     (for a model with adapters: the adapter weights, into adapters attached with the same settings)."""
-    from expertrl.moe.lora_moe import adapter_settings, load_adapter_weights
-
     if adapter_settings(model) is not None:
         load_adapter_weights(model, path)
         return
@@ -254,14 +251,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     cut short, so the resumed run appends to a log without duplicates."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a killed run
-            continue
-        if record["step"] < step:
-            keep.append(line + "\n")
+    keep = [json.dumps(r) + "\n" for _, r in read_jsonl(path, skip_bad=True) if r.get("step", step) < step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)  # a kill now leaves the old log or the new one, never a cut one

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import yaml
 
 from expertrl.config import ConfigError, EvalConfig, SFTJobConfig, TrainConfig
 from expertrl.configio import format_help, load_config, to_dict
+from expertrl.presets import preset_overrides
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -113,8 +115,6 @@ def _split_args(args: list[str]) -> tuple[str | None, bool, list[str]]:
     A preset (``expertrl.presets``) expands into dotted overrides placed before the explicit ones, so explicit
     flags win: defaults <- --config file <- --preset <- --section.key VALUE.
     """
-    from expertrl.presets import preset_overrides
-
     config_path, print_config, overrides, preset = None, False, [], []
     i = 0
     while i < len(args):
@@ -155,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name in TOOLS:
-        import importlib
-
         module, function, _ = TOOLS[name]
         return getattr(importlib.import_module(module), function)(rest)
     if name not in COMMANDS:

@@ -11,9 +11,11 @@ special tokens are never generated.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ from expertrl.diagnostics import (
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
 from expertrl.rollout import generate_rollout, position_ids_from_mask, text_tokenizer
+from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 from expertrl.types import GREEDY, Rollout, Sampling
 
 JSD_BASE = 2.0
@@ -399,11 +402,6 @@ def to_json(x):
 def run_eval(cfg) -> dict:
     """`expertrl eval`: accuracy of ``cfg.model`` on ``cfg.task`` (top-K routing, greedy), optional pass@k of sampled
     completions, and routing statistics; written to ``<model.path>/eval.json`` and printed as a table."""
-    import json
-    from pathlib import Path
-
-    from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
-
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)

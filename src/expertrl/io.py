@@ -69,7 +69,10 @@ def read_jsonl(
             except json.JSONDecodeError as e:
                 if skip_bad:
                     continue
-                raise error(f"{where}: invalid JSON ({e.msg}); fix or delete that line") from None
+                raise error(
+                    f"{where}: not valid JSON ({e.msg}); repair or delete that line (a process killed while writing "
+                    "can leave a partial last line)"
+                ) from None
             if not isinstance(row, dict):
                 if skip_bad:
                     continue

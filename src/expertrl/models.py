@@ -8,10 +8,17 @@ layer is an MoE layer.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from expertrl.families import DENSE, FAMILIES, TINY_DENSE, TINY_MOE
 from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
@@ -175,13 +182,9 @@ def load_model(
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist (only local directories are loaded)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a save_pretrained directory?")
-    import json
-
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     kernel = {} if model_type in DENSE else {"experts_implementation": experts_implementation}  # MoE only
     if model_type == "qwen3_vl_moe":  # a vision-language model: not an AutoModelForCausalLM mapping
-        from transformers import AutoModelForImageTextToText
-
         return AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
         )

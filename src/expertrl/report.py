@@ -27,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from expertrl.config import ConfigError, ModelConfig, RolloutConfig, TaskConfig
+from expertrl.configio import from_dict, load_yaml
+from expertrl.evaluate import routing_statistics_pass
+from expertrl.io import read_jsonl
+from expertrl.metrics import new_name
 from expertrl.plots import FIGURE_IDS, metric_series, render_figures  # FIGURE_IDS: part of this module's API
+from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 
 
 class RunError(ValueError):
@@ -55,25 +61,14 @@ class Run:
 # reading runs
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a bad line raises ``RunError`` naming ``path:line``. Blank lines are skipped."""
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl``, keys in today's vocabulary (older runs' names mapped through
+    ``metrics.new_name``); a bad line raises ``RunError`` naming ``path:line``. Blank lines are skipped."""
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RunError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); repair or delete that line (a run killed while writing "
-                "can leave a partial last line)"
-            ) from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise RunError(
-                f"{path}:{lineno}: expected a JSON object with a 'step' key, got {line[:60]!r}; repair or delete "
-                "that line"
-            )
-        records.append(rec)
+    for where, rec in read_jsonl(path, error=RunError):
+        if "step" not in rec:
+            raise RunError(f"{where}: expected a 'step' key in every record; repair or delete that line")
+        records.append({new_name(k): v for k, v in rec.items()})
     return records
 
 
@@ -101,9 +96,9 @@ def load_run(run_dir: str | Path, label: str | None = None, *, progress: bool = 
             f"{metrics_file} not found: is {str(path)!r} a run directory of `expertrl train`? It is written from the "
             "first step on; rerun or resume the training run"
         )
-    metrics = read_jsonl(metrics_file)
+    metrics = read_metrics(metrics_file)
     sft_file = path / "sft_metrics.jsonl"
-    sft_metrics = read_jsonl(sft_file) if sft_file.is_file() else []
+    sft_metrics = read_metrics(sft_file) if sft_file.is_file() else []
     summary_file = path / "summary.json"
     summary = _read_json(summary_file, "delete it or rerun the training run") if summary_file.is_file() else {}
     final = path / "final"
@@ -122,11 +117,6 @@ def load_run(run_dir: str | Path, label: str | None = None, *, progress: bool = 
 
 def routing_statistics_for_run(run_dir: str | Path, *, progress: bool = False) -> dict:
     """Evaluation pass of ``run_dir/final`` on the held-out split of the task in ``run_dir/config.yaml``."""
-    from expertrl.config import ConfigError, ModelConfig, RolloutConfig, TaskConfig
-    from expertrl.configio import from_dict, load_yaml
-    from expertrl.evaluate import routing_statistics_pass
-    from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
-
     path = Path(run_dir)
     final = path / "final"
     config_file = path / "config.yaml"

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from expertrl.config import ModelConfig, OptimConfig, TaskConfig
 from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
+from expertrl.moe.lora_moe import attach_lora, attach_lora_moe, load_adapter, load_lora
+from expertrl.moe.upcycle import upcycle
 from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
 
@@ -62,39 +67,14 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
 
 def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
     """``model`` upcycled or with LoRA-MoE / LoRA adapters attached, per ``cfg`` (unchanged if neither is asked)."""
-    up, ad = cfg.upcycle, cfg.adapter
+    up, ad = cfg.upcycle, cfg.adapter  # the config sections' field names are the functions' keyword arguments
     if up.num_experts:
-        from expertrl.moe.upcycle import upcycle
-
-        model = upcycle(
-            model,
-            num_experts=up.num_experts,
-            top_k=up.top_k,
-            noise_std=up.noise_std,
-            norm_topk_prob=up.norm_topk_prob,
-            seed=seed,
-            experts_implementation=cfg.experts_implementation,
-        )
+        model = upcycle(model, **asdict(up), seed=seed, experts_implementation=cfg.experts_implementation)
+    settings = {k: v for k, v in asdict(ad).items() if k not in ("kind", "path")} | {"targets": tuple(ad.targets)}
     if ad.kind == "lora_moe":
-        from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
-
-        if ad.path is not None:
-            model = load_adapter(model, ad.path)
-        else:
-            model = attach_lora_moe(
-                model,
-                num_experts=ad.num_experts,
-                rank=ad.rank,
-                alpha=ad.alpha,
-                top_k=ad.top_k,
-                targets=tuple(ad.targets),
-                router_init_std=ad.router_init_std,
-                seed=seed,
-            )
+        model = load_adapter(model, ad.path) if ad.path is not None else attach_lora_moe(model, **settings, seed=seed)
     elif ad.kind == "lora":
-        from expertrl.moe.lora_moe import attach_lora, load_lora
-
-        model = attach_lora(model, rank=ad.rank, alpha=ad.alpha, targets=tuple(ad.targets), seed=seed)
+        model = attach_lora(model, rank=ad.rank, alpha=ad.alpha, targets=settings["targets"], seed=seed)
         if ad.path is not None:
             load_lora(model, ad.path)
     return model
@@ -118,10 +98,6 @@ def is_vlm(model: nn.Module) -> bool:
 
 
 def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tuple[nn.Module, object]:
-    import json
-
-    from transformers import AutoTokenizer
-
     config_file = Path(cfg.path) / "config.json"
     if config_file.is_file():  # refuse a dense or unknown family before loading any weights
         model_type = json.loads(config_file.read_text()).get("model_type")

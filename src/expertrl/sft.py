@@ -19,13 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from expertrl.checkpoint import save_model
 from expertrl.config import ConfigError, SFTConfig, SFTJobConfig
+from expertrl.configio import save_yaml
+from expertrl.evaluate import evaluate
+from expertrl.logging import MetricsLogger
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
 from expertrl.rollout import is_processor, position_ids_from_mask, text_tokenizer
+from expertrl.runtime import clip_grad, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
 from expertrl.tasks import sample_items
 from expertrl.vlm import encode_mm_batch
 
@@ -100,8 +105,6 @@ def supervised_train(
 
     ``tokenizer`` may be a VLM's processor: the items then carry ``images`` or ``video`` (``supervised_mm_batch``).
     """
-    from expertrl.runtime import clip_grad, optimizer_and_schedule
-
     device = next(model.parameters()).device
     sites = find_routers(model, allow_dense=True)
     routed = bool(sites)
@@ -162,12 +165,6 @@ def supervised_train(
 
 def run_sft(cfg: SFTJobConfig) -> dict:
     """`expertrl sft`: supervised fine-tuning, held-out accuracy before and after, final model saved."""
-    from expertrl.checkpoint import save_model
-    from expertrl.configio import save_yaml
-    from expertrl.evaluate import evaluate
-    from expertrl.logging import MetricsLogger
-    from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
-
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

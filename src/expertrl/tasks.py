@@ -16,13 +16,14 @@ Task names:
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertrl.io import read_jsonl
 from expertrl.rewards.verifiers import exact_match, extract_answer, math_verify_match
+from expertrl.tasks_mm import load_mm_task
 
 TASK_FORMS = ("addition", "rg:<dataset>", "jsonl:<path>", "mm:<multimodal task>")
 VERIFIERS: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "math_verify": math_verify_match}
@@ -66,8 +67,6 @@ def load_task(name: str, *, train_size: int, eval_size: int, seed: int, verifier
     elif name.startswith("jsonl:"):
         train, eval_, score = _jsonl(Path(name.removeprefix("jsonl:")), train_size, eval_size, **kwargs)
     elif name.startswith("mm:"):
-        from expertrl.tasks_mm import load_mm_task  # imported here: PIL and the digit images
-
         if verifier != "task":
             raise ValueError(
                 f"verifier={verifier!r}: multimodal tasks are scored by their option letter; use verifier=task"
@@ -160,25 +159,17 @@ def _jsonl(path: Path, train_size: int, eval_size: int):
     if not path.is_file():
         raise FileNotFoundError(f"task file {str(path)!r} does not exist")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "answer"):
-                if key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {key!r}")
-                if not isinstance(row[key], str):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a string, got {type(row[key]).__name__}")
-            item = dict(prompt=row["prompt"], answer=row["answer"], id=str(row.get("id", f"{path.stem}-{lineno}")))
-            if "category" in row:
-                item["category"] = str(row["category"])
-            rows.append(item)
+    for where, row in read_jsonl(path):
+        for key in ("prompt", "answer"):
+            if key not in row:
+                raise ValueError(f"{where}: missing field {key!r}")
+            if not isinstance(row[key], str):
+                raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        lineno = where.rsplit(":", 1)[1]
+        item = dict(prompt=row["prompt"], answer=row["answer"], id=str(row.get("id", f"{path.stem}-{lineno}")))
+        if "category" in row:
+            item["category"] = str(row["category"])
+        rows.append(item)
     if len(rows) < train_size + eval_size:
         raise ValueError(f"{path} has {len(rows)} rows; need train_size + eval_size = {train_size + eval_size}")
     split = len(rows) - eval_size

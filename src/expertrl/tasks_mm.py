@@ -19,7 +19,6 @@ Generated images are ``image_size`` x ``image_size`` RGB; eval items never repea
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from expertrl.io import read_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 MM_TASK_FORMS = ("digits_mc", "shapes_count", "colour", "motion_video", "jsonl_mm:<path>")
@@ -300,21 +301,13 @@ def jsonl_mm(path: str | Path, *, image_size: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"multimodal task file {str(path)!r} does not exist")
-    items = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                items.append(_jsonl_row(line, f"{path}:{lineno}", f"{path.stem}-{lineno}", path.parent, image_size))
-    return items
+    return [
+        _jsonl_row(row, where, f"{path.stem}-{where.rsplit(':', 1)[1]}", path.parent, image_size)
+        for where, row in read_jsonl(path)
+    ]
 
 
-def _jsonl_row(line: str, where: str, default_id: str, root: Path, image_size: int | None) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: invalid JSON ({err.msg})") from err
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _jsonl_row(row: dict, where: str, default_id: str, root: Path, image_size: int | None) -> dict:
     if not isinstance(row.get("prompt"), str):
         raise ValueError(f"{where}: field 'prompt' must be a string")
     options = row.get("options")

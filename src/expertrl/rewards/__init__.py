@@ -1,22 +1,27 @@
 """Reward registry: named functions from a batch of completions to a ``(B,)`` float32 reward, combined by weight.
 
-Contract: ``fn(completions: list[str], items: list[dict], task: Task) -> Tensor (B,) float32``, where ``items[b]`` is
-the task item (``prompt``, ``answer``, ...) that ``completions[b]`` answers. An exception inside a reward is re-raised
-by ``compute_rewards`` as a ``RuntimeError`` naming the reward, the prompt and the completion that triggered it.
+Contract: ``fn(completions: list[str], items: list[dict], task: Scorer) -> Tensor (B,) float32``, where
+``items[b]`` is the task item (``prompt``, ``answer``, ...) that ``completions[b]`` answers. An exception inside a
+reward is re-raised by ``compute_rewards`` as a ``RuntimeError`` naming the reward, the prompt and the completion
+that triggered it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from expertrl.tasks import Task
 
-RewardFn = Callable[[list[str], list[dict], "Task"], Tensor]
+class Scorer(Protocol):
+    """What a reward may ask of the task: its verifier (``expertrl.tasks.Task`` is one)."""
+
+    def score(self, completion: str, item: dict) -> float: ...
+
+
+RewardFn = Callable[[list[str], list[dict], Scorer], Tensor]
 REWARDS: dict[str, RewardFn] = {}
 
 
@@ -30,7 +35,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 @register_reward("task")
-def task_reward(completions: list[str], items: list[dict], task: Task) -> Tensor:
+def task_reward(completions: list[str], items: list[dict], task: Scorer) -> Tensor:
     """(B,) the task's own verifier score of each completion."""
     return torch.tensor([task.score(c, item) for c, item in zip(completions, items, strict=True)], dtype=torch.float32)
 
@@ -49,7 +54,7 @@ def _clip(text: str, limit: int = 200) -> str:
 
 
 def compute_rewards(
-    names_weights: dict[str, float], completions: list[str], items: list[dict], task: Task
+    names_weights: dict[str, float], completions: list[str], items: list[dict], task: Scorer
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Run each named reward and combine them.
 
@@ -83,7 +88,7 @@ def compute_rewards(
     return combine(parts, names_weights), parts
 
 
-def _first_failing(fn: RewardFn, completions: list[str], items: list[dict], task: Task) -> int | None:
+def _first_failing(fn: RewardFn, completions: list[str], items: list[dict], task: Scorer) -> int | None:
     """Index of the first completion on which ``fn`` raises when called alone, for the error message."""
     for b in range(len(completions)):
         try:
