@@ -1,10 +1,38 @@
-"""Shared fixtures: one intra-op thread (2 shared cores), the character tokenizer and a tiny Qwen3-MoE."""
+"""Shared fixtures and helpers: one intra-op thread (2 shared cores), the character tokenizer, a tiny Qwen3-MoE, the
+settings of a tiny training run (``tiny_args``), and the tiny VLM with multimodal items (module-scoped builds)."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from expertrl.models import build_tiny_moe
+from expertrl.tasks_mm import load_mm_task
 from expertrl.tokenizer import build_char_tokenizer
+
+TINY_RUN = {
+    "model.preset": "tiny", "sft.steps": 3, "sft.batch_size": 8, "steps": 2, "rollout.prompts_per_step": 2,
+    "rollout.group_size": 4, "rollout.max_new_tokens": 4, "task.train_size": 50, "task.eval_size": 4,
+    "micro_batch_size": 4, "eval_every": 0, "progress": "false",
+}  # fmt: skip
+"""The settings of a tiny training run (seconds on 2 CPU cores): tiny Qwen3-MoE, 2 prompts x 4 completions."""
+
+
+def tiny_args(**settings) -> list[str]:
+    """CLI overrides of a tiny run: ``TINY_RUN`` updated with ``settings`` (dotted keys via ``**{"sft.steps": 0}``)."""
+    merged = TINY_RUN | {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}
+    return [x for key, value in merged.items() for x in (f"--{key}", str(value))]
+
+
+def vlm_items() -> dict:
+    """An image item, a video item (3 frames -> 2 temporal groups) and a two-image item with a longer prompt."""
+    image = load_mm_task("digits_mc", train_size=1, eval_size=0, seed=0).train[0]
+    video = load_mm_task("motion_video", train_size=1, eval_size=0, seed=0, num_frames=3).train[0]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    two = dict(prompt="Same or different? (A) same (B) different", images=noise, options=["same", "different"],
+               answer="B")  # fmt: skip
+    return {"image": image, "video": video, "two": two}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_args
 from transformers import AutoModelForCausalLM
 
 from expertrl.config import ConfigError, EvalConfig, SFTJobConfig, TrainConfig
@@ -21,12 +22,7 @@ from expertrl.train import train
 
 pytestmark = pytest.mark.slow
 
-ARGS = [
-    "--model.preset", "tiny", "--sft.steps", "2", "--sft.batch_size", "8", "--steps", "4", "--save_every", "1",
-    "--keep_checkpoints", "4", "--rollout.prompts_per_step", "2", "--rollout.group_size", "4",
-    "--rollout.max_new_tokens", "4", "--task.train_size", "50", "--task.eval_size", "4", "--micro_batch_size", "4",
-    "--eval_every", "0", "--progress", "false",
-]  # fmt: skip
+ARGS = tiny_args(steps=4, save_every=1, keep_checkpoints=4, **{"sft.steps": 2})
 UNTIMED = "time/"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
 from expertrl.checkpoint import checkpoint_path
@@ -25,13 +26,11 @@ from expertrl.configio import load_config
 from expertrl.parallel import fixed_length_generate
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-ARGS = [
-    "--model.preset", "tiny", "--sft.steps", "0", "--steps", "2", "--rollout.prompts_per_step", "4",
-    "--rollout.group_size", "4", "--rollout.max_new_tokens", "4", "--task.train_size", "50", "--task.eval_size", "4",
-    "--micro_batch_size", "1", "--progress", "false", "--routing.policy", "topk", "--loss.gate_coef", "0",
-    "--rollout.do_sample", "false", "--optim.lr", "1e-2", "--loss.lb_coef", "0.1", "--loss.kl_coef", "0.5",
-    "--loss.kl_estimator", "k1", "--loss.agg", "token_mean",
-]  # fmt: skip
+ARGS = tiny_args(micro_batch_size=1, **{
+    "sft.steps": 0, "rollout.prompts_per_step": 4, "routing.policy": "topk", "loss.gate_coef": 0,
+    "rollout.do_sample": False, "optim.lr": "1e-2", "loss.lb_coef": 0.1, "loss.kl_coef": 0.5,
+    "loss.kl_estimator": "k1", "loss.agg": "token_mean",
+})  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 needs_torchrun = pytest.mark.skipif(

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_args
 
 from expertrl.config import TrainConfig
 from expertrl.configio import load_config
@@ -18,11 +19,7 @@ from expertrl.train import train
 
 pytestmark = pytest.mark.gpu
 
-ARGS = [
-    "--model.preset", "tiny", "--sft.steps", "2", "--sft.batch_size", "8", "--steps", "2",
-    "--rollout.prompts_per_step", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "4",
-    "--task.train_size", "50", "--task.eval_size", "4", "--eval_every", "0", "--progress", "false",
-]  # fmt: skip
+ARGS = tiny_args(**{"sft.steps": 2})
 
 
 def test_routing_hooks_on_cuda_match_native_and_replay():

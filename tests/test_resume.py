@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
 import expertrl.collect as collect_module
@@ -21,12 +22,7 @@ from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
 from expertrl.train import train
 
-ARGS = [
-    "--model.preset", "tiny", "--sft.steps", "3", "--sft.batch_size", "8", "--steps", "4", "--save_every", "1",
-    "--rollout.prompts_per_step", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "4",
-    "--task.train_size", "50", "--task.eval_size", "4", "--micro_batch_size", "4", "--eval_every", "0",
-    "--progress", "false",
-]  # fmt: skip
+ARGS = tiny_args(steps=4, save_every=1)
 UNTIMED = "time/"
 
 

@@ -7,17 +7,14 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from expertrl.config import TrainConfig
 from expertrl.configio import load_config
 from expertrl.train import train
 
-TINY = [
-    "--model.preset", "tiny", "--sft.steps", "3", "--sft.batch_size", "8", "--steps", "2",
-    "--rollout.prompts_per_step", "2", "--rollout.group_size", "4", "--rollout.max_new_tokens", "4",
-    "--task.train_size", "50", "--task.eval_size", "8", "--micro_batch_size", "4", "--progress", "false",
-]  # fmt: skip
+TINY = tiny_args(**{"task.eval_size": 8})
 
 
 def test_cli_train_two_steps(tmp_path):

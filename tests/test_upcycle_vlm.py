@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import vlm_items
 from transformers import AutoModelForImageTextToText
 
 from expertrl.cli import upcycle_main
@@ -13,7 +14,6 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.moe.upcycle import count_params, upcycle, upcycle_checkpoint
-from expertrl.tasks_mm import load_mm_task
 from expertrl.vlm import encode_mm_batch, vision_special_ids
 from expertrl.vlm_models import build_tiny_dense_vlm, build_tiny_vlm, load_vlm, save_vlm
 
@@ -28,8 +28,7 @@ def dense_vlm():
 @pytest.fixture(scope="module")
 def items():
     """Image items (one image each, two prompt lengths: left padding) and a video item (3 frames -> 2 groups)."""
-    image = load_mm_task("digits_mc", train_size=1, eval_size=0, seed=0).train[0]
-    video = load_mm_task("motion_video", train_size=1, eval_size=0, seed=0, num_frames=3).train[0]
+    image, video = vlm_items()["image"], vlm_items()["video"]
     return {"image": [image, dict(image, prompt="A longer prompt, so the first row is padded")], "video": [video]}
 
 

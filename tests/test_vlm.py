@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import vlm_items
 from PIL import Image
 
 from expertrl.moe.adapters import find_routers
@@ -11,7 +12,6 @@ from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, replay_policy_for
 from expertrl.ops import token_logp
 from expertrl.rollout import _pad_to, completion_mask, position_ids_from_mask
-from expertrl.tasks_mm import load_mm_task
 from expertrl.tokenizer import EOS_ID, PAD_ID
 from expertrl.types import UNROUTED, RoutingTrace
 from expertrl.vlm import encode_mm_batch, index_mm_batch, mm_forward_kwargs, vision_special_ids, vision_token_ids
@@ -28,14 +28,7 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def items():
-    """An image item, a video item (3 frames -> 2 temporal groups) and a two-image item with a longer prompt."""
-    image = load_mm_task("digits_mc", train_size=1, eval_size=0, seed=0).train[0]
-    video = load_mm_task("motion_video", train_size=1, eval_size=0, seed=0, num_frames=3).train[0]
-    rng = np.random.default_rng(0)
-    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
-    two = dict(prompt="Same or different? (A) same (B) different", images=noise, options=["same", "different"],
-               answer="B")  # fmt: skip
-    return {"image": image, "video": video, "two": two}
+    return vlm_items()
 
 
 def expected_vision_tokens(batch: dict) -> torch.Tensor:

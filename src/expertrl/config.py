@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from expertrl.families import TINY, TINY_DENSE
+from expertrl.moe.policies import POLICIES
 
 FamilyName = Literal[TINY]  # type: ignore[valid-type]  # the in-process families of expertrl.families
 
@@ -423,9 +424,10 @@ class TrainConfig:
     def check_combination(self) -> None:
         """Reject combinations of methods that make no sense (an error, not a warning)."""
         r, lc = self.routing, self.loss
+        policy = POLICIES[r.policy]  # the checks read the policy's own flags
         if lc.gate_coef > 0:
             _check(
-                r.policy == "multinomial",
+                policy.has_set_probability,
                 "loss.gate_coef",
                 f"Gate-GRPO trains the router as a stochastic policy and needs routing.policy=multinomial "
                 f"(got {r.policy!r}); set loss.gate_coef=0 for {r.policy} routing",
@@ -437,7 +439,7 @@ class TrainConfig:
                 f"(got {r.replay!r}); set loss.gate_coef=0 to compare replay modes",
             )
             _check(not r.freeze_router, "routing.freeze_router", "a frozen router cannot be trained by Gate-GRPO")
-        if r.policy != "topk":
+        if policy.stochastic:
             _check(
                 r.replay == "rollout",
                 "routing.replay",
@@ -478,7 +480,7 @@ class TrainConfig:
                 "rspo.enabled": self.rspo.enabled,
                 "routing_reward.kind": self.routing_reward.kind != "none",
                 "guidance.enabled": self.guidance.enabled,
-                "routing.policy": r.policy != "topk",
+                "routing.policy": policy.stochastic,
                 "routing.freeze_router": r.freeze_router,
             }
             bad = [k for k, v in asked.items() if v]
@@ -494,7 +496,7 @@ class TrainConfig:
             )
         if self.guidance.enabled:
             _check(
-                r.policy in ("multinomial", "noisy_topk"),
+                policy.stochastic,
                 "guidance.enabled",
                 f"guidance restricts which experts a stochastic routing policy explores; routing.policy={r.policy!r} "
                 "does not explore. Use routing.policy=multinomial",
