@@ -34,13 +34,15 @@ import torch
 
 from expertrl.config import SFTJobConfig, TrainConfig
 from expertrl.configio import load_config
+from expertrl.decoding import decoding_kwargs
 from expertrl.models import load_model
 from expertrl.moe.hooks import route
 from expertrl.moe.lora_moe import matched_lora_rank
 from expertrl.moe.policies import TopK
+from expertrl.policy import forward_sequences
 from expertrl.presets import preset_overrides
 from expertrl.rewards.routing import repetition_rate, routing_statistics
-from expertrl.rollout import completion_mask, decoding_kwargs, forward_sequences
+from expertrl.rollout import completion_mask
 from expertrl.runtime import model_and_tokenizer, task_from_config
 from expertrl.sft import run_sft
 from expertrl.train import train

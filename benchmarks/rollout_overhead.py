@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from expertrl.step import loss_on_microbatch
 
 from expertrl.advantages import group_advantages
 from expertrl.config import LossConfig, ModelConfig, OptimConfig, RolloutConfig, TrainConfig
@@ -38,9 +39,9 @@ from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, TopK
-from expertrl.rollout import completion_mask, policy_forward
+from expertrl.policy import policy_forward
+from expertrl.rollout import completion_mask
 from expertrl.runtime import clip_grad, optimizer_and_schedule
-from expertrl.step import loss_on_microbatch
 from expertrl.tasks import load_task
 from expertrl.tokenizer import CHAR_VOCAB_SIZE, EOS_ID, PAD_ID, build_char_tokenizer
 from expertrl.types import UNROUTED, Rollout, RoutingTrace

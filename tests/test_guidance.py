@@ -11,16 +11,15 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.guidance import (
     GuidanceMask,
     GuidanceState,
-    Guide,
     awareness_scores,
     bottom_percent_mask,
-    calibrate_guide,
     count_expert_choices,
     expand_allowed,
     num_deactivated,
     prompt_completion_groups,
     token_id_groups,
 )
+from expertrl.moe.guide import Guide, calibrate_guide
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, Replay, TopK
 from expertrl.rollout import generate_rollout

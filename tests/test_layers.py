@@ -13,7 +13,7 @@ LAYERS = [
     # 1: the maths and the routing layer
     {"losses", "rewards", "moe", "advantages", "diagnostics"},
     # 2: models, tasks, the rollout engine and the objective
-    {"models", "vlm", "vlm_models", "tasks", "tasks_mm", "rollout", "objective", "plots"},
+    {"models", "vlm", "vlm_models", "tasks", "tasks_mm", "decoding", "policy", "rollout", "objective", "plots"},
     # 3: configuration
     {"config", "configio", "presets"},
     # 4: building and running pieces of a run

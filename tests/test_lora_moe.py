@@ -27,7 +27,8 @@ from expertrl.moe.lora_moe import (
     save_adapter,
 )
 from expertrl.moe.policies import Multinomial, TopK, replay_policy_for
-from expertrl.rollout import generate_rollout, policy_forward
+from expertrl.policy import policy_forward
+from expertrl.rollout import generate_rollout
 from expertrl.tokenizer import PAD_ID
 
 IDS = torch.tensor([[PAD_ID, PAD_ID, 20, 21, 22, 23], [30, 31, 32, 33, 34, 35]])  # (B=2, S=6), row 0 left-padded

@@ -12,7 +12,8 @@ from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.objective import Denominators
 from expertrl.ops import token_logp
-from expertrl.rollout import completion_mask, generate_rollout, policy_forward
+from expertrl.policy import policy_forward
+from expertrl.rollout import completion_mask, generate_rollout
 from expertrl.run import objective_for
 from expertrl.tokenizer import EOS_ID, PAD_ID, build_char_tokenizer
 from expertrl.types import UNROUTED

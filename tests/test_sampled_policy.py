@@ -22,11 +22,13 @@ from expertrl.config import TrainConfig
 from expertrl.losses.gate import gate_grpo
 from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
-from expertrl.moe.guidance import GuidanceState, Guide, expand_allowed
+from expertrl.moe.guidance import GuidanceState, expand_allowed
+from expertrl.moe.guide import Guide
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.objective import Denominators
-from expertrl.rollout import generate_rollout, policy_forward
+from expertrl.policy import policy_forward
+from expertrl.rollout import generate_rollout
 from expertrl.run import objective_for
 from expertrl.tokenizer import build_char_tokenizer
 from expertrl.types import Sampling

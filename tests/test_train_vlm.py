@@ -16,10 +16,12 @@ from expertrl.checkpoint import checkpoint_path
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
 from expertrl.evaluate import evaluate, generate_greedy, routing_statistics_pass
-from expertrl.moe.guidance import TEXT_VISION, GuidanceState, Guide, calibrate_guide
+from expertrl.moe.guidance import GuidanceState
+from expertrl.moe.guide import TEXT_VISION, Guide, calibrate_guide
 from expertrl.moe.policies import Multinomial, TopK
 from expertrl.objective import Denominators
-from expertrl.rollout import concat_rollouts, encode_prompts, generate_rollout, policy_forward
+from expertrl.policy import policy_forward
+from expertrl.rollout import concat_rollouts, encode_prompts, generate_rollout
 from expertrl.run import objective_for
 from expertrl.sft import supervised_mm_batch
 from expertrl.tasks import load_task
@@ -340,7 +342,7 @@ def test_task_and_model_mismatches_are_config_errors(vlm_dir, tmp_path):
 def test_model_family_qwen3_vl_moe_builds_the_tiny_vlm_and_model_path_loads_it(vlm, vlm_dir):
     """model.family=qwen3_vl_moe (in-process) and model.path (a local checkpoint) both give the model + processor."""
     from expertrl.config import ModelConfig
-    from expertrl.rollout import is_processor, text_tokenizer
+    from expertrl.decoding import is_processor, text_tokenizer
     from expertrl.runtime import is_vlm, model_and_tokenizer
 
     built, processor = model_and_tokenizer(ModelConfig(family="qwen3_vl_moe"), seed=0)

@@ -11,7 +11,8 @@ from expertrl.moe.guidance import modality_token_groups
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, replay_policy_for
 from expertrl.ops import token_logp
-from expertrl.rollout import _pad_to, completion_mask, position_ids_from_mask
+from expertrl.policy import position_ids_from_mask
+from expertrl.rollout import _pad_to, completion_mask
 from expertrl.tokenizer import EOS_ID, PAD_ID
 from expertrl.types import UNROUTED, RoutingTrace
 from expertrl.vlm import encode_mm_batch, index_mm_batch, mm_forward_kwargs, vision_special_ids, vision_token_ids

@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 
 from expertrl.advantages import group_advantages
+from expertrl.decoding import text_tokenizer
 from expertrl.ops import entropy
+from expertrl.policy import policy_forward
 from expertrl.rewards import compute_rewards
 from expertrl.rewards.routing import repetition_rate
 from expertrl.rewards.shaping import soft_overlong_punishment, truncated
-from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups, policy_forward, text_tokenizer
+from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups
 from expertrl.runtime import derive_seed
 from expertrl.tasks import sample_items
 from expertrl.types import Rollout

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from expertrl.decoding import text_tokenizer
 from expertrl.diagnostics import (
     coefficient_of_variation,
     dead_fraction,
@@ -33,7 +34,8 @@ from expertrl.diagnostics import (
 )
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
-from expertrl.rollout import generate_rollout, position_ids_from_mask, text_tokenizer
+from expertrl.policy import position_ids_from_mask
+from expertrl.rollout import generate_rollout
 from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config
 from expertrl.types import GREEDY, Rollout, Sampling
 

@@ -24,7 +24,7 @@ counts divided by the world size). Metrics are detached tensors under ``loss/`` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -36,7 +36,7 @@ from expertrl.losses.kl import kl_penalty
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.ops import entropy, masked_mean
-from expertrl.rollout import ForwardOut, policy_forward
+from expertrl.policy import ForwardOut, policy_forward, with_old_policy
 from expertrl.types import Rollout, RoutingTrace
 
 REPLAYS = ("rollout", "first_forward", "none")
@@ -57,26 +57,13 @@ class Denominators:
     num_gate_tokens: float | Tensor | None = None
 
 
-class Behaviour(NamedTuple):
-    """The old policy of a micro-batch, read off the first update's forward (detached).
-
-    Attributes:
-        logp: (B, C) token log-probs.
-        set_logp: (L, B, S) expert-set log-probs under the routing distribution.
-        router_logp: (L, B, S, K) untempered router log-probs of the old-activated experts (RSPO).
-        routing: the routes that forward used (the rollout's, or its own live top-K under R2 / no replay).
-    """
-
-    logp: Tensor
-    set_logp: Tensor
-    router_logp: Tensor
-    routing: RoutingTrace
-
-
 class ObjectiveOut(NamedTuple):
+    """``Objective``'s result: the loss, its metrics and, at the first update, the forward that defines the old
+    policy (``rollout.with_old_policy`` reads its token, set and router log-probs and its routes)."""
+
     loss: Tensor
     metrics: dict[str, Tensor]
-    behaviour: Behaviour | None
+    behaviour: ForwardOut | None
 
 
 @dataclass(frozen=True)
@@ -140,8 +127,8 @@ class Objective:
         fwd = self.forward(model, micro, first_update=first_update)
         behaviour = None
         if first_update:
-            behaviour = Behaviour(fwd.logp.detach(), fwd.set_logp.detach(), fwd.router_logp.detach(), fwd.routing)
-            micro = with_behaviour(micro, behaviour)
+            behaviour = fwd
+            micro = with_old_policy(micro, fwd)
         assert micro.old_logp is not None, "after the first update a micro-batch carries the old policy"
         comp = slice(P - 1, -1)  # completion token c <-> route at position P - 1 + c (types.py)
         routed = fwd.probs.shape[0] > 0  # False for a model with no router (plain-LoRA baseline)
@@ -240,17 +227,6 @@ class Objective:
         return aux, metrics
 
 
-def with_behaviour(batch: Rollout, behaviour: Behaviour) -> Rollout:
-    """``batch`` carrying ``behaviour`` as its old policy (and its routes, under R2 / no replay)."""
-    return replace(
-        batch,
-        old_logp=behaviour.logp,
-        old_set_logp=behaviour.set_logp,
-        old_router_logp=behaviour.router_logp,
-        routing=behaviour.routing,
-    )
-
-
 class BehaviourStore:
     """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order)."""
 
@@ -267,19 +243,19 @@ class BehaviourStore:
             self._parts[name] = value.new_zeros(shape)
         self._parts[name].index_copy_(dim, rows.to(value.device), value)
 
-    def store(self, rows: Tensor, behaviour: Behaviour) -> None:
-        """Keep the micro-batch ``rows``' old policy."""
-        self._put("logp", rows, behaviour.logp, 0)
-        self._put("set_logp", rows, behaviour.set_logp, 1)
-        self._put("router_logp", rows, behaviour.router_logp, 1)
+    def store(self, rows: Tensor, behaviour: ForwardOut) -> None:
+        """Keep the micro-batch ``rows``' old policy (its first-update forward)."""
+        self._put("logp", rows, behaviour.logp.detach(), 0)
+        self._put("set_logp", rows, behaviour.set_logp.detach(), 1)
+        self._put("router_logp", rows, behaviour.router_logp.detach(), 1)
         self._put("experts", rows, behaviour.routing.experts, 1)
         self._put("routing_set_logp", rows, behaviour.routing.set_logp, 1)
         self._trace = behaviour.routing
         self._filled += len(rows)
 
-    def behaviour(self) -> Behaviour:
+    def behaviour(self) -> ForwardOut:
         """The whole batch's old policy; every row must have been stored."""
         assert self._filled == self.batch_size, (self._filled, self.batch_size)
         p, t = self._parts, self._trace
         routing = RoutingTrace(p["experts"], p["routing_set_logp"], t.layers, t.num_experts)
-        return Behaviour(p["logp"], p["set_logp"], p["router_logp"], routing)
+        return ForwardOut(p["logp"], p["set_logp"], p["router_logp"], None, routing)

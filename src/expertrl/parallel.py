@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from expertrl.config import ConfigError
-from expertrl.rollout import is_processor
+from expertrl.decoding import is_processor
 
 
 def refuse_accelerate_fsdp(accelerator) -> None:

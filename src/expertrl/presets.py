@@ -38,7 +38,9 @@ PRESETS: dict[str, dict] = {
     ),
     # DAPO (METHODS §4.3): clip-higher and token-level normalisation, dynamic sampling, overlong filtering.
     "dapo": _token_method(
-        "grpo", "token_mean", {"eps_low": 0.2, "eps_high": 0.28},
+        "grpo",
+        "token_mean",
+        {"eps_low": 0.2, "eps_high": 0.28},
         **{"rollout.dynamic_sampling": True, "rollout.mask_truncated": True},
     ),  # fmt: skip
     # GSPO (METHODS §4.4): sequence ratio, clip 3e-4 / 4e-4.
@@ -59,7 +61,9 @@ PRESETS: dict[str, dict] = {
     },
     # RSPO (METHODS §1): GMPO host + router-shift weighting before the clip (v2), gamma_min 0.8.
     "rspo": _token_method(
-        "gmpo", "seq_mean_token_mean", {"eps_low": 0.4, "eps_high": 0.4},
+        "gmpo",
+        "seq_mean_token_mean",
+        {"eps_low": 0.4, "eps_high": 0.4},
         **{"rspo.enabled": True, "rspo.gamma_min": 0.8, "rspo.placement": "before_clip"},
     ),  # fmt: skip
     # LoRA-MoE on a frozen dense base (RO-GRPO, METHODS §2): E = 4 rank-8 LoRA experts + a router on each FFN

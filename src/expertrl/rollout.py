@@ -20,33 +20,19 @@ the one place that tells them apart; a multimodal batch carries its vision kwarg
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from expertrl.mm import VISION_KWARGS, mm_forward_kwargs
-from expertrl.moe.guidance import GuidanceMask
+from expertrl.decoding import TokenDistribution, decoding_kwargs, is_processor, suppressed_tokens, text_tokenizer
+from expertrl.mm import VISION_KWARGS
 from expertrl.moe.hooks import AllowedFn, route
-from expertrl.moe.policies import Multinomial, NoisyTopK, TopK, replay_policy_for
-from expertrl.ops import token_logp
+from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
+from expertrl.policy import policy_forward, with_old_policy
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
-from expertrl.vlm import encode_mm_batch, vision_special_ids
-
-
-def is_processor(tokenizer_or_processor) -> bool:
-    """True for a multimodal processor (``transformers.ProcessorMixin``, e.g. ``vlm.build_tiny_vlm``'s), False for a
-    tokenizer."""
-    # Importing transformers.processing_utils costs ~4 s; a processor instance implies it is already imported.
-    module = sys.modules.get("transformers.processing_utils")
-    return module is not None and isinstance(tokenizer_or_processor, module.ProcessorMixin)
-
-
-def text_tokenizer(tokenizer_or_processor):
-    """The text tokenizer (pad/EOS ids, decoding): the processor's ``tokenizer``, or the tokenizer itself."""
-    return tokenizer_or_processor.tokenizer if is_processor(tokenizer_or_processor) else tokenizer_or_processor
+from expertrl.vlm import encode_mm_batch
 
 
 def encode_prompts(
@@ -82,20 +68,6 @@ def mm_to(mm: dict | None, device) -> dict | None:
     return None if mm is None else {k: v.to(device) for k, v in mm.items()}
 
 
-def suppressed_tokens(model: nn.Module, mm: dict | None) -> tuple[int, ...]:
-    """Token ids a rollout of this prompt batch must never generate: a VLM's vision special tokens (a generated
-    placeholder makes the replayed forward raise); none for text. They go into ``Sampling.suppress_tokens``, so
-    the trainer scores the same suppressed distribution generation sampled from."""
-    if mm is None:
-        return ()
-    return tuple(sorted(int(i) for i in vision_special_ids(model)))
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, S) positions that skip left padding, as ``generate`` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def completion_mask(completion: Tensor, eos_token_id: int) -> Tensor:
     """(B, C) float mask: 1 up to and including the first EOS, 0 after (generate pads finished rows)."""
     is_eos = completion == eos_token_id  # (B, C)
@@ -119,215 +91,6 @@ class Guide(Protocol):
 
     def groups(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
         """(B, S) group label of every position of prompt + completion (-1 = padding)."""
-
-
-class ForwardOut(NamedTuple):
-    """What one policy forward produces.
-
-    Attributes:
-        logp: (B, C) float32 log-prob of each completion token under the batch's token distribution.
-        set_logp: (L, B, S) log-prob of each replayed expert set under the batch's routing distribution
-            (differentiable; Gate-GRPO's g_θ).
-        router_logp: (L, B, S, K) detached log-prob, under the untempered masked router softmax, of the old-activated
-            experts: the replayed ones, or the ``score`` trace's when the forward routes live (RSPO's router shift).
-        probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
-        routing: the routes this forward used (the replayed trace, or the live top-K choice).
-        logits: (L, B, S, E) raw router logits if ``keep_logits`` else None.
-    """
-
-    logp: Tensor
-    set_logp: Tensor
-    router_logp: Tensor
-    probs: Tensor | None
-    routing: RoutingTrace
-    logits: Tensor | None = None
-
-
-def mask_for_sequences(expert_mask: ExpertMask | None) -> AllowedFn | None:
-    """The ``route(allowed=...)`` callable of one forward over the batch whose positions ``expert_mask`` labels."""
-    if expert_mask is None:
-        return None
-    return GuidanceMask(expert_mask.allowed.to(expert_mask.groups.device), expert_mask.groups)
-
-
-def policy_forward(
-    model: nn.Module,
-    batch: Rollout,
-    routes: RoutingTrace | None,
-    *,
-    keep_probs: bool = False,
-    score: RoutingTrace | None = None,
-    keep_logits: bool = False,
-) -> ForwardOut:
-    """Forward over a rollout batch's prompt + completion under the distributions the batch was sampled from.
-
-    Token log-probs use ``batch.sampling``'s token distribution, expert-set log-probs its routing temperature and
-    set definition, and the router sees ``batch.expert_mask``: the caller cannot score another policy than the one
-    that acted.
-
-    Args:
-        batch: the rollout (or a micro-batch of it).
-        routes: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
-        keep_probs: also return the routing probabilities (L, B, S, E).
-        score: with live routing, a trace whose experts' live router log-probs become ``router_logp`` (RSPO's router
-            shift of the old-activated experts).
-        keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
-    """
-    return forward_sequences(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        batch.prompt_width,
-        routes,
-        sampling=batch.sampling,
-        expert_mask=batch.expert_mask,
-        mm=batch.mm_inputs,
-        keep_probs=keep_probs,
-        score=score,
-        keep_logits=keep_logits,
-    )
-
-
-def forward_sequences(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    prompt_width: int,
-    routes: RoutingTrace | None,
-    *,
-    sampling: Sampling,
-    expert_mask: ExpertMask | None = None,
-    mm: dict | None = None,
-    keep_probs: bool = False,
-    score: RoutingTrace | None = None,
-    keep_logits: bool = False,
-) -> ForwardOut:
-    """``policy_forward`` on loose tensors (evaluation's routing pass, which has no rollout).
-
-    Args:
-        mm: the prompts' vision kwargs (``Rollout.mm_inputs``; ``mm_token_type_ids`` (B, P)) for a VLM: passed with
-            ``mm_token_type_ids`` extended to S and ``position_ids=None`` (the model recomputes M-RoPE positions,
-            exactly as ``generate`` did).
-    """
-    B, S = input_ids.shape
-    C = S - prompt_width
-    policy = TopK() if routes is None else replay_policy_for(routes)
-    score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
-    if mm is None:
-        inputs = {"position_ids": position_ids_from_mask(attention_mask)}
-    else:
-        inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
-    with route(
-        model,
-        policy,
-        temperature=sampling.routing_temperature,
-        allowed=mask_for_sequences(expert_mask),
-        keep_probs=keep_probs,
-        keep_logits=keep_logits,
-        score_experts=score_experts,
-        set_logprob=sampling.set_logprob,
-    ) as rec:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **inputs,
-            logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
-            use_cache=False,
-        )
-    logp = token_logp(sampling.token_scores(out.logits[:, :-1]), input_ids[:, prompt_width:])  # (B, C)
-    if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
-        empty = RoutingTrace.empty(B, S, input_ids.device)
-        nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
-        return ForwardOut(logp, empty.set_logp, nothing, nothing if keep_probs else None, empty,
-                          nothing if keep_logits else None)  # fmt: skip
-    probs = rec.probs(B) if keep_probs else None
-    used = routes if routes is not None else rec.trace(B)
-    router_logp = rec.scored(B) if score is not None else rec.router_logp(B)
-    logits = rec.logits(B) if keep_logits else None
-    return ForwardOut(logp, rec.set_logp(B), router_logp, probs, used, logits)
-
-
-class TokenDistribution:
-    """``generate``'s last logits processor: it turns the model's logits into the rollout's token distribution
-    (``Sampling.token_scores``: suppressed tokens, temperature), the one definition ``policy_forward`` applies too,
-    and, with ``record``, keeps the log-prob of each token ``generate`` then picks from it.
-
-    Only one (B, V) row of log-probs is held at a time: the token chosen at step t is read from ``input_ids`` at step
-    t + 1 (and the last one from the returned sequences, ``sample_logp``).
-    """
-
-    def __init__(self, sampling: Sampling, *, record: bool = False) -> None:
-        self.sampling = sampling
-        self.record = record
-        self._last: Tensor | None = None
-        self._picked: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self._last is not None:
-            self._picked.append(self._last.gather(1, input_ids[:, -1:]))  # (B, 1) the token picked last step
-        scores = self.sampling.token_scores(scores)  # (B, V) float32
-        if self.record:
-            self._last = torch.log_softmax(scores, dim=-1)
-        return scores
-
-    def sample_logp(self, sequences: Tensor) -> Tensor:
-        """(B, C) log-prob of each generated token under the distribution it was drawn from."""
-        assert self.record, "TokenDistribution(record=True) keeps the sampled tokens' log-probs"
-        if self._last is None:
-            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
-        picked = self._picked + [self._last.gather(1, sequences[:, -1:])]
-        return torch.cat(picked, dim=1)  # (B, C)
-
-
-NEUTRAL_GENERATION = dict(
-    temperature=1.0,  # TokenDistribution applies the temperature (HF's warper would run after it)
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    typical_p=None,
-    top_h=None,
-    epsilon_cutoff=None,
-    eta_cutoff=None,
-    repetition_penalty=None,
-    encoder_repetition_penalty=None,
-    no_repeat_ngram_size=None,
-    encoder_no_repeat_ngram_size=None,
-    bad_words_ids=None,
-    sequence_bias=None,
-    min_length=None,
-    min_new_tokens=None,
-    forced_bos_token_id=None,
-    forced_eos_token_id=None,
-    suppress_tokens=None,
-    begin_suppress_tokens=None,
-    exponential_decay_length_penalty=None,
-    guidance_scale=None,
-    watermarking_config=None,
-    renormalize_logits=False,
-    remove_invalid_values=False,
-    num_beams=1,
-    num_return_sequences=1,
-)
-"""Every ``generate`` option that would change the token distribution, set to its neutral value: a checkpoint's
-``generation_config.json`` (Qwen ships top_k, top_p, temperature and sometimes repetition_penalty) must not reshape
-the distribution a rollout samples from behind the trainer's back."""
-
-
-def decoding_kwargs(
-    tokenizer, *, max_new_tokens: int, sampling: Sampling = GREEDY, processor: TokenDistribution | None = None
-) -> dict:
-    """``generate`` keyword arguments of every expertrl decode: greedy or sampled tokens from exactly
-    ``sampling``'s token distribution (applied by ``processor``, a fresh ``TokenDistribution`` if None), nothing from
-    the checkpoint's generation_config (``NEUTRAL_GENERATION``), the tokenizer's pad and EOS."""
-    tokenizer = text_tokenizer(tokenizer)
-    return dict(
-        NEUTRAL_GENERATION,
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling.do_sample,
-        logits_processor=[processor if processor is not None else TokenDistribution(sampling)],
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
 
 
 @torch.no_grad()
@@ -426,14 +189,7 @@ def generate_rollout(
             return rollout
         return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
     old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
-    return replace(
-        rollout,
-        routing=old.routing,
-        old_logp=old.logp,
-        old_set_logp=old.set_logp,
-        old_router_logp=old.router_logp,
-        route_probs=old.probs,
-    )
+    return replace(with_old_policy(rollout, old), route_probs=old.probs)
 
 
 def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:

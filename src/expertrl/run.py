@@ -41,11 +41,13 @@ from expertrl.checkpoint import (
 )
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml
+from expertrl.decoding import is_processor
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import RouterSite, find_routers, site_labels
-from expertrl.moe.guidance import GuidanceState, Guide, calibrate_guide
+from expertrl.moe.guidance import GuidanceState
+from expertrl.moe.guide import Guide, calibrate_guide
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import POLICIES, TopK, make_policy
 from expertrl.moe.setprob import MAX_UNORDERED_K
@@ -60,7 +62,7 @@ from expertrl.parallel import (
     shard_model,
 )
 from expertrl.rewards.routing import RoutingRewarder
-from expertrl.rollout import generate_rollout, is_processor
+from expertrl.rollout import generate_rollout
 from expertrl.runtime import derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
 from expertrl.sft import supervised_train
 from expertrl.tasks import Task, sample_items

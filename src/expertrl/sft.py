@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from expertrl.checkpoint import save_model
 from expertrl.config import ConfigError, SFTConfig, SFTJobConfig
 from expertrl.configio import save_yaml
+from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger
 from expertrl.losses.routing import routing_aux_loss
@@ -29,7 +30,7 @@ from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
-from expertrl.rollout import is_processor, position_ids_from_mask, text_tokenizer
+from expertrl.policy import position_ids_from_mask
 from expertrl.runtime import clip_grad, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
 from expertrl.tasks import sample_items
 from expertrl.vlm import encode_mm_batch

@@ -17,7 +17,8 @@ import time
 import torch
 
 from expertrl.logging import mean_metrics
-from expertrl.objective import BehaviourStore, Denominators, with_behaviour
+from expertrl.objective import BehaviourStore, Denominators
+from expertrl.policy import with_old_policy
 from expertrl.runtime import clip_grad, derive_seed
 from expertrl.types import Rollout
 
@@ -92,7 +93,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
         run.optimizer.step()
         run.schedule.step()
         if first and B > 0:
-            batch = with_behaviour(batch, store.behaviour())  # later updates read the old policy from the batch
+            batch = with_old_policy(batch, store.behaviour())  # later updates read the old policy from the batch
     run.bad_in_row = run.bad_in_row + 1 if skipped else 0
     run.skipped += int(skipped)
     out = {

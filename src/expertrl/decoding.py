@@ -1,0 +1,123 @@
+"""Token decoding: the one definition of a rollout's token distribution, applied while ``generate`` samples.
+
+``TokenDistribution`` is ``generate``'s last logits processor: it applies ``Sampling.token_scores`` (suppressed
+tokens, temperature), exactly what ``rollout.policy_forward`` applies when it scores the tokens, and records the
+log-prob of each token ``generate`` picks. ``decoding_kwargs`` pins every other ``generate`` option that would
+reshape the distribution to its neutral value (``NEUTRAL_GENERATION``), so a checkpoint's ``generation_config.json``
+cannot change what is sampled behind the trainer's back.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+from expertrl.types import GREEDY, Sampling
+from expertrl.vlm import vision_special_ids
+
+
+def is_processor(tokenizer_or_processor) -> bool:
+    """True for a multimodal processor (``transformers.ProcessorMixin``, e.g. ``vlm_models.build_tiny_vlm``'s), False
+    for a tokenizer."""
+    # Importing transformers.processing_utils costs ~4 s; a processor instance implies it is already imported.
+    module = sys.modules.get("transformers.processing_utils")
+    return module is not None and isinstance(tokenizer_or_processor, module.ProcessorMixin)
+
+
+def text_tokenizer(tokenizer_or_processor):
+    """The text tokenizer (pad/EOS ids, decoding): the processor's ``tokenizer``, or the tokenizer itself."""
+    return tokenizer_or_processor.tokenizer if is_processor(tokenizer_or_processor) else tokenizer_or_processor
+
+
+def suppressed_tokens(model: nn.Module, mm: dict | None) -> tuple[int, ...]:
+    """Token ids a rollout of this prompt batch must never generate: a VLM's vision special tokens (a generated
+    placeholder makes the replayed forward raise); none for text. They go into ``Sampling.suppress_tokens``, so
+    the trainer scores the same suppressed distribution generation sampled from."""
+    if mm is None:
+        return ()
+    return tuple(sorted(int(i) for i in vision_special_ids(model)))
+
+
+class TokenDistribution:
+    """``generate``'s last logits processor: it turns the model's logits into the rollout's token distribution
+    (``Sampling.token_scores``: suppressed tokens, temperature), the one definition ``policy_forward`` applies too,
+    and, with ``record``, keeps the log-prob of each token ``generate`` then picks from it.
+
+    Only one (B, V) row of log-probs is held at a time: the token chosen at step t is read from ``input_ids`` at step
+    t + 1 (and the last one from the returned sequences, ``sample_logp``).
+    """
+
+    def __init__(self, sampling: Sampling, *, record: bool = False) -> None:
+        self.sampling = sampling
+        self.record = record
+        self._last: Tensor | None = None
+        self._picked: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._last is not None:
+            self._picked.append(self._last.gather(1, input_ids[:, -1:]))  # (B, 1) the token picked last step
+        scores = self.sampling.token_scores(scores)  # (B, V) float32
+        if self.record:
+            self._last = torch.log_softmax(scores, dim=-1)
+        return scores
+
+    def sample_logp(self, sequences: Tensor) -> Tensor:
+        """(B, C) log-prob of each generated token under the distribution it was drawn from."""
+        assert self.record, "TokenDistribution(record=True) keeps the sampled tokens' log-probs"
+        if self._last is None:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        picked = self._picked + [self._last.gather(1, sequences[:, -1:])]
+        return torch.cat(picked, dim=1)  # (B, C)
+
+
+NEUTRAL_GENERATION = dict(
+    temperature=1.0,  # TokenDistribution applies the temperature (HF's warper would run after it)
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    typical_p=None,
+    top_h=None,
+    epsilon_cutoff=None,
+    eta_cutoff=None,
+    repetition_penalty=None,
+    encoder_repetition_penalty=None,
+    no_repeat_ngram_size=None,
+    encoder_no_repeat_ngram_size=None,
+    bad_words_ids=None,
+    sequence_bias=None,
+    min_length=None,
+    min_new_tokens=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    exponential_decay_length_penalty=None,
+    guidance_scale=None,
+    watermarking_config=None,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    num_beams=1,
+    num_return_sequences=1,
+)
+"""Every ``generate`` option that would change the token distribution, set to its neutral value: a checkpoint's
+``generation_config.json`` (Qwen ships top_k, top_p, temperature and sometimes repetition_penalty) must not reshape
+the distribution a rollout samples from behind the trainer's back."""
+
+
+def decoding_kwargs(
+    tokenizer, *, max_new_tokens: int, sampling: Sampling = GREEDY, processor: TokenDistribution | None = None
+) -> dict:
+    """``generate`` keyword arguments of every expertrl decode: greedy or sampled tokens from exactly
+    ``sampling``'s token distribution (applied by ``processor``, a fresh ``TokenDistribution`` if None), nothing from
+    the checkpoint's generation_config (``NEUTRAL_GENERATION``), the tokenizer's pad and EOS."""
+    tokenizer = text_tokenizer(tokenizer)
+    return dict(
+        NEUTRAL_GENERATION,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling.do_sample,
+        logits_processor=[processor if processor is not None else TokenDistribution(sampling)],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )

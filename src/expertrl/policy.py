@@ -1,0 +1,166 @@
+"""Scoring a rollout batch: one forward under exactly the distributions the batch was sampled from.
+
+``policy_forward(model, batch, routes)`` reads the token distribution (``Sampling``: temperature, suppressed tokens),
+the routing temperature and set log-probability, and the expert mask (``ExpertMask``) from the batch itself, so the
+old-log-prob forward and every training forward compute log-probs of the policy that acted: token log-probs (B, C),
+the log-prob of each replayed expert set (L, B, S) and the untempered router log-probs of the old-activated experts
+(L, B, S, K). ``with_old_policy`` makes such a forward the batch's behaviour policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from expertrl.mm import mm_forward_kwargs
+from expertrl.moe.guidance import GuidanceMask
+from expertrl.moe.hooks import AllowedFn, route
+from expertrl.moe.policies import TopK, replay_policy_for
+from expertrl.ops import token_logp
+from expertrl.types import ExpertMask, Rollout, RoutingTrace, Sampling
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, S) positions that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ForwardOut(NamedTuple):
+    """What one policy forward produces.
+
+    Attributes:
+        logp: (B, C) float32 log-prob of each completion token under the batch's token distribution.
+        set_logp: (L, B, S) log-prob of each replayed expert set under the batch's routing distribution
+            (differentiable; Gate-GRPO's g_θ).
+        router_logp: (L, B, S, K) detached log-prob, under the untempered masked router softmax, of the old-activated
+            experts: the replayed ones, or the ``score`` trace's when the forward routes live (RSPO's router shift).
+        probs: (L, B, S, E) live routing probabilities if ``keep_probs`` else None.
+        routing: the routes this forward used (the replayed trace, or the live top-K choice).
+        logits: (L, B, S, E) raw router logits if ``keep_logits`` else None.
+    """
+
+    logp: Tensor
+    set_logp: Tensor
+    router_logp: Tensor
+    probs: Tensor | None
+    routing: RoutingTrace
+    logits: Tensor | None = None
+
+
+def mask_for_sequences(expert_mask: ExpertMask | None) -> AllowedFn | None:
+    """The ``route(allowed=...)`` callable of one forward over the batch whose positions ``expert_mask`` labels."""
+    if expert_mask is None:
+        return None
+    return GuidanceMask(expert_mask.allowed.to(expert_mask.groups.device), expert_mask.groups)
+
+
+def policy_forward(
+    model: nn.Module,
+    batch: Rollout,
+    routes: RoutingTrace | None,
+    *,
+    keep_probs: bool = False,
+    score: RoutingTrace | None = None,
+    keep_logits: bool = False,
+) -> ForwardOut:
+    """Forward over a rollout batch's prompt + completion under the distributions the batch was sampled from.
+
+    Token log-probs use ``batch.sampling``'s token distribution, expert-set log-probs its routing temperature and
+    set definition, and the router sees ``batch.expert_mask``: the caller cannot score another policy than the one
+    that acted.
+
+    Args:
+        batch: the rollout (or a micro-batch of it).
+        routes: the trace to replay (MoE-GRPO / R3 / R2), or None to route live with deterministic top-K.
+        keep_probs: also return the routing probabilities (L, B, S, E).
+        score: with live routing, a trace whose experts' live router log-probs become ``router_logp`` (RSPO's router
+            shift of the old-activated experts).
+        keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
+    """
+    return forward_sequences(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.prompt_width,
+        routes,
+        sampling=batch.sampling,
+        expert_mask=batch.expert_mask,
+        mm=batch.mm_inputs,
+        keep_probs=keep_probs,
+        score=score,
+        keep_logits=keep_logits,
+    )
+
+
+def forward_sequences(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_width: int,
+    routes: RoutingTrace | None,
+    *,
+    sampling: Sampling,
+    expert_mask: ExpertMask | None = None,
+    mm: dict | None = None,
+    keep_probs: bool = False,
+    score: RoutingTrace | None = None,
+    keep_logits: bool = False,
+) -> ForwardOut:
+    """``policy_forward`` on loose tensors (evaluation's routing pass, which has no rollout).
+
+    Args:
+        mm: the prompts' vision kwargs (``Rollout.mm_inputs``; ``mm_token_type_ids`` (B, P)) for a VLM: passed with
+            ``mm_token_type_ids`` extended to S and ``position_ids=None`` (the model recomputes M-RoPE positions,
+            exactly as ``generate`` did).
+    """
+    B, S = input_ids.shape
+    C = S - prompt_width
+    policy = TopK() if routes is None else replay_policy_for(routes)
+    score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
+    if mm is None:
+        inputs = {"position_ids": position_ids_from_mask(attention_mask)}
+    else:
+        inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
+    with route(
+        model,
+        policy,
+        temperature=sampling.routing_temperature,
+        allowed=mask_for_sequences(expert_mask),
+        keep_probs=keep_probs,
+        keep_logits=keep_logits,
+        score_experts=score_experts,
+        set_logprob=sampling.set_logprob,
+    ) as rec:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **inputs,
+            logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
+            use_cache=False,
+        )
+    logp = token_logp(sampling.token_scores(out.logits[:, :-1]), input_ids[:, prompt_width:])  # (B, C)
+    if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
+        empty = RoutingTrace.empty(B, S, input_ids.device)
+        nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
+        return ForwardOut(logp, empty.set_logp, nothing, nothing if keep_probs else None, empty,
+                          nothing if keep_logits else None)  # fmt: skip
+    probs = rec.probs(B) if keep_probs else None
+    used = routes if routes is not None else rec.trace(B)
+    router_logp = rec.scored(B) if score is not None else rec.router_logp(B)
+    logits = rec.logits(B) if keep_logits else None
+    return ForwardOut(logp, rec.set_logp(B), router_logp, probs, used, logits)
+
+
+def with_old_policy(batch: Rollout, old: ForwardOut) -> Rollout:
+    """``batch`` carrying the forward ``old`` as its behaviour policy: token, set and router log-probs (detached), and
+    its routes (the replayed ones, or its own live top-K under R2 / no replay)."""
+    return replace(
+        batch,
+        routing=old.routing,
+        old_logp=old.logp.detach(),
+        old_set_logp=old.set_logp.detach(),
+        old_router_logp=old.router_logp.detach(),
+    )
