@@ -41,7 +41,8 @@ from expertrl.moe.lora_moe import matched_lora_rank
 from expertrl.moe.policies import TopK
 from expertrl.policy import forward_sequences
 from expertrl.presets import preset_overrides
-from expertrl.rewards.routing import repetition_rate, routing_statistics
+from expertrl.rewards.routing import routing_statistics
+from expertrl.rewards.shaping import repetition_rate
 from expertrl.rollout import completion_mask
 from expertrl.runtime import model_and_tokenizer, task_from_config
 from expertrl.sft import run_sft

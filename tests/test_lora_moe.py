@@ -14,10 +14,10 @@ from expertrl.losses.gate import gate_grpo
 from expertrl.models import build_tiny_dense, build_tiny_moe
 from expertrl.moe.adapters import find_routers, site_labels
 from expertrl.moe.hooks import route
+from expertrl.moe.lora import attach_lora
 from expertrl.moe.lora_moe import (
     LoraMoeLinear,
     adapter_settings,
-    attach_lora,
     attach_lora_moe,
     count_parameters,
     describe_trainable,

@@ -11,12 +11,12 @@ from expertrl.rewards.routing import (
     RoutingHistory,
     RoutingRewarder,
     relative_reward,
-    repetition_rate,
     routing_statistics,
     shuffle_within_batch,
     smooth_reward,
     smooth_weights,
 )
+from expertrl.rewards.shaping import repetition_rate
 
 LN2 = math.log(2.0)
 H_09 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / LN2  # 0.32508297 / 0.69314718 = 0.46899559

@@ -28,7 +28,8 @@ from expertrl.config import ConfigError, ModelConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
 from expertrl.io import atomic_save_dir, read_jsonl
 from expertrl.models import DTYPES, load_model
-from expertrl.moe.lora_moe import adapter_settings, load_adapter_weights, save_adapter_weights
+from expertrl.moe.lora import load_adapter_weights, save_adapter_weights
+from expertrl.moe.lora_moe import adapter_settings
 
 
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:

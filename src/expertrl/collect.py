@@ -19,8 +19,7 @@ from expertrl.decoding import text_tokenizer
 from expertrl.ops import entropy
 from expertrl.policy import policy_forward
 from expertrl.rewards import compute_rewards
-from expertrl.rewards.routing import repetition_rate
-from expertrl.rewards.shaping import soft_overlong_punishment, truncated
+from expertrl.rewards.shaping import repetition_rate, soft_overlong_punishment, truncated
 from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups
 from expertrl.runtime import derive_seed
 from expertrl.tasks import sample_items

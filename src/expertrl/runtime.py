@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 from expertrl.config import ModelConfig, OptimConfig, TaskConfig
 from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
-from expertrl.moe.lora_moe import attach_lora, attach_lora_moe, load_adapter, load_lora
+from expertrl.moe.lora import attach_lora, load_lora
+from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
 from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
