@@ -118,3 +118,12 @@ def test_function_local_imports_are_only_for_heavy_or_optional_packages():
             elif not target.startswith(LOCAL_THIRD_PARTY):
                 bad.append(f"{name}: import {target} inside a function (import it at the top)")
     assert not bad, bad
+
+
+def test_the_cli_and_the_config_import_no_torch():
+    """``expertrl <cmd> --help`` and config validation stay fast: they never import torch (~3 s cold)."""
+    import subprocess
+    import sys
+
+    code = "import sys, expertrl.cli, expertrl.presets; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -50,6 +50,11 @@ def test_config_choices_are_the_registry_keys(cls, name, registry):
     assert _choices(cls, name) == set(registry), (cls.__name__, name)
 
 
+def test_the_configs_policy_sets_are_the_policies_flags():
+    assert set(C.SAMPLED_POLICIES) == {n for n, p in POLICIES.items() if p.stochastic}
+    assert set(C.SET_PROBABILITY_POLICIES) == {n for n, p in POLICIES.items() if p.has_set_probability}
+
+
 def test_config_choices_that_are_a_documented_subset():
     # rollouts sample with causal policies only (Expert Choice and Sinkhorn balance over a whole forward)
     rollout = _choices(C.RoutingConfig, "policy")

@@ -7,17 +7,32 @@ Derived sizes are computed in exactly one place (properties below).
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from expertrl.families import TINY, TINY_DENSE
-from expertrl.moe.policies import POLICIES
+from expertrl.families import FAMILIES, PRESETS, TINY, TINY_DENSE, TINY_MOE
 
 FamilyName = Literal[TINY]  # type: ignore[valid-type]  # the in-process families of expertrl.families
 
 
 class ConfigError(ValueError):
     """A bad configuration value. The message names the field and the fix."""
+
+
+SAMPLED_POLICIES = ("multinomial", "noisy_topk")
+"""Routing policies that draw their experts at random (``Policy.stochastic``; ``tests/test_registries.py`` keeps
+this equal to the policies' own flags: the config stays importable without torch, so ``--help`` is fast)."""
+SET_PROBABILITY_POLICIES = ("multinomial",)
+"""Routing policies whose expert set has a closed-form probability (``Policy.has_set_probability``)."""
+
+LR_WARN = 0.1
+"""A learning rate above this draws a warning at start-up."""
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def _check(ok: bool, field_name: str, msg: str) -> None:
@@ -121,11 +136,13 @@ class ModelConfig:
             _check(self.num_experts >= 2, "model.num_experts", f"must be >= 2, got {self.num_experts}")
         if self.top_k is not None:
             _check(self.top_k >= 1, "model.top_k", f"must be >= 1, got {self.top_k}")
-        if self.num_experts is not None and self.top_k is not None:
+        if self.path is None and self.family in TINY_MOE:  # the in-process model's E is known now
+            E = self.num_experts if self.num_experts is not None else PRESETS[self.preset]["experts"]
+            K = self.top_k if self.top_k is not None else PRESETS[self.preset]["top_k"]
             _check(
-                self.top_k <= self.num_experts,
+                K <= E,
                 "model.top_k",
-                f"K={self.top_k} > E={self.num_experts}; lower model.top_k or raise model.num_experts",
+                f"K={K} > E={E} ({self.family}, preset {self.preset}); lower model.top_k or raise model.num_experts",
             )
 
 
@@ -170,7 +187,17 @@ class RoutingConfig:
     """freeze every router weight during RL (the rigid remedy RSPO compares against)"""
 
     def __post_init__(self) -> None:
-        _check(self.temperature > 0, "routing.temperature", f"must be > 0, got {self.temperature}")
+        _check(
+            _finite(self.temperature) and self.temperature > 0,
+            "routing.temperature",
+            f"must be > 0, got {self.temperature}",
+        )
+        if self.noise_std is not None:
+            _check(
+                _finite(self.noise_std) and self.noise_std >= 0,
+                "routing.noise_std",
+                f"must be >= 0 (or null for 1/E), got {self.noise_std}",
+            )
 
 
 @dataclass
@@ -330,9 +357,30 @@ class OptimConfig:
     """max global gradient norm; 0 = no clipping"""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(_finite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(
+            _finite(self.grad_clip) and self.grad_clip >= 0,
+            "optim.grad_clip",
+            f"must be >= 0 (0 = no clipping), got {self.grad_clip}",
+        )
+        _check(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            "optim.weight_decay",
+            f"must be >= 0, got {self.weight_decay}",
+        )
+        _check(
+            len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two numbers in [0, 1), e.g. [0.9, 0.99]; got {list(self.betas)}",
+        )
+        if self.lr > LR_WARN:
+            warnings.warn(
+                f"optim.lr={self.lr:g} is far above the learning rates RL and SFT use (1e-6 to 1e-2); the run is "
+                "likely to diverge (a NaN/Inf step is skipped; a collapsed policy stops the run)",
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -419,15 +467,41 @@ class TrainConfig:
         _check(self.inner_updates >= 1, "inner_updates", f"must be >= 1, got {self.inner_updates}")
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _check(self.save_every >= 0, "save_every", f"must be >= 0 (0 = only the final model), got {self.save_every}")
         self.check_combination()
+
+    def sigmoid_router_fixes(self) -> list[str]:
+        """The flags a model whose routers score experts with a sigmoid (DeepSeek-V3) needs with these settings: only
+        deterministic top-K routing (replayed or live) is defined there, so expert sampling, a routing temperature,
+        Gate-GRPO, RSPO's router shift, guidance and scored live routing are off. Empty when the settings already
+        fit."""
+        needed = {
+            "--routing.policy topk": self.routing.policy != "topk",
+            "--routing.temperature 1.0": self.routing.temperature != 1.0,
+            "--routing.replay rollout": self.routing.replay == "none",
+            "--loss.gate_coef 0": self.loss.gate_coef > 0,
+            "--rspo.enabled false": self.rspo.enabled,
+            "--guidance.enabled false": self.guidance.enabled,
+            "--sft.routing topk": self.sft.steps > 0 and self.sft.routing != "topk",
+        }
+        return [flag for flag, wrong in needed.items() if wrong]
 
     def check_combination(self) -> None:
         """Reject combinations of methods that make no sense (an error, not a warning)."""
         r, lc = self.routing, self.loss
-        policy = POLICIES[r.policy]  # the checks read the policy's own flags
+        m = self.model
+        if m.path is None and FAMILIES[m.family].scoring == "sigmoid" and self.sigmoid_router_fixes():
+            fixes = " ".join(self.sigmoid_router_fixes())
+            _check(
+                False,
+                "model.family",
+                f"{m.family} scores experts with a sigmoid, so only deterministic top-K routing is defined (no expert "
+                f"sampling, Gate-GRPO or RSPO); run it with: expertrl train --model.family {m.family} {fixes}",
+            )
+        sampled = r.policy in SAMPLED_POLICIES
         if lc.gate_coef > 0:
             _check(
-                policy.has_set_probability,
+                r.policy in SET_PROBABILITY_POLICIES,
                 "loss.gate_coef",
                 f"Gate-GRPO trains the router as a stochastic policy and needs routing.policy=multinomial "
                 f"(got {r.policy!r}); set loss.gate_coef=0 for {r.policy} routing",
@@ -439,7 +513,7 @@ class TrainConfig:
                 f"(got {r.replay!r}); set loss.gate_coef=0 to compare replay modes",
             )
             _check(not r.freeze_router, "routing.freeze_router", "a frozen router cannot be trained by Gate-GRPO")
-        if policy.stochastic:
+        if sampled:
             _check(
                 r.replay == "rollout",
                 "routing.replay",
@@ -480,7 +554,7 @@ class TrainConfig:
                 "rspo.enabled": self.rspo.enabled,
                 "routing_reward.kind": self.routing_reward.kind != "none",
                 "guidance.enabled": self.guidance.enabled,
-                "routing.policy": policy.stochastic,
+                "routing.policy": sampled,
                 "routing.freeze_router": r.freeze_router,
             }
             bad = [k for k, v in asked.items() if v]
@@ -496,7 +570,7 @@ class TrainConfig:
             )
         if self.guidance.enabled:
             _check(
-                policy.stochastic,
+                sampled,
                 "guidance.enabled",
                 f"guidance restricts which experts a stochastic routing policy explores; routing.policy={r.policy!r} "
                 "does not explore. Use routing.policy=multinomial",
@@ -549,6 +623,8 @@ class EvalConfig:
     """k values of pass@k (each <= num_samples)"""
     routing_stats: bool = True
     """also run the routing-statistics pass (per-category expert use, entropies, JSD) for `expertrl report`"""
+    progress: bool = True
+    """show progress (a bar on a terminal, plain lines otherwise)"""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = greedy only), got {self.num_samples}")

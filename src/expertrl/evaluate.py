@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from expertrl.config import ConfigError
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
 from expertrl.rollout import generate_rollout
@@ -238,20 +239,26 @@ def routing_statistics_pass(
 
 def run_eval(cfg) -> dict:
     """`expertrl eval`: accuracy of ``cfg.model`` on ``cfg.task`` (top-K routing, greedy), optional pass@k of sampled
-    completions, and routing statistics; written to ``<model.path>/eval.json`` and printed as a table."""
+    completions, and routing statistics; written to ``eval.json`` next to what was evaluated (the adapter directory
+    for an adapter, else the model directory) and printed as a table."""
+    if cfg.model.path is None:
+        raise ConfigError(
+            "model.path: expertrl eval scores a saved model; pass --model.path DIR (a run's final/ directory, or the "
+            "base model of an adapter given by --model.adapter.path)"
+        )
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)
     result = evaluate(
         model, tokenizer, task.eval, task.score, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        progress=True, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k, seed=cfg.seed,
+        progress=cfg.progress, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k,
+        seed=cfg.seed,
         routing=cfg.routing_stats and bool(find_routers(model, allow_dense=True)),  # a dense model routes nothing
     )  # fmt: skip
     print(format_table(task.name, result))
-    if cfg.model.path is not None:
-        out = Path(cfg.model.path) / "eval.json"
-        out.write_text(json.dumps(to_json({"task": task.name, **result}), indent=1))
-        print(f"results: {out}")
+    out = Path(cfg.model.adapter.path or cfg.model.path) / "eval.json"  # each adapter keeps its own result
+    out.write_text(json.dumps(to_json({"task": task.name, **result}), indent=1))
+    print(f"results: {out}")
     return result
 
 

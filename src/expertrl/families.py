@@ -15,6 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+PRESETS: dict[str, dict] = {
+    # Unit tests: builds and runs generate in milliseconds.
+    "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, moe_intermediate=32, experts=4, top_k=2),
+    # The default RL job on CPU.
+    "small": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, moe_intermediate=128, experts=8, top_k=2),
+    # PLATFORM.md §1: 4.40M parameters at vocab 4096 (Qwen3-MoE).
+    "5M": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, moe_intermediate=256, experts=8, top_k=2),
+    # PLATFORM.md §1: 48.0M parameters (16.15M active) at vocab 4096 (Qwen3-MoE).
+    "50M": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, moe_intermediate=768, experts=8, top_k=2),
+}
+"""Size presets of the in-process models, in family-neutral names (``Family.tiny_fields`` translates them)."""
+
 
 @dataclass(frozen=True)
 class UpcycleTarget:

@@ -20,22 +20,12 @@ from transformers import (
     PreTrainedModel,
 )
 
-from expertrl.families import DENSE, FAMILIES, TINY_DENSE, TINY_MOE
+from expertrl.families import DENSE, FAMILIES, PRESETS, TINY_DENSE, TINY_MOE
 from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """``model.dtype`` names."""
 
-PRESETS: dict[str, dict] = {
-    # Unit tests: builds and runs generate in milliseconds.
-    "tiny": dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, moe_intermediate=32, experts=4, top_k=2),
-    # The default RL job on CPU.
-    "small": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, moe_intermediate=128, experts=8, top_k=2),
-    # PLATFORM.md §1: 4.40M parameters at vocab 4096 (Qwen3-MoE).
-    "5M": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, moe_intermediate=256, experts=8, top_k=2),
-    # PLATFORM.md §1: 48.0M parameters (16.15M active) at vocab 4096 (Qwen3-MoE).
-    "50M": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, moe_intermediate=768, experts=8, top_k=2),
-}
 
 
 def _common_fields(p: dict, vocab_size: int) -> dict:

@@ -49,7 +49,7 @@ from expertrl.moe.adapters import RouterSite, find_routers, site_labels
 from expertrl.moe.guidance import GuidanceState
 from expertrl.moe.guide import Guide, calibrate_guide
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
-from expertrl.moe.policies import POLICIES, TopK, make_policy
+from expertrl.moe.policies import TopK, make_policy
 from expertrl.moe.setprob import MAX_UNORDERED_K
 from expertrl.objective import Objective
 from expertrl.parallel import (
@@ -194,15 +194,10 @@ def objective_for(cfg: TrainConfig, sites: list[RouterSite] = ()) -> Objective:
 def check_model(cfg: TrainConfig, sites: list[RouterSite], task: Task, tokenizer) -> None:
     """Start-up checks that need the model and the task (``TrainConfig.check_combination`` has the rest)."""
     sigmoid = sorted({s.family.router_class for s in sites if s.family.scoring != "softmax"})
-    if sigmoid and (cfg.rspo.enabled or cfg.loss.gate_coef > 0):
+    if sigmoid and cfg.sigmoid_router_fixes():
         raise ConfigError(
-            f"rspo.enabled / loss.gate_coef: RSPO's router shift and Gate-GRPO read router log-probabilities, but "
-            f"{sigmoid} score experts with a sigmoid (not a softmax); set rspo.enabled=false and loss.gate_coef=0"
-        )
-    if sigmoid and POLICIES[cfg.routing.policy].stochastic:
-        raise ConfigError(
-            f"routing.policy: {cfg.routing.policy} samples from a softmax, but {sigmoid} score experts with a "
-            "sigmoid; use routing.policy=topk (and routing.temperature=1.0, loss.gate_coef=0)"
+            f"model.path: {sigmoid} score experts with a sigmoid, so only deterministic top-K routing is defined (no "
+            "expert sampling, Gate-GRPO or RSPO); add: " + " ".join(cfg.sigmoid_router_fixes())
         )
     k_max = max((s.top_k for s in sites), default=0)
     if cfg.routing.set_logprob == "unordered" and k_max > MAX_UNORDERED_K:
