@@ -96,7 +96,7 @@ def test_post_init_error_propagates():
 
 
 def test_post_init_error_of_deeper_section_gets_full_key():
-    with pytest.raises(ConfigError, match=r"^sft\.optim\.lr: must be > 0, got -1\.0$"):
+    with pytest.raises(ConfigError, match=r"^sft\.optim\.lr: must be a finite number > 0, got -1\.0$"):
         load_config(TrainConfig, None, ["--sft.optim.lr", "-1"])
 
 

@@ -17,7 +17,19 @@ LAYERS = [
     # 3: configuration
     {"config", "configio", "presets"},
     # 4: building and running pieces of a run
-    {"runtime", "checkpoint", "collect", "update", "evaluate", "routing_stats", "sft", "parallel", "logging", "run"},
+    {
+        "runtime",
+        "checkpoint",
+        "rundir",
+        "collect",
+        "update",
+        "evaluate",
+        "routing_stats",
+        "sft",
+        "parallel",
+        "logging",
+        "run",
+    },
     # 5: the entry points
     {"train", "cli", "report", "__main__"},
 ]

@@ -201,7 +201,9 @@ def test_unrouted_entries_fall_back_to_topk(tiny_moe):
         trace.experts[:, :, -1] = UNROUTED
         with route(tiny_moe, replay_policy_for(trace), keep_probs=True) as rec_part:
             partial = _forward(tiny_moe)
-    assert torch.equal(partial[:, :-1], sampled[:, :-1])  # causal: the last position changes nothing before it
+    # causal: the last position changes nothing before it (up to round-off: an expert's matmul sees one token more
+    # or less, and the kernel's blocking follows the token count)
+    torch.testing.assert_close(partial[:, :-1], sampled[:, :-1], rtol=0, atol=1e-6)
     got = rec_part.trace(B).experts
     assert torch.equal(got[:, :, :-1], trace.experts[:, :, :-1])
     last_topk = rec_part.probs(B)[:, :, -1].topk(K, dim=-1).indices  # (L, B, K)

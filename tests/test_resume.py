@@ -148,7 +148,10 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
     assert [r["optim/skipped_steps"] for r in rows] == [0, 1, 1]
     assert "loss/token" in rows[0] and "loss/token" not in rows[1] and "optim/grad_norm" not in rows[1]
     assert rows[1]["optim/lr"] == rows[0]["optim/lr"]  # no optimiser step, so the schedule did not move either
-    assert "step 1: NaN/Inf loss or gradient norm, update skipped" in capsys.readouterr().out
+    assert "step 1: NaN/Inf loss or gradient norm in inner update 1 of 2, not applied (0 earlier applied" in (
+        capsys.readouterr().out
+    )
+    assert [r["optim/applied_updates"] for r in rows] == [2, 0, 2]
     assert summary["skipped_steps"] == 1
     assert step_dirs(out) == ["step-000001", "step-000003"]  # nothing saved right after the bad step
 

@@ -40,9 +40,10 @@ def test_completion_mask_golden():
 @pytest.fixture(scope="module")
 def model_and_rollout():
     model = build_tiny_moe("qwen3_moe", "tiny").eval()
-    with torch.no_grad():  # EOS outscores "0" (id 3) wherever "0" led: the "ab" group stops early
-        model.lm_head.weight[EOS_ID] = model.lm_head.weight[3] * 1.05
     tok = build_char_tokenizer()
+    with torch.no_grad():  # EOS outscores the token that leads after "ab" wherever it leads: that group stops early
+        lead = model(torch.tensor([tok("ab")["input_ids"]])).logits[0, -1].argmax()
+        model.lm_head.weight[EOS_ID] = model.lm_head.weight[lead] * 1.05
     gen = torch.Generator().manual_seed(SEED)
     rollout = generate_rollout(
         model, tok, ITEMS, group_size=G, max_new_tokens=MAX_NEW, policy=Multinomial(), generator=gen

@@ -232,7 +232,7 @@ def test_tempered_multinomial_draws_match_the_recorded_set_probability(tiny_moe)
     h = torch.randn(32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         spread = F.linear(h, site.weight)
-        h = h * (2.0 / (spread.max() - spread.min()))
+        h = h * (3.0 / (spread.max() - spread.min()))
         hidden = h.expand(N, 32).contiguous()
         with route(tiny_moe, Multinomial(), temperature=T, generator=torch.Generator().manual_seed(0),
                    sites=[site]) as rec:  # fmt: skip

@@ -33,7 +33,7 @@ def first_step_routes(monkeypatch, tokenizer, items, routing, **kwargs):
     monkeypatch.setattr(sft_module, "route", spy)
     model = build_tiny_moe("qwen3_moe", "tiny", num_experts=8, top_k=2)
     cfg = SFTConfig(steps=1, batch_size=16, routing=routing, lb_coef=0.0, **kwargs)
-    metrics = supervised_train(model, tokenizer, items, cfg, seed=0, progress=False)
+    metrics = supervised_train(model, tokenizer, items, cfg, seed=0, progress=False).metrics
     rec = seen[0]
     experts, probs = rec.trace(16).experts.long(), rec.probs(16)  # (L, B, S, K'), (L, B, S, E)
     return experts.flatten(1, 2), probs.flatten(1, 2), metrics  # (L, N, K'), (L, N, E)

@@ -110,3 +110,39 @@ def test_char_tokenizer_pads_left_and_reloads_offline(tmp_path):
     assert loaded(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
     assert loaded.decode(loaded(TEXT)["input_ids"]) == TEXT
     assert loaded.padding_side == "left" and loaded.pad_token_id == PAD_ID and loaded.eos_token_id == EOS_ID
+
+
+def _round_trips(tok, text: str) -> None:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert all(0 <= i < CHAR_VOCAB_SIZE for i in ids)
+
+
+def test_char_tokenizer_encodes_any_text_through_byte_fallback():
+    """Issue 13: `rg:gsm_symbolic` (€, £) and any JSONL with × crashed a tiny model's tokenizer. Every character
+    outside printable ASCII now becomes its UTF-8 bytes, and decodes back exactly."""
+    tok = build_char_tokenizer()
+    for text in ["€5 × £3", "naïve café", "👽🤔", "∫ x dx → ∞", "日本語", "a\u200db", "tab\there"]:
+        _round_trips(tok, text)
+    ids = tok("€", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<0xE2>", "<0x82>", "<0xAC>"]  # the UTF-8 bytes of €
+    assert tok.convert_ids_to_tokens(tok("a", add_special_tokens=False)["input_ids"]) == ["a"]  # ASCII: one token
+    assert tok.decode([tok.convert_tokens_to_ids("<0xE2>")]) == "\ufffd"  # a cut byte sequence a model wrote
+
+
+def test_every_built_in_task_text_goes_through_the_char_tokenizer():
+    """The full train/eval text of the addition task and of rg:gsm_symbolic at the default sizes, and items of every
+    reasoning-gym dataset, round-trip through the character tokenizer."""
+    pytest.importorskip("reasoning_gym")
+    from reasoning_gym.factory import DATASETS
+
+    from expertrl.config import TaskConfig
+
+    tok = build_char_tokenizer()
+    defaults = TaskConfig()
+    for name, size in [("addition", defaults.train_size), ("rg:gsm_symbolic", defaults.train_size)]:
+        task = load_task(name, train_size=size, eval_size=defaults.eval_size, seed=0)
+        _round_trips(tok, "\n".join(it["prompt"] + it["answer"] for it in task.train + task.eval))
+    for dataset in sorted(set(DATASETS) - {"composite"}):  # composite needs a list of datasets
+        task = load_task(f"rg:{dataset}", train_size=3, eval_size=2, seed=0)
+        _round_trips(tok, "\n".join(it["prompt"] + it["answer"] for it in task.train + task.eval))

@@ -286,12 +286,13 @@ def test_upcycle_checkpoint_errors_name_the_problem(tmp_path):
 
 
 def test_upcycle_main_runs_and_reports(tmp_path, capsys):
-    build_tiny_dense("qwen2").save_pretrained(tmp_path / "dense")
+    dense = build_tiny_dense("qwen2")
+    dense.save_pretrained(tmp_path / "dense")
     argv = [str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "1", "--seed", "3"]
     assert upcycle_main([*argv, "--no-norm-topk-prob"]) == 0
     printed = capsys.readouterr().out
     assert "qwen2_moe" in printed and "E=4, K=1" in printed and "norm_topk_prob=False" in printed
-    assert "19,040 params" in printed  # the dense model's parameter count, as in test_count_params
+    assert f"{sum(p.numel() for p in dense.parameters()):,} params" in printed  # the dense model's count
     record = json.loads((tmp_path / "moe" / "upcycled_from.json").read_text())
     assert (record["num_experts"], record["top_k"], record["norm_topk_prob"], record["seed"]) == (4, 1, False, 3)
     with pytest.raises(SystemExit) as exit_info:

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from expertrl.config import ConfigError, ModelConfig, TrainConfig
+from expertrl.config import ConfigError, ModelConfig, SFTJobConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
-from expertrl.io import atomic_save_dir, read_jsonl
+from expertrl.io import atomic_save_dir, read_jsonl, weights_problem
 from expertrl.models import DTYPES, load_model
 from expertrl.moe.lora import load_adapter_weights, save_adapter_weights
 from expertrl.moe.lora_moe import adapter_settings
+from expertrl.ops import check_finite
 
 
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
@@ -50,31 +51,54 @@ def save_model(model: nn.Module, tokenizer, path: str | Path, state_dict: dict |
     """Save ``model`` and ``tokenizer`` in Hugging Face format (loadable with ``AutoModelForCausalLM``); a model
     with adapters saves the adapter only (load it with ``model.adapter.path`` and the run's base settings).
     ``state_dict``: the full weights of an FSDP2-sharded ``model`` (``parallel.gather_full_state``), written instead."""
-    return atomic_save_dir(path, lambda tmp: _write_policy(model, tokenizer, tmp, state_dict))
+    check_finite(state_dict if state_dict is not None else model, f"saving {path}")
+    needed = state_bytes(state_dict if state_dict is not None else model)
+    return atomic_save_dir(path, lambda tmp: _write_policy(model, tokenizer, tmp, state_dict), needed_bytes=needed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# resumable RL checkpoints: RUN_DIR/checkpoints/step-{N:06d}/, N = completed RL steps
+# resumable checkpoints: RUN_DIR/checkpoints/step-{N:06d}/ after N completed RL steps, and
+# RUN_DIR/checkpoints/sft-step-{N:06d}/ after N completed supervised steps (the warm-up, or `expertrl sft`)
 #
 #   model/                  save_pretrained (safetensors) + tokenizer: the policy after step N
 #   reference/              the frozen KL reference model (only when loss.kl_coef > 0)
 #   optimizer.pt            optimizer.state_dict(), read back with torch.load(weights_only=True) (parallel=fsdp2:
 #                           the full state keyed by parameter name, see parallel.gather_full_state)
-#   trainer_state.json      step, scheduler state, summary so far, fault counters, global RNG states
+#   trainer_state.json      phase (sft | rl), step, scheduler state, summary so far, fault counters, global RNG
 #   config.yaml             the run's config; a resumed run must match it (train.check_resume_config)
 #
 # The directory is written by ``atomic_save_dir``, and ``trainer_state.json`` is what marks it complete: a killed
 # writer leaves only a hidden ``.step-....tmp-*`` directory, which resume ignores and deletes.
 
 CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"step-(\d+)")
+_STEP_DIR = re.compile(r"(sft-)?step-(\d+)")
 # config.json keys that are bookkeeping, not architecture (dtype is set by model.dtype at load time)
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache"}
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    """Where the checkpoint after ``step`` completed RL steps lives."""
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+def checkpoint_path(run_dir: str | Path, step: int, *, phase: str = "rl") -> Path:
+    """Where the checkpoint after ``step`` completed steps of ``phase`` (``rl`` or ``sft``) lives."""
+    assert phase in ("rl", "sft"), phase
+    return Path(run_dir) / CHECKPOINTS / f"{'sft-' if phase == 'sft' else ''}step-{step:06d}"
+
+
+def state_bytes(*objects) -> int:
+    """Bytes of the tensors in modules, state dicts (nested) and optimizers: the size a checkpoint will need."""
+
+    def walk(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, nn.Module):
+            return sum(walk(t) for t in x.state_dict().values())
+        if isinstance(x, torch.optim.Optimizer):
+            return walk(x.state_dict())
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, list | tuple):
+            return sum(walk(v) for v in x)
+        return 0
+
+    return sum(walk(o) for o in objects if o is not None)
 
 
 def save_checkpoint(
@@ -92,7 +116,13 @@ def save_checkpoint(
     """Write a complete, resumable checkpoint directory atomically (see the layout above).
 
     ``model_state`` / ``optimizer_state``: the full weights and optimizer state of an FSDP2-sharded ``model``
-    (``parallel.gather_full_state``), written instead of ``model``'s and ``optimizer.state_dict()``."""
+    (``parallel.gather_full_state``), written instead of ``model``'s and ``optimizer.state_dict()``.
+
+    Raises:
+        NonFiniteError: the weights hold NaN/Inf (never declared a good checkpoint).
+        io.DiskFullError: the disk filled up; the earlier checkpoints are untouched.
+    """
+    check_finite(model_state if model_state is not None else model, f"checkpoint {path}")
 
     def write(tmp: Path) -> None:
         _write_policy(model, tokenizer, tmp / "model", model_state)
@@ -103,15 +133,51 @@ def save_checkpoint(
         state = trainer_state | {"rng": rng_state()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
 
-    return atomic_save_dir(path, write)
+    needed = state_bytes(model_state if model_state is not None else model, optimizer_state or optimizer, reference)
+    return atomic_save_dir(path, write, needed_bytes=needed)
+
+
+def save_sft_checkpoint(
+    run_dir: str | Path,
+    steps_done: int,
+    model: nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    config,
+    summary: dict,
+    *,
+    keep: int,
+) -> Path:
+    """A resumable checkpoint after ``steps_done`` supervised steps (``checkpoints/sft-step-N``), then the oldest
+    checkpoints beyond ``keep`` are deleted."""
+    trainer_state = {
+        "phase": "sft",
+        "step": steps_done,
+        "scheduler": schedule.state_dict(),
+        "summary": summary,
+        "skipped_steps": 0,
+        "wall_time_s": 0.0,
+    }
+    path = save_checkpoint(
+        checkpoint_path(run_dir, steps_done, phase="sft"), model=model, tokenizer=tokenizer, optimizer=optimizer,
+        trainer_state=trainer_state, config=config,
+    )  # fmt: skip
+    prune_checkpoints(run_dir, keep)
+    return path
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's complete ``step-N`` directories (with ``trainer_state.json``), oldest first."""
+    """The run's complete ``sft-step-N`` and ``step-N`` directories (with ``trainer_state.json``), oldest first:
+    supervised steps come before RL steps."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        ((m.group(1) is None, int(m.group(2))), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    ]
     complete = []
     for _, p in sorted(found):
         if (p / "trainer_state.json").is_file():
@@ -145,6 +211,32 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
 
 def load_trainer_state(path: str | Path) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed (naming the damaged file), or None: every file is read or checked
+    before anything of the run is touched."""
+    path = Path(path)
+    try:
+        state = load_trainer_state(path)
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{path / 'trainer_state.json'} is empty or not a trainer state"
+    try:
+        load_yaml(path / "config.yaml")
+    except Exception as e:  # noqa: BLE001 - any unreadable config disqualifies the checkpoint
+        return f"{path / 'config.yaml'} cannot be read ({e})"
+    for sub in ("model", "reference"):
+        if sub == "model" or (path / sub).is_dir():
+            problem = weights_problem(path / sub)
+            if problem is not None:
+                return problem
+    try:  # memory-mapped: reads the archive's index and pickle, not the (possibly huge) tensors
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a bad pickle...
+        return f"{path / 'optimizer.pt'} cannot be read ({type(e).__name__}: {str(e)[:80]})"
+    return None
 
 
 def load_optimizer_state(path: str | Path) -> dict:
@@ -187,7 +279,10 @@ def set_rng_state(state: dict) -> None:
 
 # Settings a resumed run may change; everything else must equal the checkpoint's config.yaml. output_dir must be
 # the resume directory itself, so a run directory that was moved can still be resumed.
-RESUMABLE_CHANGES = ("resume", "steps", "progress", "output_dir")
+RESUMABLE_CHANGES = (
+    "resume", "steps", "progress", "output_dir", "overwrite", "keep_checkpoints", "max_bad_steps", "final_save_wait_s",
+)  # fmt: skip
+_MAY_CHANGE = [k for k in RESUMABLE_CHANGES if k not in ("resume", "output_dir", "overwrite")]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -197,31 +292,47 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def find_resume_checkpoint(cfg: TrainConfig) -> Path:
-    """The checkpoint ``cfg.resume`` continues from, after checking that ``cfg`` describes the same run."""
+def find_resume_checkpoint(cfg: TrainConfig | SFTJobConfig) -> Path:
+    """The checkpoint ``cfg.resume`` continues from, after checking that ``cfg`` describes the same run.
+
+    The newest complete checkpoint that reads back whole is used; a damaged one (a truncated weight file, an
+    unreadable optimizer state, an empty trainer state) is skipped with a warning naming the damaged file. Nothing
+    in the run directory is touched here."""
     run_dir = Path(cfg.resume)
     if run_dir.resolve() != Path(cfg.output_dir).resolve():
         raise ConfigError(
             f"resume: a resumed run continues in its own directory, but output_dir is {cfg.output_dir!r}; "
             f"pass --output_dir {run_dir} as well (a run directory that was moved keeps its old one in config.yaml)"
         )
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    candidates = complete_checkpoints(run_dir)
+    if not candidates:
         raise ConfigError(
             f"resume: {str(run_dir)!r} has no complete checkpoint ({CHECKPOINTS}/step-N with trainer_state.json); "
-            "checkpoints are written every save_every steps, at the end of a run with save_every > 0, and on Ctrl-C"
+            "checkpoints are written every save_every steps, at the end of a run with save_every > 0, and on Ctrl-C "
+            "or SIGTERM"
         )
-    saved = _flatten(to_dict(from_dict(TrainConfig, load_yaml(ckpt / "config.yaml"))))
+    ckpt, problems = None, []
+    for candidate in reversed(candidates):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            ckpt = candidate
+            break
+        problems.append(problem)
+        warnings.warn(f"skipping damaged checkpoint {candidate.name}: {problem}", stacklevel=2)
+    if ckpt is None:
+        raise ConfigError(f"resume: no checkpoint of {str(run_dir)!r} reads back whole: {'; '.join(problems)}")
+    saved = _flatten(to_dict(from_dict(type(cfg), load_yaml(ckpt / "config.yaml"))))
     now = _flatten(to_dict(cfg))
     diff = [k for k in sorted(saved.keys() | now.keys()) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if diff:
         detail = "; ".join(f"{k} is {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
         raise ConfigError(
             f"{', '.join(diff)}: not what the run being resumed used ({detail}; see {ckpt / 'config.yaml'}). Only "
-            "steps and progress may change on resume; start a new run (another output_dir) to change anything else"
+            f"{', '.join(_MAY_CHANGE)} may change on resume; start a new run (another output_dir) to change the rest"
         )
-    done = load_trainer_state(ckpt)["step"]
-    if cfg.steps < done:
+    state = load_trainer_state(ckpt)
+    done = state["step"] if state.get("phase", "rl") == "rl" and hasattr(cfg, "steps") else 0
+    if done and cfg.steps < done:
         raise ConfigError(f"steps: the checkpoint {ckpt} has already done {done} steps; set steps >= {done}")
     return ckpt
 

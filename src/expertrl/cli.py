@@ -5,7 +5,9 @@ with their own flags, `upcycle` (dense checkpoint -> MoE checkpoint) and `report
 
 Settings apply in order: dataclass defaults <- ``--config FILE.yaml`` <- dotted ``--section.key VALUE`` overrides
 (values are parsed as YAML). A bad setting, or bad input found at start-up (a missing file, a model without routers),
-prints ``expertrl <cmd>: error: <message>`` and exits with code 2 (``EXPERTRL_DEBUG=1`` shows the traceback).
+prints ``expertrl <cmd>: error: <message>`` and exits with code 2 (``EXPERTRL_DEBUG=1`` shows the traceback). A run
+that stops itself (NaN/Inf steps, a collapsed policy, a full disk) exits with 1 after one such line; Ctrl-C or
+SIGTERM exits with 75 once the step's checkpoint is written (continue with ``--resume``).
 The command modules are imported only when their command runs, so ``--help`` stays fast.
 """
 
@@ -16,41 +18,51 @@ import difflib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from expertrl.config import ConfigError, EvalConfig, SFTJobConfig, TrainConfig
+from expertrl.config import ConfigError, EvalConfig, RunFailed, SFTJobConfig, TrainConfig
 from expertrl.configio import format_help, load_config, to_dict
+from expertrl.io import DiskFullError
 from expertrl.presets import preset_overrides
 
 
-def _train(cfg: TrainConfig) -> None:
+def _train(cfg: TrainConfig) -> dict:
     from expertrl.train import train
 
-    train(cfg)
+    return train(cfg)
 
 
-def _sft(cfg: SFTJobConfig) -> None:
+def _sft(cfg: SFTJobConfig) -> dict:
     from expertrl.sft import run_sft
 
-    run_sft(cfg)
+    return run_sft(cfg)
 
 
-def _eval(cfg: EvalConfig) -> None:
+def _eval(cfg: EvalConfig) -> dict:
     from expertrl.evaluate import run_eval
 
-    run_eval(cfg)
+    return run_eval(cfg)
+
+
+EXIT_BAD_INPUT = 2
+"""A bad setting or bad input found at start-up (nothing was run)."""
+EXIT_FAILED = 1
+"""The run stopped itself (NaN/Inf steps in a row, a collapsed policy, a full disk); checkpoints are intact."""
+EXIT_INTERRUPTED = 75
+"""Ctrl-C or SIGTERM: the step finished and a checkpoint was written; ``--resume`` continues (EX_TEMPFAIL)."""
 
 
 @dataclass(frozen=True)
 class Command:
     config: type
     """the config dataclass the command's settings come from"""
-    run: Callable[[Any], None]
-    """runs the command on a validated config"""
+    run: Callable[[Any], dict]
+    """runs the command on a validated config; returns its summary"""
 
     @property
     def summary(self) -> str:
@@ -165,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expertrl: error: unknown command {name!r}{hint}; choose from {', '.join(names)}", file=sys.stderr)
         raise SystemExit(2)
     cmd = COMMANDS[name]
+    _plain_warnings(f"expertrl {name}")
     if "-h" in rest or "--help" in rest:
         print(_command_help(name, cmd))
         return 0
@@ -174,13 +187,33 @@ def main(argv: list[str] | None = None) -> int:
         if print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        cmd.run(cfg)
+        summary = cmd.run(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # messages written for the user: no traceback
         if os.environ.get("EXPERTRL_DEBUG"):
             raise
         print(f"expertrl {name}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except (RunFailed, DiskFullError) as e:  # the run stopped itself; what it saved is intact
+        if os.environ.get("EXPERTRL_DEBUG"):
+            raise
+        print(f"expertrl {name}: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        raise SystemExit(EXIT_INTERRUPTED)
     return 0
+
+
+def _plain_warnings(prog: str) -> None:
+    """Our warnings as one line, ``expertrl train: warning: <message>`` (no source line); other libraries' keep
+    Python's format."""
+    python_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if "/expertrl/" in filename.replace("\\", "/"):
+            return f"{prog}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
 
 
 def upcycle_main(argv: list[str] | None = None) -> int:

@@ -72,10 +72,16 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
         )
         rewards = rewards + parts["overlong"].to(device)
     completion = rollout.input_ids[:, rollout.prompt_width :]
-    metrics["rollout/loop_rate"] = repetition_rate(completion, rollout.mask)[1]  # before overlong filtering
+    eos = text_tokenizer(run.tokenizer).eos_token_id
+    lengths = rollout.mask.sum(-1)
+    metrics |= {  # of the completions as generated, before overlong filtering
+        "rollout/loop_rate": repetition_rate(completion, rollout.mask)[1],
+        "rollout/completion_length": lengths.mean(),
+        "rollout/empty_frac": ((lengths == 1) & (completion[:, 0] == eos)).float().mean(),
+    }
     mask = rollout.mask
     if cfg.rollout.mask_truncated:  # DAPO overlong filtering: a cut completion gets no loss
-        cut = truncated(mask, completion, text_tokenizer(run.tokenizer).eos_token_id)
+        cut = truncated(mask, completion, eos)
         mask = mask * (~cut)[:, None].to(mask.dtype)
     advantages, adv_metrics = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale)
     rollout = replace(
@@ -112,7 +118,6 @@ def collect(run, step: int) -> Collected:
     metrics = {
         "reward/mean": rollout.rewards.mean(),
         "reward/std": rollout.rewards.std(unbiased=False),
-        "rollout/completion_length": rollout.mask.sum(-1).mean(),
         "rollout/trace_bytes": float(rollout.routing.nbytes()),
     } | routing_usage(rollout, run.labels)
     metrics |= {k: v for k, v in adv.items() if "/" in k and v.dim() == 0}

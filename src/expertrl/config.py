@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad configuration value. The message names the field and the fix."""
 
 
+class RunFailed(RuntimeError):
+    """The run stopped itself (NaN/Inf steps in a row, a collapsed policy, a full disk); the message says why and
+    where the last good checkpoint is. The CLI prints it as one line and exits with code 1."""
+
+
 SAMPLED_POLICIES = ("multinomial", "noisy_topk")
 """Routing policies that draw their experts at random (``Policy.stochastic``; ``tests/test_registries.py`` keeps
 this equal to the policies' own flags: the config stays importable without torch, so ``--help`` is fast)."""
@@ -377,7 +382,7 @@ class OptimConfig:
         )
         if self.lr > LR_WARN:
             warnings.warn(
-                f"optim.lr={self.lr:g} is far above the learning rates RL and SFT use (1e-6 to 1e-2); the run is "
+                f"optim.lr: {self.lr:g} is far above the learning rates RL and SFT use (1e-6 to 1e-2); the run is "
                 "likely to diverge (a NaN/Inf step is skipped; a collapsed policy stops the run)",
                 stacklevel=2,
             )
@@ -402,9 +407,16 @@ class SFTConfig:
     """Switch load-balancing loss during SFT"""
     z_coef: float = 0.0
     """router z-loss (ST-MoE; 1e-3 there) during SFT; 0 = off"""
+    save_every: int = 0
+    """write a resumable checkpoint (checkpoints/sft-step-N) every this many supervised steps; 0 = only on Ctrl-C or
+    SIGTERM"""
+    max_bad_steps: int = 3
+    """stop after this many supervised steps in a row whose loss or gradient norm is NaN/Inf (each one is skipped)"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
+        _check(self.save_every >= 0, "sft.save_every", f"must be >= 0, got {self.save_every}")
+        _check(self.max_bad_steps >= 1, "sft.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
         _check(self.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
@@ -451,10 +463,16 @@ class TrainConfig:
     resume: str | None = None
     """continue the run in this directory from its latest complete checkpoint (checkpoints/step-N); output_dir must
     name the same directory, and every other setting except steps and progress must equal the checkpoint's"""
+    overwrite: bool = False
+    """replace an earlier run in output_dir (its expertrl files are removed); without it such a directory is refused"""
     keep_checkpoints: int = 2
     """number of most recent checkpoints kept in output_dir/checkpoints (older ones are deleted)"""
     max_bad_steps: int = 3
-    """stop after this many steps in a row whose loss or gradient norm is NaN/Inf (each one is skipped)"""
+    """stop (exit code 1) after this many steps in a row whose loss or gradient norm is NaN/Inf (each one is skipped),
+    or whose policy has collapsed (every completion only EOS, or a zero gradient despite non-zero advantages)"""
+    final_save_wait_s: float = 600.0
+    """when the disk is too full for the final model (held only in memory), retry every 10 s for this long before
+    giving up, printing the space needed; 0 = do not wait"""
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     """how several processes (torchrun / accelerate launch) share the model: ddp keeps a full copy on every process;
     fsdp2 shards each decoder layer's weights, gradients and optimizer state over them (PyTorch fully_shard; text MoE
@@ -464,6 +482,11 @@ class TrainConfig:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.max_bad_steps >= 1, "max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _check(
+            _finite(self.final_save_wait_s) and self.final_save_wait_s >= 0,
+            "final_save_wait_s",
+            f"must be a number of seconds >= 0, got {self.final_save_wait_s}",
+        )
         _check(self.inner_updates >= 1, "inner_updates", f"must be >= 1, got {self.inner_updates}")
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
@@ -597,8 +620,17 @@ class SFTJobConfig:
     """seed of everything"""
     output_dir: str = "runs/sft"
     """run directory"""
+    overwrite: bool = False
+    """replace an earlier run in output_dir (its expertrl files are removed); without it such a directory is refused"""
     progress: bool = True
-    """show a progress bar"""
+    """show progress (a bar on a terminal, plain lines otherwise)"""
+    resume: str | None = None
+    """continue the supervised run in this directory from its latest complete checkpoint (checkpoints/sft-step-N)"""
+    keep_checkpoints: int = 2
+    """number of most recent checkpoints kept in output_dir/checkpoints"""
+
+    def __post_init__(self) -> None:
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass

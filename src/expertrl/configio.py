@@ -15,6 +15,7 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,9 +153,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if missing:
         raise ConfigError(f"missing required key(s): {', '.join(prefix + n for n in missing)}")
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            built = cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(_full_key(str(e), prefix)) from None
+    for w in caught:  # a section's warning names its full key too ('sft.optim.lr: ...'), reported at the caller
+        warnings.warn(_full_key(str(w.message), prefix), w.category, stacklevel=2)
+    return built
 
 
 def _full_key(msg: str, prefix: str) -> str:

@@ -5,6 +5,7 @@ The bottom layer: imports nothing from expertrl.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,17 +14,45 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def atomic_save_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+class DiskFullError(OSError):
+    """Writing failed because the file system is full; the message names the directory and the space needed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_FULL = ("No space left", "unexpected pos", "os error 28")
+"""How torch.save ("unexpected pos ...") and safetensors ("os error 28") report a full disk: neither is an OSError."""
+
+
+def atomic_save_dir(path: str | Path, write: Callable[[Path], None], *, needed_bytes: int = 0) -> Path:
     """Call ``write(tmp_dir)`` then atomically move ``tmp_dir`` to ``path`` (replacing an older one).
 
     A reader (or a resumed run) sees the previous complete directory or the new complete one, never a half-written
-    one; if ``write`` raises, the temporary directory is removed and ``path`` is untouched.
+    one; if ``write`` raises, the temporary directory is removed and ``path`` is untouched. A write that fails
+    because the disk is full raises ``DiskFullError`` naming the directory, ``needed_bytes`` (an estimate of what
+    the write needs) and the space free.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(path.parent).free
+            full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if full or any(s in str(e) for s in _FULL) or (needed_bytes and free < needed_bytes):
+                raise DiskFullError(
+                    f"no space left on {path.parent} writing {path.name}: needed ~{_mb(needed_bytes)} MB, "
+                    f"{_mb(free)} MB free ({type(e).__name__}: {str(e)[:120]})"
+                ) from e
+            raise
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a saved model from the user's group
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -35,6 +64,16 @@ def atomic_save_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
 
 
 def read_jsonl(
@@ -78,3 +117,34 @@ def read_jsonl(
                     continue
                 raise error(f"{where}: expected a JSON object, got {type(row).__name__}") from None
             yield where, row
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file is damaged (a header that is not JSON, data shorter than the header says), or
+    None. Reads the header only."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 * 2**20:
+                return "its header length is invalid"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"its header cannot be read ({type(e).__name__})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        return f"it is {size} bytes, the header says {8 + n + end} (truncated?)"
+    return None
+
+
+def weights_problem(directory: str | Path) -> str | None:
+    """Why the weights in ``directory`` (``save_pretrained``, or an adapter) cannot be loaded, or None."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return f"{directory} holds no .safetensors weights"
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem is not None:
+            return f"{f}: {problem}"
+    return None

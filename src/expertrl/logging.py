@@ -1,15 +1,75 @@
-"""Metric sinks: one JSON line per step in ``metrics.jsonl`` and a short console line. Rank 0 writes.
+"""Metric sinks and progress: one JSON line per step in ``metrics.jsonl``, and a progress display. Rank 0 writes.
 
 Metrics arrive as a flat dict of detached tensors (0-d or 1-d) and floats; they are turned into Python numbers
 once per step here, never inside the losses (STYLE.md §6).
+
+Progress (``progress_bar``): a tqdm bar on a terminal; off a terminal (a log file, a scheduler's output) one plain
+line every ``PLAIN_EVERY_S`` seconds and at the end, never ``\r``-rewritten lines; nothing when progress is off.
+Hugging Face's own bars (loading and writing weights) follow the same switch (``quiet_hf_progress``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+PLAIN_EVERY_S = 30.0
+"""Seconds between two plain progress lines off a terminal."""
+
+
+class PlainProgress:
+    """``tqdm``'s interface, printing a plain line now and then: for logs that are not a terminal."""
+
+    def __init__(self, iterable: Iterable, *, desc: str, total: int, initial: int = 0, every_s: float = PLAIN_EVERY_S):
+        self.iterable, self.desc, self.total, self.n = iterable, desc, total, initial
+        self.every_s, self.postfix = every_s, ""
+        self._start = self._last = time.monotonic()
+        self._start_n = initial
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.monotonic()
+            if now - self._last >= self.every_s or self.n >= self.total:
+                self._last = now
+                self._print(now)
+
+    def _print(self, now: float) -> None:
+        rate = (self.n - self._start_n) / max(now - self._start, 1e-9)
+        extra = f" {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} ({rate:.2f} it/s){extra}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(iterable: Iterable, *, desc: str, total: int, initial: int = 0, enabled: bool = True):
+    """A tqdm bar on a terminal, ``PlainProgress`` lines otherwise, a silent tqdm when ``enabled`` is false."""
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(iterable, desc=desc, total=total, initial=initial)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled)
+
+
+def quiet_hf_progress(enabled: bool) -> None:
+    """Hugging Face's bars (loading and writing weights) only on a terminal and when progress is on."""
+    if enabled and sys.stderr.isatty():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
 def to_number(v):

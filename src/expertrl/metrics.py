@@ -16,6 +16,10 @@ from __future__ import annotations
 # key pattern -> (meaning, TRL / verl name or "")
 VOCABULARY: dict[str, tuple[str, str]] = {
     "rollout/completion_length": ("mean completion length (tokens up to and including EOS)", "completions/mean_length"),
+    "rollout/empty_frac": (
+        "share of completions that are only EOS (all of them for max_bad_steps steps: collapse)",
+        "",
+    ),
     "rollout/loop_rate": ("share of completions ending in >= 3 repeats of one n-gram (RO-GRPO)", ""),
     "rollout/num_tokens": ("completion tokens in the step's batch", "num_tokens"),
     "rollout/trace_bytes": ("bytes of the batch's routing trace (expert ids + set log-probs)", ""),
@@ -74,6 +78,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "optim/grad_norm": ("global gradient norm before clipping, mean over inner updates", "grad_norm"),
     "optim/lr": ("learning rate after the step", "learning_rate"),
     "optim/skipped_steps": ("NaN/Inf steps skipped so far", ""),
+    "optim/applied_updates": ("inner updates applied this step (fewer than inner_updates after a NaN/Inf one)", ""),
     "time/step": ("seconds of the step", "step_time / timing_s/step"),
     "time/rollout": ("seconds of rollout, scoring and refills", "timing_s/gen"),
     "time/update": ("seconds of the inner updates", "timing_s/update_actor"),

@@ -21,11 +21,12 @@ from transformers import (
 )
 
 from expertrl.families import DENSE, FAMILIES, PRESETS, TINY_DENSE, TINY_MOE
+from expertrl.io import weights_problem
+from expertrl.ops import check_finite
 from expertrl.tokenizer import BOS_ID, CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """``model.dtype`` names."""
-
 
 
 def _common_fields(p: dict, vocab_size: int) -> dict:
@@ -172,12 +173,17 @@ def load_model(
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist (only local directories are loaded)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a save_pretrained directory?")
+    problem = weights_problem(path) if any(path.glob("*.safetensors")) else None  # .bin checkpoints load as they are
+    if problem is not None:
+        raise ValueError(f"model.path: {problem}; re-save the model, or point model.path at an intact copy")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     kernel = {} if model_type in DENSE else {"experts_implementation": experts_implementation}  # MoE only
     if model_type == "qwen3_vl_moe":  # a vision-language model: not an AutoModelForCausalLM mapping
         return AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
         )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True, **kernel
     )
+    check_finite(model, f"model.path {str(path)!r}")  # NaN/Inf weights are refused with the tensor's name
+    return model

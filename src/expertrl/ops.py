@@ -6,7 +6,7 @@ Masks are float (or bool) tensors with 1 meaning "this element counts" (STYLE.md
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
@@ -48,3 +48,16 @@ def entropy(probs: Tensor) -> Tensor:
     """Entropy in nats of a distribution along the last dim: (..., E) -> (...), with 0 · ln 0 = 0."""
     p = probs.float()
     return -torch.special.xlogy(p, p).sum(-1)
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or Inf (a weight file, or weights about to be checkpointed); the message names it."""
+
+
+def check_finite(tensors: dict[str, Tensor] | nn.Module, where: str) -> None:
+    """Raise ``NonFiniteError`` naming the first tensor of ``tensors`` (a state dict or a module's parameters) that
+    holds NaN or Inf."""
+    items = tensors.named_parameters() if isinstance(tensors, nn.Module) else tensors.items()
+    for name, t in items:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{where}: tensor {name!r} holds NaN or Inf values")

@@ -15,6 +15,7 @@ result) and saving gathers the full state on all ranks (rank 0 writes it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import random
@@ -28,7 +29,6 @@ from torch import nn
 
 from expertrl.checkpoint import (
     checkpoint_path,
-    complete_checkpoints,
     find_resume_checkpoint,
     load_optimizer_state,
     load_trainer_state,
@@ -36,6 +36,7 @@ from expertrl.checkpoint import (
     prune_checkpoints,
     remove_partial_checkpoints,
     save_checkpoint,
+    save_sft_checkpoint,
     set_rng_state,
     truncate_metrics,
 )
@@ -43,7 +44,7 @@ from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml
 from expertrl.decoding import is_processor
 from expertrl.evaluate import evaluate
-from expertrl.logging import MetricsLogger
+from expertrl.logging import MetricsLogger, quiet_hf_progress
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import RouterSite, find_routers, site_labels
 from expertrl.moe.guidance import GuidanceState
@@ -63,6 +64,7 @@ from expertrl.parallel import (
 )
 from expertrl.rewards.routing import RoutingRewarder
 from expertrl.rollout import generate_rollout
+from expertrl.rundir import RunDir, claim_run_dir
 from expertrl.runtime import derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
 from expertrl.sft import supervised_train
 from expertrl.tasks import Task, sample_items
@@ -92,9 +94,14 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     summary: dict = field(default_factory=dict)
+    rundir: RunDir | None = None  # the claimed output directory (rank 0): its lock lasts as long as the run
+    resume_from: Path | None = None  # the checkpoint a resumed run continues from (validated whole)
+    resume_state: dict | None = None  # its trainer_state.json
     start_step: int = 0
     skipped: int = 0
-    bad_in_row: int = 0
+    bad_in_row: int = 0  # NaN/Inf steps in a row
+    collapsed_in_row: int = 0  # steps in a row whose policy showed collapse (train.collapse)
+    healthy_checkpoint: Path | None = None  # the last checkpoint saved outside a collapse streak
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -121,6 +128,15 @@ class Run:
     @property
     def labels(self) -> list[str]:
         return site_labels(self.sites)
+
+    @contextlib.contextmanager
+    def claimed(self):
+        """Hold the output directory's lock for the block (the run); released at the end, also on error."""
+        try:
+            yield self
+        finally:
+            if self.rundir is not None:
+                self.rundir.release()
 
     def any_rank(self, flag: bool) -> bool:
         """``flag`` on this rank, or, sharded (where every rank must run the same rollouts), on any rank."""
@@ -151,6 +167,7 @@ class Run:
             if not self.is_main:
                 return None
         trainer_state = {
+            "phase": "rl",
             "step": step_done,
             "scheduler": self.schedule.state_dict(),
             "summary": self.summary,
@@ -162,8 +179,8 @@ class Run:
         path = save_checkpoint(
             checkpoint_path(self.out, step_done),
             model=self.policy_model, tokenizer=self.tokenizer, optimizer=self.optimizer, trainer_state=trainer_state,
-            config=dataclasses.replace(self.cfg, resume=None), reference=self.ref_model, model_state=model_state,
-            optimizer_state=optimizer_state,
+            config=dataclasses.replace(self.cfg, resume=None, overwrite=False), reference=self.ref_model,
+            model_state=model_state, optimizer_state=optimizer_state,
         )  # fmt: skip
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         return path
@@ -218,7 +235,8 @@ def check_model(cfg: TrainConfig, sites: list[RouterSite], task: Task, tokenizer
 
 
 def build_run(cfg: TrainConfig) -> Run:
-    """Every object of the run, every start-up check, the resume state, the warm-up (module docstring)."""
+    """Every object of the run, every start-up check and the resume state (module docstring); ``start`` runs the
+    warm-up and builds what comes after it."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     refuse_accelerate_fsdp(accelerator)
     seed_everything(cfg.seed)
@@ -230,14 +248,19 @@ def build_run(cfg: TrainConfig) -> Run:
         )
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
-    if resume_from is None and complete_checkpoints(out):
-        raise ConfigError(
-            f"output_dir: {str(out)!r} holds checkpoints of an earlier run; continue it with "
-            f"--config {out}/config.yaml --resume {out}, or choose another output_dir"
-        )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(dataclasses.replace(cfg, resume=None), out / "config.yaml")  # describes the run, not this launch
+    rundir = None
+    if accelerator.is_main_process:  # the directory is this run's: locked, and never an earlier run's
+        rundir = claim_run_dir(out, resume=resume_from is not None, overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
+    try:
+        return _build(cfg, accelerator, out, resume_from, rundir)
+    except BaseException:
+        if rundir is not None:
+            rundir.release()
+        raise
+
+
+def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: Path | None, rundir) -> Run:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
     if resume_from is not None:
         load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
@@ -251,24 +274,42 @@ def build_run(cfg: TrainConfig) -> Run:
         sampling=sampling_of(cfg), objective=objective_for(cfg, sites),
         logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process),
         rewarder=_rewarder(cfg),
-        summary={"output_dir": str(out)},
+        summary={"output_dir": str(out)}, rundir=rundir,
     )  # fmt: skip
     if run.sharded:
         check_shardable(model, tokenizer)
+    if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind
+        save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
+    quiet_hf_progress(cfg.progress and run.is_main)
     _print_header(run)
-    state = load_trainer_state(resume_from) if resume_from is not None else None
-    if state is None:
-        _warm_up(run)
+    run.resume_from = run.healthy_checkpoint = resume_from
+    run.resume_state = load_trainer_state(resume_from) if resume_from is not None else None
+    return run
+
+
+def start(run: Run, stop: dict) -> bool:
+    """What a run does before its first RL step, after ``build_run``: the supervised warm-up of a new run (resumable:
+    it checkpoints every ``sft.save_every`` steps and on Ctrl-C/SIGTERM) and the start evaluation, or the restored
+    state of a resumed run; then the frozen KL reference, router guidance and the optimiser, and DDP/FSDP2 wrapping.
+
+    Returns:
+        False when a stop request ended the warm-up (a checkpoint was written), True when RL can start.
+    """
+    cfg, out, model, state, resume_from = run.cfg, run.out, run.policy_model, run.resume_state, run.resume_from
+    if state is None or state.get("phase") == "sft":
+        if not _warm_up(run, stop):
+            return False
+        state = resume_from = None  # RL starts from step 0 on the warmed-up weights
     else:
-        run.summary |= state["summary"]
+        run.summary |= state["summary"] | {"output_dir": str(out)}  # a moved run names its new place
         if run.is_main:
             truncate_metrics(out / "metrics.jsonl", state["step"])
             remove_partial_checkpoints(out)
-        accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
+        run.accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
     if run.sharded:  # every rank shards its own copy: start from rank 0's, as DDP does
         broadcast_weights(model)
     if cfg.routing.freeze_router:
-        for site in sites:
+        for site in run.sites:
             site.weight.requires_grad_(False)
     if cfg.loss.kl_coef > 0:  # frozen copy of the RL start model (after the warm-up); a full copy per rank
         run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -280,7 +321,7 @@ def build_run(cfg: TrainConfig) -> Run:
     if run.sharded:
         shard_model(model)  # before the optimizer, which then holds the sharded parameters
     _optimizer(run, state, resume_from)
-    return run
+    return True
 
 
 def _rewarder(cfg: TrainConfig) -> RoutingRewarder | None:
@@ -304,24 +345,53 @@ def _print_header(run: Run) -> None:
         run.accelerator.print(f"  {describe_trainable(model)}")
 
 
-def _warm_up(run: Run) -> None:
-    """A new run: the supervised warm-up (every rank warms up its own copy; DDP then broadcasts rank 0's weights) and
-    the held-out accuracy before it and before RL."""
-    cfg = run.cfg
+def _warm_up(run: Run, stop: dict) -> bool:
+    """A new run (or one resumed inside its warm-up): the supervised warm-up (every rank warms up its own copy; DDP
+    then broadcasts rank 0's weights), and the held-out accuracy before it and before RL. False when a stop request
+    ended the warm-up after writing a checkpoint."""
+    cfg, state = run.cfg, run.resume_state
     if cfg.sft.steps > 0:
-        before = run.evaluate()
-        if before is not None:
-            run.summary["accuracy_init"] = before["accuracy"]
         sft_log = MetricsLogger(run.out / "sft_metrics.jsonl", enabled=run.is_main)
-        supervised_train(
+        start_step, resume = 0, None
+        if state is None:
+            before = run.evaluate()
+            if before is not None:
+                run.summary["accuracy_init"] = before["accuracy"]
+        else:  # resumed inside the warm-up: its weights are loaded, restore the optimiser and continue
+            start_step, run.summary = state["step"], state["summary"] | {"output_dir": str(run.out)}
+            resume = {"optimizer": load_optimizer_state(run.resume_from), "scheduler": state["scheduler"]}
+            set_rng_state(state["rng"])
+            if run.is_main:
+                truncate_metrics(run.out / "sft_metrics.jsonl", start_step)
+                remove_partial_checkpoints(run.out)
+            run.accelerator.print(
+                f"resuming the warm-up from {run.resume_from} ({start_step} of {cfg.sft.steps} steps)"
+            )
+
+        def checkpoint(steps_done: int, optimizer, schedule) -> None:
+            if run.is_main:
+                save_sft_checkpoint(run.out, steps_done, run.policy_model, run.tokenizer, optimizer, schedule,
+                                    dataclasses.replace(cfg, resume=None, overwrite=False), run.summary,
+                                    keep=cfg.keep_checkpoints)  # fmt: skip
+
+        outcome = supervised_train(
             run.policy_model, run.tokenizer, run.task.train, cfg.sft, seed=cfg.seed,
-            progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s),
+            progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s), start_step=start_step,
+            resume=resume, checkpoint=checkpoint, stop=stop,
         )  # fmt: skip
+        if outcome.interrupted:
+            run.accelerator.print(
+                f"{outcome.interrupted}: stopped the warm-up (checkpoint written). Resume with:\n"
+                f"  expertrl train --config {run.out}/config.yaml --resume {run.out}"
+            )
+            run.summary |= {"interrupted": outcome.interrupted}
+            return False
     start = run.evaluate()
     if start is not None:
         run.logger.log({"eval/accuracy": start["accuracy"]}, step=-1)
         run.summary["accuracy_start"] = start["accuracy"]
         print(f"held-out accuracy before RL: {start['accuracy']:.3f} ({start['n']} prompts)")
+    return True
 
 
 def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:

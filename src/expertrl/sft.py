@@ -9,29 +9,50 @@ prompt as the rollout renders them, and the answer tokens follow the prompt (``s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from expertrl.checkpoint import save_model
-from expertrl.config import ConfigError, SFTConfig, SFTJobConfig
+from expertrl.checkpoint import (
+    find_resume_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    load_weights,
+    remove_partial_checkpoints,
+    save_model,
+    save_sft_checkpoint,
+    set_rng_state,
+    stop_requests,
+    truncate_metrics,
+)
+from expertrl.config import ConfigError, RunFailed, SFTConfig, SFTJobConfig
 from expertrl.configio import save_yaml
 from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.evaluate import evaluate
-from expertrl.logging import MetricsLogger
+from expertrl.logging import MetricsLogger, progress_bar
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
 from expertrl.policy import position_ids_from_mask
-from expertrl.runtime import clip_grad, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
+from expertrl.rundir import claim_run_dir
+from expertrl.runtime import (
+    clip_grad,
+    derive_seed,
+    model_and_tokenizer,
+    optimizer_and_schedule,
+    seed_everything,
+    task_from_config,
+)
 from expertrl.tasks import sample_items
 from expertrl.vlm import encode_mm_batch
 
@@ -92,6 +113,14 @@ def supervised_mm_batch(processor, items: list[dict], device) -> tuple[Tensor, T
     return ids.to(device), attn.to(device), target[:, 1:].to(device), mm
 
 
+class SFTOutcome(NamedTuple):
+    """``supervised_train``'s result: the last step's metrics, and the stop request's signal when the loop stopped
+    early (a checkpoint was written first)."""
+
+    metrics: dict[str, float]
+    interrupted: str | None = None
+
+
 def supervised_train(
     model: nn.Module,
     tokenizer,
@@ -101,10 +130,26 @@ def supervised_train(
     seed: int,
     progress: bool = True,
     log=None,
-) -> dict:
-    """Train ``model`` in place for ``cfg.steps`` steps of cross-entropy on the answers; returns final metrics.
+    start_step: int = 0,
+    resume: dict | None = None,
+    checkpoint: Callable[[int, torch.optim.Optimizer, object], object] | None = None,
+    stop: dict | None = None,
+) -> SFTOutcome:
+    """Train ``model`` in place for ``cfg.steps`` steps of cross-entropy on the answers.
 
-    ``tokenizer`` may be a VLM's processor: the items then carry ``images`` or ``video`` (``supervised_mm_batch``).
+    Every step's batch and routing draws derive from ``(seed, step)``, so a run resumed at ``start_step`` with the
+    checkpoint's optimizer and scheduler states (``resume``) continues exactly as an uninterrupted one. A step whose
+    loss or gradient norm is NaN/Inf is skipped before it reaches the weights; ``cfg.max_bad_steps`` in a row stop
+    the run (``RunFailed``).
+
+    Args:
+        tokenizer: a tokenizer, or a VLM's processor (the items then carry ``images`` or ``video``).
+        start_step: the first step to run (a resumed run).
+        resume: ``{"optimizer": state_dict, "scheduler": state_dict}`` of the checkpoint to continue from.
+        checkpoint: ``checkpoint(steps_done, optimizer, scheduler)`` writes a resumable checkpoint; called every
+            ``cfg.save_every`` steps and when ``stop`` asks.
+        stop: a ``checkpoint.stop_requests`` dict: after Ctrl-C/SIGTERM the step finishes, a checkpoint is written and
+            the loop returns with ``interrupted`` set.
     """
     device = next(model.parameters()).device
     sites = find_routers(model, allow_dense=True)
@@ -121,15 +166,18 @@ def supervised_train(
             "a vision-language model (model.family=qwen3_vl_moe, or model.path to a Qwen3-VL-MoE checkpoint)"
         )
     policy = make_policy(cfg.routing, **cfg.routing_kwargs)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    rng = random.Random(seed)
     optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, cfg.steps)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["scheduler"])
     model.train()
     last: dict = {}
-    bar = tqdm(range(cfg.steps), desc="sft", disable=not progress)
+    bad_in_row = 0
+    bar = progress_bar(range(start_step, cfg.steps), desc="sft", total=cfg.steps, initial=start_step, enabled=progress)
     for step in bar:
         t0 = time.perf_counter()
-        batch = sample_items(items, cfg.batch_size, rng)
+        batch = sample_items(items, cfg.batch_size, random.Random(derive_seed(seed, step, 7)))
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, step, 8))
         if is_processor(tokenizer):  # M-RoPE: no position ids, the model computes its 3-D positions
             ids, attn, target, mm = supervised_mm_batch(tokenizer, batch, device)
             inputs = {"position_ids": None, "use_cache": False, **mm}
@@ -153,35 +201,93 @@ def supervised_train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad(model, cfg.optim.grad_clip)
-        optimizer.step()
-        schedule.step()
-        last = metrics | {"optim/grad_norm": grad_norm.detach(), "optim/lr": schedule.get_last_lr()[0]}
-        last["time/step"] = time.perf_counter() - t0
-        if log is not None:
-            log(last, step)
-        bar.set_postfix(loss=f"{ce.item():.3f}")
+        if bool(torch.isfinite(loss.detach() + grad_norm)):
+            bad_in_row = 0
+            optimizer.step()
+            schedule.step()
+            last = metrics | {"optim/grad_norm": grad_norm.detach(), "optim/lr": schedule.get_last_lr()[0]}
+            last["time/step"] = time.perf_counter() - t0
+            if log is not None:
+                log(last, step)
+            bar.set_postfix(loss=f"{ce.item():.3f}")
+        else:  # never let a NaN/Inf step reach the weights
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_row += 1
+            bar.write(f"sft step {step}: NaN/Inf loss or gradient norm, step skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg.max_bad_steps:
+                raise RunFailed(
+                    f"sft step {step}: {bad_in_row} steps in a row had a NaN/Inf loss or gradient norm "
+                    f"(sft.max_bad_steps={cfg.max_bad_steps}); fix the cause (e.g. lower sft.optim.lr) and start again"
+                )
+        signal = stop["signal"] if stop is not None else None
+        if checkpoint is not None and (signal or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            checkpoint(step + 1, optimizer, schedule)  # a skipped step left the weights as they were: safe to save
+        if signal and step + 1 < cfg.steps:
+            model.eval()
+            return SFTOutcome({k: float(v) for k, v in last.items()}, signal)
     model.eval()
-    return {k: float(v) for k, v in last.items()}
+    return SFTOutcome({k: float(v) for k, v in last.items()})
 
 
 def run_sft(cfg: SFTJobConfig) -> dict:
-    """`expertrl sft`: supervised fine-tuning, held-out accuracy before and after, final model saved."""
+    """`expertrl sft`: supervised fine-tuning, held-out accuracy before and after, final model saved.
+
+    Like ``expertrl train``: the output directory is claimed (locked, never an earlier run's unless ``overwrite``),
+    a checkpoint is written every ``sft.save_every`` steps and on Ctrl-C/SIGTERM (the summary then has
+    ``interrupted``), and ``resume`` continues from the latest complete one exactly as an uninterrupted run."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
+    resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
+    rundir = claim_run_dir(out, resume=resume_from is not None, overwrite=cfg.overwrite)
+    try:
+        with stop_requests() as stop:
+            return _run_sft(cfg, out, resume_from, stop)
+    finally:
+        rundir.release()
+
+
+def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task)
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
-    before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
+    start_step, resume = 0, None
+    if resume_from is None:
+        save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")
+        before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
+        summary = {"accuracy_before": before["accuracy"]}
+    else:
+        state = load_trainer_state(resume_from)
+        load_weights(model, resume_from / "model", cfg.model)
+        start_step, summary = state["step"], state["summary"]
+        resume = {"optimizer": load_optimizer_state(resume_from), "scheduler": state["scheduler"]}
+        set_rng_state(state["rng"])
+        truncate_metrics(out / "metrics.jsonl", start_step)
+        remove_partial_checkpoints(out)
+        print(f"resuming supervised fine-tuning from {resume_from} ({start_step} of {cfg.sft.steps} steps)")
     logger = MetricsLogger(out / "metrics.jsonl")
-    supervised_train(
-        model, tokenizer, task.train, cfg.sft, seed=cfg.seed, progress=cfg.progress, log=lambda m, s: logger.log(m, s)
-    )
+
+    def checkpoint(steps_done: int, optimizer, schedule) -> None:
+        config = dataclasses.replace(cfg, resume=None, overwrite=False)
+        save_sft_checkpoint(out, steps_done, model, tokenizer, optimizer, schedule, config, summary,
+                            keep=cfg.keep_checkpoints)  # fmt: skip
+
+    outcome = supervised_train(
+        model, tokenizer, task.train, cfg.sft, seed=cfg.seed, progress=cfg.progress, log=lambda m, s: logger.log(m, s),
+        start_step=start_step, resume=resume, checkpoint=checkpoint, stop=stop,
+    )  # fmt: skip
+    if outcome.interrupted:
+        print(
+            f"{outcome.interrupted}: stopped supervised fine-tuning (checkpoint written). Resume with:\n"
+            f"  expertrl sft --config {out}/config.yaml --resume {out}"
+        )
+        return summary | {"interrupted": outcome.interrupted}
     after = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
     save_model(model, tokenizer, out / "final")
-    summary = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"], "model": str(out / "final")}
+    summary |= {"accuracy_after": after["accuracy"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"sft: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}; model saved to {out / 'final'}")
+    print(
+        f"sft: held-out accuracy {summary['accuracy_before']:.3f} -> {after['accuracy']:.3f}; "
+        f"model saved to {out / 'final'}"
+    )
     return summary

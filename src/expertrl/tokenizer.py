@@ -1,9 +1,10 @@
 """A character-level tokenizer built offline, for tiny in-process models (no Hugging Face Hub needed).
 
 Contract: one token per character, ids ``<|pad|>`` 0, ``<|bos|>`` 1, ``<|eos|>`` 2, then the printable ASCII
-characters (``string.printable`` without the vertical tab and form feed, so space, ``\\t`` and ``\\n`` are in).
-``decode(encode(s)) == s`` exactly, spaces included. No BOS/EOS is added automatically; prompts are left-padded.
-A character outside the vocabulary (e.g. ``é``) makes encoding raise, since there is deliberately no unknown token.
+characters (``string.printable`` without the vertical tab and form feed, so space, ``\\t`` and ``\\n`` are in),
+then 256 byte tokens ``<0x00>`` ... ``<0xFF>``: any other character (``€``, ``×``, an emoji) is encoded as its UTF-8
+bytes (byte fallback), so ``decode(encode(s)) == s`` exactly for any text, spaces included, and a model can write
+every character a task's answer needs. No BOS/EOS is added automatically; prompts are left-padded.
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHARS = tuple(c for c in string.printable if c not in "\x0b\x0c")
-CHAR_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS)  # 3 + 98 = 101
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+CHAR_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS) + len(BYTE_TOKENS)  # 3 + 98 + 256 = 357
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """The character-level tokenizer described in the module docstring.
 
-    WordLevel over single characters, a pre-tokenizer that isolates every character and a ``Fuse`` decoder, which
-    concatenates tokens as they are. (``decoders.WordPiece``/``Metaspace``-style decoders insert or strip spaces;
-    ``Fuse`` does neither, so whitespace survives the round trip.)
+    A BPE model without merges (so: one token per character) with byte fallback, a pre-tokenizer that isolates every
+    character, and a decoder that turns byte tokens back into characters (``ByteFallback``; an invalid byte sequence
+    a model wrote becomes ``�``) and then concatenates tokens as they are (``Fuse``: no space is inserted or
+    stripped, so whitespace survives the round trip).
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARS + BYTE_TOKENS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     # The empty pattern matches between every pair of characters, so "isolated" yields one piece per character.
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,

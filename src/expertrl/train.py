@@ -1,6 +1,7 @@
 """`expertrl train`: optional supervised warm-up, then MoE-GRPO (or any preset). The whole loop is ``train`` below.
 
-    run = build_run(cfg)                     # every object, every start-up check, resume, warm-up  (run.py)
+    run = build_run(cfg)                     # every object, every start-up check, resume state  (run.py)
+    start(run, stop)                         # the warm-up (resumable), reference model, guidance, optimiser
     for step in range(run.start_step, cfg.steps):
         batch, metrics, spare = collect(run, step)     # rollout -> rewards -> advantages (-> DAPO refill)  (collect.py)
         metrics |= update(run, batch, spare, step)     # μ inner updates, NaN guard, DDP padding  (update.py)
@@ -13,18 +14,21 @@ as one that was never interrupted. docs/architecture.md says which module owns e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from pathlib import Path
 
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from expertrl.checkpoint import latest_checkpoint, save_model, stop_requests
 from expertrl.collect import collect
-from expertrl.config import TrainConfig
-from expertrl.logging import reduce_across_ranks, to_number
+from expertrl.config import RunFailed, TrainConfig
+from expertrl.io import DiskFullError
+from expertrl.logging import progress_bar, reduce_across_ranks, to_number
+from expertrl.ops import NonFiniteError
 from expertrl.parallel import gather_full_state
-from expertrl.run import Run, build_run, calibrate, make_guide
+from expertrl.run import Run, build_run, calibrate, make_guide, start
 from expertrl.update import update
 
 
@@ -32,12 +36,15 @@ def train(cfg: TrainConfig) -> dict:
     """Run the job described by ``cfg``; returns the summary that is also written to ``summary.json``.
 
     With ``cfg.resume`` it continues from the run's latest checkpoint (no warm-up, no start evaluation). Ctrl-C or
-    SIGTERM finishes the step, writes a checkpoint and returns the summary with ``interrupted`` set.
+    SIGTERM finishes the step (or warm-up step), writes a checkpoint and returns the summary with ``interrupted``
+    set; the CLI then exits with status 75 (EX_TEMPFAIL: try again with ``--resume``).
     """
     run = build_run(cfg)
-    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc="rl",
-               disable=not (cfg.progress and run.is_main))  # fmt: skip
-    with stop_requests() as stop:
+    with run.claimed(), stop_requests() as stop:  # the output directory's lock lasts as long as the run
+        if not start(run, stop):  # a stop request ended the warm-up: a checkpoint was written
+            return run.summary
+        bar = progress_bar(range(run.start_step, cfg.steps), desc="rl", total=cfg.steps, initial=run.start_step,
+                           enabled=cfg.progress and run.is_main)  # fmt: skip
         for step in bar:
             t0 = time.perf_counter()
             refresh_guidance(run, step)
@@ -50,7 +57,7 @@ def train(cfg: TrainConfig) -> dict:
             signal = record(run, step, metrics, stop["signal"], bar)
             if signal is not None:
                 return run.summary | {"interrupted": signal, "steps_done": step + 1}
-    return finish(run)
+        return finish(run)
 
 
 def refresh_guidance(run: Run, step: int) -> None:
@@ -68,16 +75,22 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
         the stop request's signal name when the run stops here (a checkpoint was written), else None.
     """
     cfg = run.cfg
-    if run.bad_in_row and run.is_main:
-        bar.write(
-            f"step {step}: NaN/Inf loss or gradient norm, update skipped ({run.bad_in_row} in a row; the run stops "
-            f"at max_bad_steps={cfg.max_bad_steps})"
-        )
     metrics = {k: to_number(v) for k, v in metrics.items()}
     if run.world > 1:  # one gather per step: the metrics, and whether any rank was asked to stop
         gathered = gather_object([(metrics, signal)])
         metrics = reduce_across_ranks([m for m, _ in gathered])
         signal = next((s for _, s in gathered if s), None)
+    if run.bad_in_row and run.is_main:
+        applied = int(metrics.get("optim/applied_updates", 0))
+        bar.write(
+            f"step {step}: NaN/Inf loss or gradient norm in inner update {applied + 1} of {cfg.inner_updates}, not "
+            f"applied ({applied} earlier applied; {run.bad_in_row} such steps in a row; the run stops at "
+            f"max_bad_steps={cfg.max_bad_steps})"
+        )
+    why = collapse(metrics, cfg)
+    run.collapsed_in_row = run.collapsed_in_row + 1 if why else 0
+    if why and run.is_main:
+        bar.write(f"step {step}: {why} ({run.collapsed_in_row} in a row; the run stops at max_bad_steps)")
     last_step = step + 1 == cfg.steps
     do_eval = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0 and not last_step
     if do_eval:
@@ -88,22 +101,28 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
         reward=f"{logged['reward/mean']:.2f}", gate_clip=f"{logged.get('loss/gate_clip_frac', 0.0):.2f}",
         **({"eval": f"{logged['eval/accuracy']:.2f}"} if do_eval else {}),
     )  # fmt: skip
-    if run.bad_in_row >= cfg.max_bad_steps:
-        last = latest_checkpoint(run.out)
+    if run.bad_in_row >= cfg.max_bad_steps or run.collapsed_in_row >= cfg.max_bad_steps:
+        nan = run.bad_in_row >= cfg.max_bad_steps
+        last = latest_checkpoint(run.out) if nan else run.healthy_checkpoint
         where = (
             f"The last good checkpoint {last} is intact; fix the cause (e.g. lower optim.lr), then continue with "
             f"--config {run.out}/config.yaml --resume {run.out}"
+            + ("" if nan or last == latest_checkpoint(run.out) else " after deleting the checkpoints saved after it")
             if last is not None
-            else "No checkpoint had been written yet (save_every=0 or before the first save)"
+            else "No checkpoint had been written before (save_every=0, or no healthy step reached a save)"
         )
-        raise RuntimeError(
-            f"step {step}: {run.bad_in_row} steps in a row had a NaN/Inf loss or gradient norm "
-            f"(max_bad_steps={cfg.max_bad_steps}); stopping without writing a checkpoint. {where}."
+        what = "had a NaN/Inf loss or gradient norm" if nan else f"showed a collapsed policy ({why})"
+        raise RunFailed(
+            f"step {step}: {cfg.max_bad_steps} steps in a row {what} (max_bad_steps={cfg.max_bad_steps}); "
+            f"stopping without writing a checkpoint. {where}."
         )
     periodic = cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or last_step)
     saved = None
-    if (periodic or signal) and run.bad_in_row == 0 and (run.is_main or run.sharded):  # never save a failed state
-        saved = run.save(step + 1)
+    if (periodic or signal) and run.bad_in_row == 0 and (run.is_main or run.sharded):  # never save a NaN state
+        with saving_stops(run, f"the checkpoint after step {step + 1}"):
+            saved = run.save(step + 1)
+        if run.collapsed_in_row == 0:  # what a collapse stop points back to
+            run.healthy_checkpoint = saved
     if signal and not last_step:
         bar.close()
         note = f"checkpoint {saved}" if saved is not None else f"no new checkpoint; latest {latest_checkpoint(run.out)}"
@@ -128,11 +147,73 @@ def finish(run: Run) -> dict:
         s["accuracy_end"] = final_eval["accuracy"]
         s["per_category_end"] = final_eval["per_category"]
         s["examples_end"] = final_eval["examples"]
-        s["model"] = str(save_model(run.policy_model, run.tokenizer, run.out / "final", state_dict=final_weights))
+        with saving_stops(run, "the final model (all RL steps are done)"):
+            s["model"] = str(save_final(run, final_weights))
         (run.out / "summary.json").write_text(json.dumps(s, indent=2))
         print_summary(s)
     run.accelerator.wait_for_everyone()  # rank 0 has written the final model
     return s
+
+
+RETRY_S = 10.0
+"""Seconds between attempts to write the final model on a full disk."""
+
+
+def save_final(run: Run, state_dict: dict | None) -> Path:
+    """The final model; on a full disk, retried every ``RETRY_S`` seconds for ``final_save_wait_s`` (the weights of
+    the last steps may exist only in memory), each failure printed with the space needed."""
+    deadline = time.monotonic() + run.cfg.final_save_wait_s
+    while True:
+        try:
+            return save_model(run.policy_model, run.tokenizer, run.out / "final", state_dict=state_dict)
+        except DiskFullError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            print(
+                f"could not write the final model: {e}. The trained weights are only in memory: free space; retrying "
+                f"every {RETRY_S:g} s for {left:.0f} s more (final_save_wait_s)",
+                flush=True,
+            )
+            time.sleep(min(RETRY_S, left))
+
+
+def collapse(metrics: dict, cfg: TrainConfig) -> str | None:
+    """Why the step's (rank-reduced) metrics show a policy that can no longer learn, or None.
+
+    * every completion was only EOS (nothing to reward, nothing to learn from);
+    * the gradient norm was exactly 0 although the loss had something to learn from: some group's rewards differed,
+      or the Switch load-balancing loss acts on a trainable router. Exactly 0 means saturated softmaxes (weights
+      blown up by a too-high learning rate); a healthy model has a small, non-zero gradient. A zero advantage
+      everywhere without the balancing loss (e.g. every answer right) is a legitimate zero gradient, not collapse.
+    """
+    if metrics.get("rollout/empty_frac", 0.0) == 1.0:
+        return "every completion was only EOS"
+    if metrics.get("optim/grad_norm") != 0.0:
+        return None
+    informative = 1.0 - metrics.get("reward/frac_zero_std", 1.0)
+    if informative > 0:
+        return f"the gradient norm was exactly 0 although {informative:.0%} of groups had a non-zero advantage"
+    if cfg.loss.lb_coef > 0 and not cfg.routing.freeze_router:
+        return "the gradient norm was exactly 0 although the load-balancing loss acts on the router (saturated routers)"
+    return None
+
+
+@contextlib.contextmanager
+def saving_stops(run: Run, what: str):
+    """A full disk, or weights gone NaN/Inf, while writing ``what`` stops the run with one message: the cause (for a
+    full disk the space needed), the last complete checkpoint (untouched) and the command that continues from it."""
+    try:
+        yield
+    except (DiskFullError, NonFiniteError) as e:
+        last = latest_checkpoint(run.out)
+        then = (
+            f"the last complete checkpoint {last} is intact: free space, then continue with "
+            f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
+            if last is not None
+            else "no checkpoint had been written yet"
+        )
+        raise RunFailed(f"could not write {what}: {e}; {then}") from e
 
 
 def print_summary(s: dict) -> None:

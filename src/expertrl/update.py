@@ -42,8 +42,9 @@ def denominators(run, batch: Rollout) -> tuple[Denominators, int]:
 def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
     """μ optimiser steps over ``batch``; returns the step's loss/optim/time metrics.
 
-    A skipped (NaN/Inf) step counts in ``run.skipped`` and ``run.bad_in_row`` (reset by a good step); ``record``
-    stops the run when ``max_bad_steps`` come in a row.
+    An inner update whose loss or gradient norm is NaN/Inf is not applied, nor are the step's later ones (the earlier
+    ones were: ``optim/applied_updates`` counts them); such a step counts in ``run.skipped`` and ``run.bad_in_row``
+    (reset by a good step), and ``record`` stops the run when ``max_bad_steps`` come in a row.
 
     Args:
         batch: the step's batch from ``collect`` (read-only).
@@ -57,7 +58,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
     n_pad = math.ceil(b_max / cfg.micro_batch_size) - math.ceil(B / cfg.micro_batch_size)
     pad_idx = torch.arange(min(cfg.micro_batch_size, spare.batch_size))
     metrics, grad_norms, losses_all = [], [], []
-    skipped = False
+    skipped, applied = False, 0
     for inner in range(cfg.inner_updates if b_max > 0 else 0):
         first = inner == 0
         store = BehaviourStore(B) if first else None
@@ -92,6 +93,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
         losses_all.append(torch.stack(losses).sum() if losses else torch.zeros(()))
         run.optimizer.step()
         run.schedule.step()
+        applied += 1
         if first and B > 0:
             batch = with_old_policy(batch, store.behaviour())  # later updates read the old policy from the batch
     run.bad_in_row = run.bad_in_row + 1 if skipped else 0
@@ -100,6 +102,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
         "time/update": time.perf_counter() - t0,
         "optim/lr": run.schedule.get_last_lr()[0],
         "optim/skipped_steps": run.skipped,
+        "optim/applied_updates": applied,
     }
     if metrics:  # empty when dynamic sampling dropped every group, or the first update was skipped
         out |= mean_metrics(metrics) | {

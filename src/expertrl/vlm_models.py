@@ -103,7 +103,8 @@ class LocalQwen3VLProcessor(Qwen3VLProcessor):
 
 
 def build_vlm_tokenizer():
-    """The character tokenizer (pad 0, bos 1, eos 2, printable ASCII) plus the four vision tokens (ids 101-104)."""
+    """The character tokenizer (pad 0, bos 1, eos 2, printable ASCII, byte fallback) plus the four vision tokens (ids
+    357-360)."""
     tok = build_char_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
     tok.chat_template = TINY_CHAT_TEMPLATE
