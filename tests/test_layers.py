@@ -13,11 +13,36 @@ LAYERS = [
     # 1: the maths and the routing layer
     {"losses", "rewards", "moe", "advantages", "diagnostics"},
     # 2: models, tasks, the rollout engine and the objective
-    {"models", "vlm", "vlm_models", "tasks", "tasks_mm", "decoding", "policy", "rollout", "objective", "plots"},
+    {
+        "models",
+        "vlm",
+        "vlm_models",
+        "tasks",
+        "tasks_mm",
+        "tasks_hf",
+        "prompts",
+        "decoding",
+        "policy",
+        "rollout",
+        "objective",
+        "plots",
+    },
     # 3: configuration
     {"config", "configio", "presets"},
     # 4: building and running pieces of a run
-    {"runtime", "checkpoint", "collect", "update", "evaluate", "routing_stats", "sft", "parallel", "logging", "run"},
+    {
+        "runtime",
+        "checkpoint",
+        "collect",
+        "update",
+        "evaluate",
+        "routing_stats",
+        "sft",
+        "parallel",
+        "logging",
+        "trackers",
+        "run",
+    },
     # 5: the entry points
     {"train", "cli", "report", "__main__"},
 ]
@@ -29,6 +54,10 @@ LOCAL_THIRD_PARTY = (
     "transformers",
     "torch.distributed",
     "accelerate",
+    "datasets",
+    "trackio",
+    "wandb",
+    "torch.utils.tensorboard",
 )
 """Optional or slow-to-import packages a function may import where it needs them."""
 LOCAL_OURS = {

@@ -171,7 +171,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task)
+    task = task_from_config(cfg.task, tokenizer)
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
     before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
