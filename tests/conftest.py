@@ -1,14 +1,27 @@
 """Shared fixtures and helpers: one intra-op thread (2 shared cores), the character tokenizer, a tiny Qwen3-MoE, the
-settings of a tiny training run (``tiny_args``), and the tiny VLM with multimodal items (module-scoped builds)."""
+settings of a tiny training run (``tiny_args``), and the tiny VLM with multimodal items (module-scoped builds); the
+datasets cache and trackio's store in a scratch directory. Local stand-ins for user models and data: ``standins.py``."""
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+import atexit
+import os
+import shutil
+import tempfile
 
-from expertrl.models import build_tiny_moe
-from expertrl.tasks_mm import load_mm_task
-from expertrl.tokenizer import build_char_tokenizer
+# Stores that packages locate at import time go to a scratch directory, not the home directory: the datasets cache
+# (hf: tasks) and trackio's local store (report_to trackio).
+_SCRATCH = tempfile.mkdtemp(prefix="expertrl-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_SCRATCH, "datasets")
+os.environ["TRACKIO_DIR"] = os.path.join(_SCRATCH, "trackio")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from expertrl.models import build_tiny_moe  # noqa: E402
+from expertrl.tasks_mm import load_mm_task  # noqa: E402
+from expertrl.tokenizer import build_char_tokenizer  # noqa: E402
 
 TINY_RUN = {
     "model.preset": "tiny", "sft.steps": 3, "sft.batch_size": 8, "steps": 2, "rollout.prompts_per_step": 2,

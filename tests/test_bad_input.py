@@ -1,11 +1,15 @@
 """Every bad input gets one clear error that names the field, file or line and says how to fix it (table-driven)."""
 
 import json
+import sys
 
 import pytest
+from conftest import tiny_args
+from standins import gsm8k_rows, write_dataset
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from expertrl.checkpoint import save_model
+from expertrl.cli import main
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
 from expertrl.tasks import load_task
@@ -35,6 +39,15 @@ CONFIG_CASES = [
     (["--guidance.percent", "100"], ["guidance.percent", "[0, 100)"]),
     (["--guidance.enabled", "true", "--routing.policy", "topk", "--loss.gate_coef", "0", "--routing.replay", "none"],
      ["guidance.enabled", "routing.policy=multinomial"]),
+    # rewards, answer formats, datasets, trackers (issue 14)
+    (["--reward_funcs", "[task, fromat]"], ["reward_funcs[1]", "'fromat'", "did you mean 'format'"]),
+    (["--reward_funcs", "[task, format]", "--reward_weights", "[1.0]"], ["reward_weights", "1 weights for 2"]),
+    (["--reward_kwargs", "{format: {style: boxed}}"], ["reward_kwargs", "not in reward_funcs", "add it there"]),
+    (["--report_to", "tensorbaord"], ["report_to[0]", "did you mean 'tensorboard'"]),
+    (["--report_to", "[none, wandb]"], ["report_to", "'none'", "drop one"]),
+    (["--task.answer_extractor", "gsm9k"], ["task.answer_extractor", "'gsm8k'"]),
+    (["--task.split", "test"], ["task.split", "hf:<path>", "'addition'"]),
+    (["--task.name", "hf:x.parquet", "--task.eval_split", "train"], ["task.eval_split", "must differ"]),
 ]  # fmt: skip
 
 
@@ -130,3 +143,53 @@ def test_router_logprob_methods_refuse_sigmoid_routers(tmp_path):
     args = [*preset_overrides("rspo"), "--model.family", "deepseek_v3", "--model.preset", "tiny"]
     with pytest.raises(ConfigError, match=r"sigmoid.*--routing.replay rollout --rspo.enabled false"):
         load_config(TrainConfig, None, [*args, "--output_dir", str(tmp_path / "r"), "--sft.steps", "0"])
+
+
+def _gsm8k_parquet(d):
+    write_dataset(gsm8k_rows(12), d / "gsm8k", "parquet")
+
+
+def _bad_jsonl(d):
+    (d / "bad.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer"\n')
+
+
+STARTUP_CASES = [
+    # (what, setup(dir), arguments ({d} = the directory), fragments of the one error line)
+    ("missing dataset file", None, ["--task.name", "hf:{d}/gsm8k.parquet"],
+     ["task.name", "gsm8k.parquet", "does not exist", "save_to_disk"]),
+    ("unknown field", _gsm8k_parquet, ["--task.name", "hf:{d}/gsm8k.parquet"],
+     ["task.prompt_field", "has no column 'prompt'", "['question', 'answer', 'level']", "Set task.prompt_field"]),
+    ("split that does not exist", _gsm8k_parquet,
+     ["--task.name", "hf:{d}/gsm8k.parquet", "--task.prompt_field", "question", "--task.eval_split", "test"],
+     ["task.eval_split", "no split 'test'", "['train']", "leave task.eval_split unset"]),
+    ("extractor that finds no answer", _gsm8k_parquet,
+     ["--task.name", "hf:{d}/gsm8k.parquet", "--task.prompt_field", "question", "--task.answer_extractor", "boxed"],
+     ["task.answer_extractor", "'boxed' finds no answer", "split 'train', row", "field 'answer'", "gsm8k reads"]),
+    ("dataset smaller than the sizes", _gsm8k_parquet,
+     ["--task.name", "hf:{d}/gsm8k.parquet", "--task.prompt_field", "question", "--task.train_size", "20"],
+     ["task.train_size", "has 12 rows", "= 22 is more", "Lower it"]),
+    ("bad JSONL line", _bad_jsonl, ["--task.name", "hf:{d}/bad.jsonl", "--task.prompt_field", "question"],
+     ["bad.jsonl:2", "not valid JSON"]),
+    ("reward option value", None, ["--reward_funcs", "[format]", "--reward_kwargs", "{{format: {{style: latex}}}}"],
+     ["reward_kwargs.format", "'latex'", "think_answer"]),  # bound and tried at start-up (config imports no torch)
+    ("tracker not installed", None, ["--report_to", "wandb"], ["report_to", "pip install 'expertrl[wandb]'"]),
+    ("chat template the tokenizer lacks", None, ["--task.chat_template", "true"],
+     ["task.chat_template", "no chat template", "task.chat_template=false"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "setup", "args", "fragments"), STARTUP_CASES, ids=[c[0] for c in STARTUP_CASES])
+def test_bad_startup_input_exits_2_with_one_message(tmp_path, monkeypatch, capsys, what, setup, args, fragments):
+    if setup is not None:
+        setup(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # wandb "not installed": its import fails, find_spec finds none
+    sizes = {"sft.steps": 0, "steps": 1, "task.train_size": 6, "task.eval_size": 2}  # the data files have 12 rows
+    argv = ["train", *tiny_args(**sizes), *[a.format(d=tmp_path) for a in args]]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--output_dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("expertrl train: error:")]
+    assert len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped at start-up, before any step

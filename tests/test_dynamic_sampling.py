@@ -61,8 +61,8 @@ def test_dynamic_sampling_refills_to_the_batch_size(tmp_path):
     calls = []
     real = T.compute_rewards
 
-    def alternate(weights, completions, items, task):  # every other group informative, deterministic
-        total, parts = real(weights, completions, items, task)
+    def alternate(weights, completions, items, task, **options):  # every other group informative, deterministic
+        total, parts = real(weights, completions, items, task, **options)
         total = torch.tensor([float((i // 4) % 2 == 0 and i % 4 == 0) for i in range(len(completions))])
         calls.append(len(completions))
         return total, parts

@@ -13,7 +13,20 @@ LAYERS = [
     # 1: the maths and the routing layer
     {"losses", "rewards", "moe", "advantages", "diagnostics"},
     # 2: models, tasks, the rollout engine and the objective
-    {"models", "vlm", "vlm_models", "tasks", "tasks_mm", "decoding", "policy", "rollout", "objective", "plots"},
+    {
+        "models",
+        "vlm",
+        "vlm_models",
+        "tasks",
+        "tasks_mm",
+        "tasks_hf",
+        "prompts",
+        "decoding",
+        "policy",
+        "rollout",
+        "objective",
+        "plots",
+    },
     # 3: configuration
     {"config", "configio", "presets"},
     # 4: building and running pieces of a run
@@ -28,6 +41,7 @@ LAYERS = [
         "sft",
         "parallel",
         "logging",
+        "trackers",
         "run",
     },
     # 5: the entry points
@@ -41,6 +55,10 @@ LOCAL_THIRD_PARTY = (
     "transformers",
     "torch.distributed",
     "accelerate",
+    "datasets",
+    "trackio",
+    "wandb",
+    "torch.utils.tensorboard",
 )
 """Optional or slow-to-import packages a function may import where it needs them."""
 LOCAL_OURS = {

@@ -19,7 +19,9 @@ from expertrl.moe.policies import POLICIES, make_policy
 from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
 from expertrl.objective import REPLAYS
 from expertrl.rewards import REWARDS
+from expertrl.rewards.answers import EXTRACTORS
 from expertrl.rewards.routing import HISTORIES, KINDS, POOLS
+from expertrl.trackers import TRACKERS
 from expertrl.types import UNROUTED
 
 N, E, K = 64, 8, 2
@@ -44,6 +46,8 @@ def _choices(cls, name):
         (C.RoutingRewardConfig, "pool", POOLS),
         (C.GuidanceConfig, "groups", GROUPINGS),
         (C.ModelConfig, "family", TINY),
+        (C.TaskConfig, "answer_extractor", EXTRACTORS),
+        (C.TaskConfig, "completion_extractor", EXTRACTORS),
     ],
 )
 def test_config_choices_are_the_registry_keys(cls, name, registry):
@@ -62,6 +66,9 @@ def test_config_choices_that_are_a_documented_subset():
     assert _choices(C.RoutingRewardConfig, "kind") == {"none", *KINDS}
     assert set(TINY) <= set(FAMILIES)
     assert C.LossConfig().name in LOSSES
+    assert set(typing.get_args(C.TrackerName)) == {"jsonl", "none", *TRACKERS}  # report_to: list of these
+    assert set(C.TrainConfig().reward_funcs) <= set(REWARDS)
+    assert set(typing.get_args(C.RewardName)) == set(REWARDS)  # reward_funcs: list of these (config imports no torch)
 
 
 def _logp(seed: int = 0, masked: bool = False) -> torch.Tensor:
@@ -122,3 +129,4 @@ def test_every_reward_returns_one_float32_per_completion(name):
     reward = REWARDS[name](completions, items, _Task())
     assert reward.shape == (len(completions),) and reward.dtype == torch.float32
     assert torch.isfinite(reward).all()
+    assert REWARDS[name]([], [], _Task()).shape == (0,)  # start-up checks reward_kwargs with an empty batch

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from expertrl.rewards import REWARDS, combine, compute_rewards, register_reward
+from expertrl.metrics import VOCABULARY, documented
+from expertrl.rewards import REWARDS, combine, compute_rewards, get_reward, register_reward
+from expertrl.rewards.answers import EXTRACTORS, get_extractor
+from expertrl.rewards.format import STYLES, has_format
 from expertrl.rewards.verifiers import exact_match, extract_answer, math_verify_match
 from expertrl.tasks import load_task
 
@@ -89,3 +92,89 @@ def test_wrong_reward_shape_fails(task):
             compute_rewards({"_test_scalar": 1.0}, ["1", "2"], task.eval[:2], task)
     finally:
         del REWARDS["_test_scalar"]
+
+
+# --- answer extractors (rewards/answers.py) and format rewards (rewards/format.py) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("text", "  19 \n", "19"),
+        ("answer_tag", "<think>so 18</think><answer> 19 </answer>", "19"),
+        ("answer_tag", "19", None),
+        ("boxed", "so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("boxed", "\\boxed{1} then \\boxed{2}", "2"),
+        ("boxed", "\\boxed{1} then \\boxed{unclosed", "1"),  # the last *closed* one
+        ("boxed", "\\fbox{7}", "7"),
+        ("boxed", "no box", None),
+        ("gsm8k", "He has 3 * 400 = <<3*400=1200>>1200 pens.\n#### 1,200", "1200"),
+        ("gsm8k", "#### 42\nextra line", "42"),
+        ("gsm8k", "####", None),
+        ("gsm8k", "42", None),
+        ("last_number", "3 apples and 1,234.5 pears.", "1234.5"),
+        ("last_number", "it is -3/4", "-3/4"),
+        ("last_number", "none", None),
+        ("auto", "<answer>5</answer> \\boxed{6}", "5"),
+        ("auto", "so \\boxed{6}\n#### 7", "6"),
+        ("auto", "work\n#### 7", "7"),
+        ("auto", " 19 ", "19"),
+    ],
+)
+def test_answer_extractors(name, text, expected):
+    assert EXTRACTORS[name](text) == expected
+
+
+def test_unknown_extractor_lists_the_names():
+    with pytest.raises(ValueError, match="gsm8k"):
+        get_extractor("gsm8")
+
+
+@pytest.mark.parametrize(
+    ("text", "think_answer", "answer", "boxed", "think_boxed"),
+    [
+        ("<think>a</think><answer>4</answer>", True, True, False, False),
+        ("<think>\na\n</think>\n<answer>\n4\n</answer>\n", True, True, False, False),
+        ("<think>a</think> so <answer>4</answer>", False, True, False, False),  # text between the blocks
+        ("<answer>4</answer>", False, True, False, False),
+        ("<think>a</think><answer>4</answer> more", False, False, False, False),  # text after the answer
+        ("<think>a</think><think>b</think><answer>4</answer>", False, True, False, False),
+        ("<think>a<answer>4</answer>", False, True, False, False),  # unclosed think
+        ("so \\boxed{4}", False, False, True, False),
+        ("<think>a</think> so \\boxed{4}.", False, False, True, True),
+        ("<think>\\boxed{4}</think> no", False, False, True, False),  # the box must follow the thinking
+    ],
+)
+def test_format_styles(text, think_answer, answer, boxed, think_boxed):
+    expected = dict(think_answer=think_answer, answer=answer, boxed=boxed, think_boxed=think_boxed)
+    assert {style: has_format(text, style) for style in STYLES} == expected
+
+
+def test_format_and_tag_count_rewards(task):
+    completions = ["<think>a</think><answer>4</answer>", "<answer>4</answer>", "4", "<think><think></think>"]
+    items = task.eval[:1] * 4
+    total, parts = compute_rewards(
+        {"task": 1.0, "format": 0.5, "tag_count": 0.25},
+        completions,
+        items,
+        task,
+        options={"format": {"style": "answer"}},
+    )
+    torch.testing.assert_close(parts["format"], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(parts["tag_count"], torch.tensor([1.0, 0.5, 0.0, 0.25]))
+    torch.testing.assert_close(total, parts["task"] + 0.5 * parts["format"] + 0.25 * parts["tag_count"])
+    _, parts = compute_rewards({"format": 1.0}, completions, items, task)  # default style: think_answer
+    torch.testing.assert_close(parts["format"], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_reward_options_are_checked_when_bound():
+    assert get_reward("format", style="boxed")(["\\boxed{1}"], [{}], None).tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['stile'\]; its options are \['style'\]"):
+        get_reward("format", stile="boxed")
+    with pytest.raises(ValueError, match="choose from"):
+        get_reward("nope")
+
+
+def test_every_registered_reward_has_a_documented_metric():
+    for name in REWARDS:
+        assert documented(f"reward/{name}") and f"reward/{name}" in VOCABULARY, name

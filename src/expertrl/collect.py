@@ -29,8 +29,10 @@ from expertrl.types import Rollout
 def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, Tensor]]:
     """One scored rollout of this rank's share of a step's prompts: completions, routes, rewards, advantages.
 
-    RO-GRPO's routing statistics of each completion (from the routing probabilities generation sampled with) become
-    a reward added to the task reward before the group advantage; DAPO's soft overlong punishment too. With a KL
+    The registered rewards of ``reward_funcs``, weighted by ``reward_weights``, make each completion's reward (each
+    logged unweighted as ``reward/<name>``). RO-GRPO's routing statistics of each completion (from the routing
+    probabilities generation sampled with) become a reward added to it before the group advantage; DAPO's soft
+    overlong punishment too. With a KL
     penalty, the reference model's token log-probs under the same distributions and routes.
     """
     cfg = run.cfg
@@ -55,9 +57,11 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
             ref_logp = policy_forward(run.ref_model, rollout, routes).logp  # the same distributions: KL starts at 0
-    rewards, parts = compute_rewards({"task": 1.0}, rollout.completions, rollout.items, run.task)
+    rewards, parts = compute_rewards(  # reward_funcs weighted by reward_weights (TRL's names)
+        cfg.reward_set, rollout.completions, rollout.items, run.task, options=cfg.reward_kwargs
+    )
     rewards = rewards.to(device)
-    metrics: dict[str, Tensor] = {}
+    metrics: dict[str, Tensor] = {f"reward/{name}": part.mean() for name, part in parts.items()}  # unweighted
     if run.rewarder is not None:  # RO-GRPO: no gradient, statistics of the completion tokens' routing distributions
         P = rollout.prompt_width
         probs = rollout.route_probs[:, :, P - 1 : -1]  # (L, B, C, E) completion token c <-> position P-1+c
@@ -65,12 +69,13 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
         progress = step / max(cfg.steps - 1, 1)
         parts["routing"], route_metrics = run.rewarder.score(probs, rollout.mask, progress, generator=shuffle_gen)
         rewards = rewards + parts["routing"].to(device)
-        metrics |= route_metrics | {"reward/task": parts["task"].mean()}
+        metrics |= route_metrics
     if cfg.rollout.overlong_cache > 0:  # DAPO soft overlong punishment, part of the reward before advantages
         parts["overlong"] = soft_overlong_punishment(
             rollout.mask.sum(-1), max_len=cfg.rollout.max_new_tokens, cache=cfg.rollout.overlong_cache
         )
         rewards = rewards + parts["overlong"].to(device)
+        metrics["reward/overlong"] = parts["overlong"].mean()
     completion = rollout.input_ids[:, rollout.prompt_width :]
     eos = text_tokenizer(run.tokenizer).eos_token_id
     lengths = rollout.mask.sum(-1)

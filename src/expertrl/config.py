@@ -10,11 +10,21 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from expertrl.families import FAMILIES, PRESETS, TINY, TINY_DENSE, TINY_MOE
 
 FamilyName = Literal[TINY]  # type: ignore[valid-type]  # the in-process families of expertrl.families
+ExtractorName = Literal["auto", "text", "answer_tag", "boxed", "gsm8k", "last_number"]
+"""the answer extractors of expertrl.rewards.answers.EXTRACTORS (a test keeps the two equal)"""
+RewardName = Literal["task", "format", "tag_count"]
+"""the rewards of expertrl.rewards.REWARDS (a test keeps the two equal; config imports no torch)"""
+TrackerName = Literal["jsonl", "tensorboard", "trackio", "wandb", "none"]
+"""report_to's choices: expertrl.trackers.TRACKERS, plus jsonl (always written) and none (a test keeps them equal)"""
+
+
+def _choices(literal) -> list[str]:
+    return list(get_args(literal))
 
 
 class ConfigError(ValueError):
@@ -154,8 +164,10 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """task: 'addition' (built in), 'rg:<reasoning-gym dataset>' (e.g. rg:chain_sum), 'jsonl:<path>', or 'mm:<name>'
-    (digits_mc, shapes_count, colour, motion_video, jsonl_mm:<path>; needs a VLM such as model.family=qwen3_vl_moe)"""
+    """task: 'addition' (built in), 'rg:<reasoning-gym dataset>' (e.g. rg:chain_sum), 'jsonl:<path>', 'hf:<path>' (a
+    local .parquet/.jsonl/.json/.csv file, save_to_disk directory or directory of data files, read with Hugging Face
+    datasets), or 'mm:<name>' (digits_mc, shapes_count, colour, motion_video, jsonl_mm:<path>; needs a VLM such as
+    model.family=qwen3_vl_moe)"""
     train_size: int = 4000
     """number of training prompts drawn from the task"""
     eval_size: int = 128
@@ -166,10 +178,66 @@ class TaskConfig:
     """task-specific options, e.g. {'max_value': 30} for addition or reasoning-gym config fields"""
     verifier: Literal["task", "exact_match", "math_verify"] = "task"
     """how a completion is scored: the task's own scorer, exact string match, or math-verify equivalence"""
+    completion_extractor: ExtractorName = "auto"
+    """how the verifier reads the model's answer out of a completion: auto (<answer> tag, else \\boxed{}, else '####',
+    else the whole text), text, answer_tag, boxed, gsm8k, last_number (expertrl.rewards.answers); a completion that
+    states no answer scores 0"""
+    prompt_field: str = "prompt"
+    """jsonl:/hf: tasks: the field (column) holding the prompt text"""
+    answer_field: str = "answer"
+    """jsonl:/hf: tasks: the field holding the gold answer (read by task.answer_extractor)"""
+    category_field: str | None = None
+    """jsonl:/hf: tasks: the field whose value breaks eval accuracy down; null = 'category' where the rows have one"""
+    answer_extractor: ExtractorName = "auto"
+    """jsonl:/hf: tasks: how the gold answer is read out of task.answer_field: gsm8k (GSM8K's '#### 42'), boxed
+    (MATH's \\boxed{42}), text (the field as it is), answer_tag, last_number, or auto; a row where it finds none is an
+    error naming the row"""
+    split: str = "train"
+    """hf: tasks: the split to train on (a single data file's one split is 'train')"""
+    eval_split: str | None = None
+    """hf: tasks: the held-out split (e.g. test); null = carve task.eval_size rows out of task.split"""
+    chat_template: bool | None = None
+    """render prompts with the tokenizer's chat template (expertrl.prompts): null = when the tokenizer has one (the
+    in-process character tokenizer has none, so its prompts stay plain text), true = always (an error without one),
+    false = plain text"""
+    system_prompt: str | None = None
+    """system turn before every prompt, e.g. the answer format to use (plain-text prompts: its own line before the
+    prompt)"""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """extra variables of the chat template, e.g. {enable_thinking: false} for Qwen3"""
 
     def __post_init__(self) -> None:
         _check(self.train_size >= 1, "task.train_size", f"must be >= 1, got {self.train_size}")
         _check(self.eval_size >= 1, "task.eval_size", f"must be >= 1, got {self.eval_size}")
+        hf, file_task = self.name.startswith("hf:"), self.name.startswith(("hf:", "jsonl:"))
+        for key, ok in (*((k, file_task) for k in FILE_TASK_FIELDS), *((k, hf) for k in HF_TASK_FIELDS)):
+            _check(
+                ok or getattr(self, key) == getattr(TaskConfig, key, None),
+                f"task.{key}",
+                f"applies to {'hf:<path>' if key in HF_TASK_FIELDS else 'jsonl:<path> and hf:<path>'} tasks, not to "
+                f"{self.name!r}; leave it unset",
+            )
+        _check(
+            self.eval_split is None or self.eval_split != self.split,
+            "task.eval_split",
+            f"the held-out split must differ from task.split={self.split!r}; leave task.eval_split unset to carve "
+            "task.eval_size rows out of it",
+        )
+        _check(
+            not (self.name.startswith("mm:") and (self.system_prompt is not None or self.chat_template is not None)),
+            "task.system_prompt",
+            "mm: tasks are rendered by the model's processor; leave task.system_prompt and task.chat_template unset",
+        )
+
+    @property
+    def file_options(self) -> dict:
+        """The field-mapping and split options a file-based task takes (``tasks.load_task``'s ``files``)."""
+        keys = FILE_TASK_FIELDS + HF_TASK_FIELDS if self.name.startswith("hf:") else FILE_TASK_FIELDS
+        return {k: getattr(self, k) for k in keys} if self.name.startswith(("hf:", "jsonl:")) else {}
+
+
+FILE_TASK_FIELDS = ("prompt_field", "answer_field", "category_field", "answer_extractor")
+HF_TASK_FIELDS = ("split", "eval_split")
 
 
 @dataclass
@@ -477,6 +545,22 @@ class TrainConfig:
     """how several processes (torchrun / accelerate launch) share the model: ddp keeps a full copy on every process;
     fsdp2 shards each decoder layer's weights, gradients and optimizer state over them (PyTorch fully_shard; text MoE
     models without adapters). Both train the same global batch; one process ignores it"""
+    reward_funcs: list[RewardName] = field(default_factory=lambda: ["task"])
+    """rewards added up into each completion's reward (TRL's reward_funcs), keys of expertrl.rewards.REWARDS: task (the
+    task's verifier), format (1 when the completion has the answer format), tag_count (0.25 per format tag used once);
+    each is logged as reward/<name>"""
+    reward_weights: list[float] | None = None
+    """weight of each reward_funcs entry, in order (TRL's reward_weights); null = 1.0 each"""
+    reward_kwargs: dict = field(default_factory=dict)
+    """options of each reward by name, e.g. {format: {style: boxed}} (styles: think_answer, answer, boxed,
+    think_boxed; expertrl.rewards.format)"""
+    report_to: list[TrackerName] = field(default_factory=lambda: ["jsonl"])
+    """experiment trackers (TRL's report_to): jsonl (metrics.jsonl, always written), tensorboard (output_dir/runs),
+    trackio, wandb; none = jsonl only. Trackers are extras: pip install 'expertrl[tensorboard]' (or trackio, wandb)"""
+    run_name: str | None = None
+    """the run's name in the trackers (TRL's run_name); null = the last part of output_dir"""
+    project: str = "expertrl"
+    """the trackio / wandb project the run is logged under"""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
@@ -491,6 +575,7 @@ class TrainConfig:
         _check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _check(self.save_every >= 0, "save_every", f"must be >= 0 (0 = only the final model), got {self.save_every}")
+        self.check_rewards()
         self.check_combination()
 
     def sigmoid_router_fixes(self) -> list[str]:
@@ -508,6 +593,41 @@ class TrainConfig:
             "--sft.routing topk": self.sft.steps > 0 and self.sft.routing != "topk",
         }
         return [flag for flag, wrong in needed.items() if wrong]
+
+    @property
+    def reward_set(self) -> dict[str, float]:
+        """reward name -> weight, in ``reward_funcs`` order."""
+        weights = self.reward_weights if self.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        return dict(zip(self.reward_funcs, weights, strict=True))
+
+    def check_rewards(self) -> None:
+        """The reward set: named once each, one weight per name, options only for named rewards (the options
+        themselves are bound and tried at start-up: ``run.check_reward_options``)."""
+        funcs = self.reward_funcs
+        _check(
+            bool(funcs), "reward_funcs", f"name at least one reward, e.g. [task]; choose from {_choices(RewardName)}"
+        )
+        _check(len(set(funcs)) == len(funcs), "reward_funcs", f"a reward is named twice in {funcs}")
+        if self.reward_weights is not None:
+            _check(
+                len(self.reward_weights) == len(funcs),
+                "reward_weights",
+                f"{len(self.reward_weights)} weights for {len(funcs)} reward_funcs {funcs}; give one weight per "
+                "reward, in order (or null for 1.0 each)",
+            )
+        for name, options in self.reward_kwargs.items():
+            _check(
+                name in funcs,
+                "reward_kwargs",
+                f"options for {name!r}, which is not in reward_funcs {funcs}; add it there or drop its options",
+            )
+            _check(isinstance(options, dict), f"reward_kwargs.{name}", f"expected a mapping, got {options!r}")
+        if "none" in self.report_to:
+            _check(
+                set(self.report_to) <= {"none", "jsonl"},
+                "report_to",
+                f"'none' (metrics.jsonl only) excludes the trackers {self.report_to}; drop one",
+            )
 
     def check_combination(self) -> None:
         """Reject combinations of methods that make no sense (an error, not a warning)."""

@@ -252,6 +252,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 _coerce(k, args[0], f"{key}[{k!r}]"): _coerce(v, args[1], f"{key}[{k!r}]") for k, v in value.items()
             }
     elif origin in (tuple, list):
+        if origin is list and args and not isinstance(value, (list, tuple, dict)) and value is not None:
+            return [_coerce(value, args[0], f"{key}[0]")]  # one value for a list: --report_to tensorboard
         if isinstance(value, (list, tuple)):
             if origin is list:
                 return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)

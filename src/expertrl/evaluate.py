@@ -131,7 +131,7 @@ def evaluate(
             scores.append(float(score(text, it)))
             cats.append(str(it.get("category", "all")))
             if len(examples) < 3:
-                examples.append((it["prompt"], text))
+                examples.append((it.get("question", it["prompt"]), text))  # the question, not the template
     result = {
         "accuracy": sum(scores) / max(len(scores), 1),
         "per_category": _mean_by_category(cats, scores),
@@ -248,7 +248,7 @@ def run_eval(cfg) -> dict:
         )
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task)
+    task = task_from_config(cfg.task, tokenizer)
     result = evaluate(
         model, tokenizer, task.eval, task.score, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
         progress=cfg.progress, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k,

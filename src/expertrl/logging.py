@@ -1,4 +1,5 @@
-"""Metric sinks and progress: one JSON line per step in ``metrics.jsonl``, and a progress display. Rank 0 writes.
+"""Metric sinks and progress: one JSON line per step in ``metrics.jsonl``, forwarded to the run's experiment trackers
+(``report_to``: ``expertrl.trackers``), and a progress display. Rank 0 writes.
 
 Metrics arrive as a flat dict of detached tensors (0-d or 1-d) and floats; they are turned into Python numbers
 once per step here, never inside the losses (STYLE.md §6).
@@ -13,12 +14,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
+
+from expertrl.trackers import Tracker, scalars
 
 PLAIN_EVERY_S = 30.0
 """Seconds between two plain progress lines off a terminal."""
@@ -92,11 +96,13 @@ def mean_metrics(records: list[dict]) -> dict:
 
 
 class MetricsLogger:
-    """Appends ``{"step": s, **metrics}`` lines to ``path`` (flushed every line, so a killed run keeps its log)."""
+    """Appends ``{"step": s, **metrics}`` lines to ``path`` (flushed every line, so a killed run keeps its log) and
+    hands the record's scalars to each tracker (step -1, the evaluation before RL, as step 0)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, trackers: Sequence[Tracker] = ()):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = list(trackers) if enabled else []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +111,20 @@ class MetricsLogger:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in self.trackers:
+                tracker.log(scalars(record), max(step, 0))
         return record
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        """Figures, as (H, W, 3) uint8 images, to every tracker (metrics.jsonl holds only numbers)."""
+        for tracker in self.trackers:
+            tracker.log_images(images, max(step, 0))
+
+    def close(self) -> None:
+        """Finish every tracker (metrics.jsonl needs no closing); safe to call twice."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
 
 
 SUMMED_ACROSS_RANKS = ("rollout/num_tokens", "time/tokens_per_s")

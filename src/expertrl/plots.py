@@ -381,3 +381,27 @@ def render_figures(labels: list[str], metrics: list[Records], routings: list[dic
         fig = make()
         out[fid] = None if fig is None else png_data_uri(fig)
     return out
+
+
+METRIC_FIGURES = ("fig-reward", "fig-accuracy", "fig-loss-diagnostics", "fig-utilisation-steps")
+"""the figures drawn from metrics.jsonl alone (no evaluation pass): what a run's experiment tracker shows"""
+
+
+def figure_images(labels: list[str], metrics: list[Records]) -> dict[str, np.ndarray]:
+    """{figure id: (H, W, 3) uint8 RGB image} of the ``METRIC_FIGURES`` the runs have data for (for trackers)."""
+    makers = {
+        "fig-reward": fig_reward,
+        "fig-accuracy": fig_accuracy,
+        "fig-loss-diagnostics": fig_loss_diagnostics,
+        "fig-utilisation-steps": fig_utilisation_steps,
+    }
+    assert tuple(makers) == METRIC_FIGURES
+    out = {}
+    for fid, make in makers.items():
+        fig = make(labels, metrics)
+        if fig is None:
+            continue
+        fig.canvas.draw()
+        out[fid] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3)
+        plt.close(fig)
+    return out

@@ -142,7 +142,7 @@ def routing_statistics_for_run(run_dir: str | Path, *, progress: bool = False) -
     seed = int(config.get("seed", 0))
     seed_everything(seed)
     model, tokenizer = model_and_tokenizer(model_cfg, seed, allow_dense=True)
-    task = task_from_config(task_cfg)
+    task = task_from_config(task_cfg, tokenizer)
     rollout = config.get("rollout", {})
     if "max_new_tokens" in rollout:
         max_new = int(rollout["max_new_tokens"])

@@ -1,10 +1,10 @@
 """Everything one ``expertrl train`` run is made of, built in one place: ``build_run(cfg) -> Run``.
 
-``build_run`` makes every object from the config (model, tokenizer, task, routing policy, sampling distributions,
-objective, routing rewarder), runs every start-up check that needs the model, restores a resumed run's state, runs
-the supervised warm-up and the start evaluation of a new run, calibrates router guidance, builds the frozen
-reference model and the optimiser, and wraps the model for several processes (DDP or FSDP2). What is left is the
-loop of ``train.py``: ``collect -> update -> record``.
+``build_run`` makes every object from the config (model, tokenizer, task with its prompts rendered, routing policy,
+sampling distributions, objective, routing rewarder, experiment trackers), runs every start-up check that needs the
+model, restores a resumed run's state, runs the supervised warm-up and the start evaluation of a new run, calibrates
+router guidance, builds the frozen reference model and the optimiser, and wraps the model for several processes (DDP
+or FSDP2). What is left is the loop of ``train.py``: ``collect -> update -> record``.
 
 Several processes (``torchrun`` / ``accelerate launch``): each rank draws the same global prompts as a 1-process run
 and rolls out its own contiguous slice of them (whole groups); losses are normalised by global counts; rank 0 alone
@@ -41,7 +41,7 @@ from expertrl.checkpoint import (
     truncate_metrics,
 )
 from expertrl.config import ConfigError, TrainConfig
-from expertrl.configio import save_yaml
+from expertrl.configio import save_yaml, to_dict
 from expertrl.decoding import is_processor
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, quiet_hf_progress
@@ -62,12 +62,14 @@ from expertrl.parallel import (
     refuse_accelerate_fsdp,
     shard_model,
 )
+from expertrl.rewards import get_reward
 from expertrl.rewards.routing import RoutingRewarder
 from expertrl.rollout import generate_rollout
 from expertrl.rundir import RunDir, claim_run_dir
 from expertrl.runtime import derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
 from expertrl.sft import supervised_train
 from expertrl.tasks import Task, sample_items
+from expertrl.trackers import check_installed, make_trackers
 from expertrl.types import Sampling
 from expertrl.vlm import vision_token_ids
 
@@ -246,6 +248,9 @@ def build_run(cfg: TrainConfig) -> Run:
             f"be divisible by the number of processes ({accelerator.num_processes}); each process rolls out whole "
             "groups"
         )
+    if accelerator.is_main_process:
+        check_installed(cfg.report_to)  # a missing tracker stops the run now, before any model is loaded
+    check_reward_options(cfg)
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     rundir = None
@@ -260,19 +265,37 @@ def build_run(cfg: TrainConfig) -> Run:
         raise
 
 
+def check_reward_options(cfg: TrainConfig) -> None:
+    """Bind every reward to its ``reward_kwargs`` and call it on an empty batch: a misspelled option or a bad value
+    stops the run here, naming ``reward_kwargs.<name>``, before any model loads."""
+    for name in cfg.reward_funcs:
+        try:
+            get_reward(name, **cfg.reward_kwargs.get(name, {}))([], [], None)
+        except ValueError as e:
+            raise ConfigError(f"reward_kwargs.{name}: {e}") from None
+
+
 def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: Path | None, rundir) -> Run:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
     if resume_from is not None:
         load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
     model.to(accelerator.device)
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
-    task = task_from_config(cfg.task)
+    task = task_from_config(cfg.task, tokenizer)
     check_model(cfg, sites, task, tokenizer)
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    trackers = []
+    if accelerator.is_main_process:
+        trackers = make_trackers(
+            cfg.report_to, out=out, run_name=cfg.run_name or out.resolve().name, project=cfg.project,
+            config=to_dict(dataclasses.replace(cfg, resume=None, overwrite=False)),
+            resume_step=state["step"] if state and state.get("phase", "rl") == "rl" else None,
+        )  # fmt: skip
     run = Run(
         cfg=cfg, out=out, accelerator=accelerator, model=model, policy_model=model, tokenizer=tokenizer, task=task,
         sites=sites, policy=make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std),
         sampling=sampling_of(cfg), objective=objective_for(cfg, sites),
-        logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process),
+        logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process, trackers=trackers),
         rewarder=_rewarder(cfg),
         summary={"output_dir": str(out)}, rundir=rundir,
     )  # fmt: skip
@@ -283,7 +306,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     quiet_hf_progress(cfg.progress and run.is_main)
     _print_header(run)
     run.resume_from = run.healthy_checkpoint = resume_from
-    run.resume_state = load_trainer_state(resume_from) if resume_from is not None else None
+    run.resume_state = state
     return run
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from expertrl.config import ModelConfig, OptimConfig, TaskConfig
+from expertrl.config import ConfigError, ModelConfig, OptimConfig, TaskConfig
+from expertrl.decoding import is_processor
 from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
 from expertrl.moe.lora import attach_lora, load_lora
 from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
+from expertrl.prompts import render_items
 from expertrl.tasks import Task, load_task
 from expertrl.tokenizer import build_char_tokenizer
 
@@ -161,8 +163,20 @@ def clip_grad(model: nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
-def task_from_config(cfg: TaskConfig) -> Task:
-    """The task a ``TaskConfig`` describes (train and held-out splits, scorer)."""
-    return load_task(
-        cfg.name, train_size=cfg.train_size, eval_size=cfg.eval_size, seed=cfg.seed, verifier=cfg.verifier, **cfg.kwargs
-    )
+def task_from_config(cfg: TaskConfig, tokenizer=None) -> Task:
+    """The task a ``TaskConfig`` describes (train and held-out splits, scorer), its prompts rendered for ``tokenizer``
+    (``prompts.render_items``: the chat template and system prompt) when one is given; a VLM's processor renders its
+    own prompts, so a processor leaves them as they are."""
+    task = load_task(
+        cfg.name, train_size=cfg.train_size, eval_size=cfg.eval_size, seed=cfg.seed, verifier=cfg.verifier,
+        completion_extractor=cfg.completion_extractor, files=cfg.file_options, **cfg.kwargs,
+    )  # fmt: skip
+    if tokenizer is None or is_processor(tokenizer) or task.multimodal:
+        return task
+    render = dict(chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                  template_kwargs=cfg.chat_template_kwargs)  # fmt: skip
+    try:
+        return replace(task, train=render_items(task.train, tokenizer, **render),
+                       eval=render_items(task.eval, tokenizer, **render))  # fmt: skip
+    except ValueError as e:  # a tokenizer without a template asked for one: a bad setting
+        raise ConfigError(str(e)) from None

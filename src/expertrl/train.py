@@ -24,10 +24,11 @@ from accelerate.utils import gather_object
 from expertrl.checkpoint import latest_checkpoint, save_model, stop_requests
 from expertrl.collect import collect
 from expertrl.config import RunFailed, TrainConfig
-from expertrl.io import DiskFullError
+from expertrl.io import DiskFullError, read_jsonl
 from expertrl.logging import progress_bar, reduce_across_ranks, to_number
 from expertrl.ops import NonFiniteError
 from expertrl.parallel import gather_full_state
+from expertrl.plots import figure_images
 from expertrl.run import Run, build_run, calibrate, make_guide, start
 from expertrl.update import update
 
@@ -40,24 +41,27 @@ def train(cfg: TrainConfig) -> dict:
     set; the CLI then exits with status 75 (EX_TEMPFAIL: try again with ``--resume``).
     """
     run = build_run(cfg)
-    with run.claimed(), stop_requests() as stop:  # the output directory's lock lasts as long as the run
-        if not start(run, stop):  # a stop request ended the warm-up: a checkpoint was written
-            return run.summary
-        bar = progress_bar(range(run.start_step, cfg.steps), desc="rl", total=cfg.steps, initial=run.start_step,
-                           enabled=cfg.progress and run.is_main)  # fmt: skip
-        for step in bar:
-            t0 = time.perf_counter()
-            refresh_guidance(run, step)
-            batch, metrics, spare = collect(run, step)
-            metrics["time/rollout"] = time.perf_counter() - t0
-            metrics |= update(run, batch, spare, step)
-            metrics["time/step"] = time.perf_counter() - t0
-            metrics["rollout/num_tokens"] = batch.mask.sum()
-            metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
-            signal = record(run, step, metrics, stop["signal"], bar)
-            if signal is not None:
-                return run.summary | {"interrupted": signal, "steps_done": step + 1}
-        return finish(run)
+    try:
+        with run.claimed(), stop_requests() as stop:  # the output directory's lock lasts as long as the run
+            if not start(run, stop):  # a stop request ended the warm-up: a checkpoint was written
+                return run.summary
+            bar = progress_bar(range(run.start_step, cfg.steps), desc="rl", total=cfg.steps, initial=run.start_step,
+                               enabled=cfg.progress and run.is_main)  # fmt: skip
+            for step in bar:
+                t0 = time.perf_counter()
+                refresh_guidance(run, step)
+                batch, metrics, spare = collect(run, step)
+                metrics["time/rollout"] = time.perf_counter() - t0
+                metrics |= update(run, batch, spare, step)
+                metrics["time/step"] = time.perf_counter() - t0
+                metrics["rollout/num_tokens"] = batch.mask.sum()
+                metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
+                signal = record(run, step, metrics, stop["signal"], bar)
+                if signal is not None:
+                    return run.summary | {"interrupted": signal, "steps_done": step + 1}
+            return finish(run)
+    finally:
+        run.logger.close()  # the experiment trackers (report_to) finish, also when a step raised
 
 
 def refresh_guidance(run: Run, step: int) -> None:
@@ -144,6 +148,9 @@ def finish(run: Run) -> dict:
     s["wall_time_s"] = round(run.elapsed_before + time.perf_counter() - run.t_start, 1)
     if run.is_main:
         run.logger.log({"eval/accuracy": final_eval["accuracy"]}, step=run.cfg.steps)
+        if run.logger.trackers:  # the report's figures that metrics.jsonl alone can draw
+            records = [rec for _, rec in read_jsonl(run.logger.path, skip_bad=True)]
+            run.logger.log_images(figure_images([run.out.name], [records]), step=run.cfg.steps)
         s["accuracy_end"] = final_eval["accuracy"]
         s["per_category_end"] = final_eval["per_category"]
         s["examples_end"] = final_eval["examples"]

@@ -1,13 +1,20 @@
 """Reward registry: named functions from a batch of completions to a ``(B,)`` float32 reward, combined by weight.
 
-Contract: ``fn(completions: list[str], items: list[dict], task: Scorer) -> Tensor (B,) float32``, where
-``items[b]`` is the task item (``prompt``, ``answer``, ...) that ``completions[b]`` answers. An exception inside a
-reward is re-raised by ``compute_rewards`` as a ``RuntimeError`` naming the reward, the prompt and the completion
-that triggered it.
+Contract: ``fn(completions: list[str], items: list[dict], task: Scorer, **options) -> Tensor (B,) float32``, where
+``items[b]`` is the task item (``prompt``, ``answer``, ...) that ``completions[b]`` answers and ``options`` are the
+reward's keyword-only parameters (``reward_kwargs`` in the config, bound and checked at start-up by ``get_reward``
+and one call on an empty batch, which every reward must accept).
+An exception inside a reward is re-raised by ``compute_rewards`` as a ``RuntimeError`` naming the reward, the prompt
+and the completion that triggered it.
+
+Registered: ``task`` (the task's verifier), ``format`` and ``tag_count`` (``rewards/format.py``). A run chooses them
+with ``reward_funcs`` and weighs them with ``reward_weights`` (TRL's names); each is logged as ``reward/<name>``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,7 +28,8 @@ class Scorer(Protocol):
     def score(self, completion: str, item: dict) -> float: ...
 
 
-RewardFn = Callable[[list[str], list[dict], Scorer], Tensor]
+RewardFn = Callable[..., Tensor]
+"""(completions, items, task, **options) -> (B,) float32"""
 REWARDS: dict[str, RewardFn] = {}
 
 
@@ -40,6 +48,23 @@ def task_reward(completions: list[str], items: list[dict], task: Scorer) -> Tens
     return torch.tensor([task.score(c, item) for c, item in zip(completions, items, strict=True)], dtype=torch.float32)
 
 
+def get_reward(name: str, **options) -> functools.partial:
+    """The reward ``name`` with its keyword-only options bound, checked now (a misspelled option fails at start-up).
+
+    Raises:
+        ValueError: unknown ``name`` (lists the registered ones), or an option the reward does not take (lists the
+            ones it does).
+    """
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
+    params = inspect.signature(REWARDS[name]).parameters
+    allowed = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"reward {name!r} got unknown option(s) {unknown}; its options are {allowed}")
+    return functools.partial(REWARDS[name], **options)
+
+
 def combine(parts: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     """(B,) sum over rewards of weight * reward. ``parts`` and ``weights`` must name the same rewards."""
     assert parts, "no reward parts to combine"
@@ -54,10 +79,18 @@ def _clip(text: str, limit: int = 200) -> str:
 
 
 def compute_rewards(
-    names_weights: dict[str, float], completions: list[str], items: list[dict], task: Scorer
+    names_weights: dict[str, float],
+    completions: list[str],
+    items: list[dict],
+    task: Scorer,
+    *,
+    options: dict[str, dict] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Run each named reward and combine them.
 
+    Args:
+        names_weights: reward name -> weight (the order of the parts).
+        options: reward name -> its keyword-only options (``get_reward``); absent names take their defaults.
     Returns:
         total: (B,) weighted sum.
         parts: reward name -> (B,) unweighted reward.
@@ -69,7 +102,7 @@ def compute_rewards(
     assert len(completions) == len(items), (len(completions), len(items))
     parts = {}
     for name in names_weights:
-        fn = REWARDS[name]
+        fn = get_reward(name, **(options or {}).get(name, {}))
         try:
             reward = fn(completions, items, task)
         except Exception as err:
@@ -96,3 +129,7 @@ def _first_failing(fn: RewardFn, completions: list[str], items: list[dict], task
         except Exception:
             return b
     return None
+
+
+# Import the reward modules so that their @register_reward decorators run.
+from expertrl.rewards import format as _format_rewards  # noqa: E402, F401

@@ -1,16 +1,14 @@
-"""Answer extraction and answer checkers: pure functions from strings to a score in [0, 1]."""
+"""Answer checkers: pure functions from strings to a score in [0, 1]. The answer extractors are in ``answers.py``."""
 
 from __future__ import annotations
 
-import re
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from expertrl.rewards.answers import auto
 
 
 def extract_answer(text: str) -> str:
-    """The stripped contents of the last ``<answer>...</answer>`` in ``text``, else the stripped text."""
-    found = _ANSWER_TAG.findall(text)
-    return (found[-1] if found else text).strip()
+    """The answer a completion states: the last ``<answer>...</answer>``, else the last ``\\boxed{...}``, else what
+    follows ``####``, else the stripped text (the ``auto`` extractor of ``expertrl.rewards.answers``)."""
+    return auto(text)
 
 
 def exact_match(completion: str, answer: str) -> float:
