@@ -13,7 +13,19 @@ LAYERS = [
     # 1: the maths and the routing layer
     {"losses", "rewards", "moe", "advantages", "diagnostics"},
     # 2: models, tasks, the rollout engine and the objective
-    {"models", "vlm", "vlm_models", "tasks", "tasks_mm", "decoding", "policy", "rollout", "objective", "plots"},
+    {
+        "models",
+        "vlm",
+        "vlm_models",
+        "tasks",
+        "tasks_mm",
+        "decoding",
+        "policy",
+        "rollout",
+        "engines",
+        "objective",
+        "plots",
+    },
     # 3: configuration
     {"config", "configio", "presets"},
     # 4: building and running pieces of a run
@@ -29,6 +41,7 @@ LOCAL_THIRD_PARTY = (
     "transformers",
     "torch.distributed",
     "accelerate",
+    "vllm",
 )
 """Optional or slow-to-import packages a function may import where it needs them."""
 LOCAL_OURS = {

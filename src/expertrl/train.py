@@ -37,20 +37,23 @@ def train(cfg: TrainConfig) -> dict:
     run = build_run(cfg)
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc="rl",
                disable=not (cfg.progress and run.is_main))  # fmt: skip
-    with stop_requests() as stop:
-        for step in bar:
-            t0 = time.perf_counter()
-            refresh_guidance(run, step)
-            batch, metrics, spare = collect(run, step)
-            metrics["time/rollout"] = time.perf_counter() - t0
-            metrics |= update(run, batch, spare, step)
-            metrics["time/step"] = time.perf_counter() - t0
-            metrics["rollout/num_tokens"] = batch.mask.sum()
-            metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
-            signal = record(run, step, metrics, stop["signal"], bar)
-            if signal is not None:
-                return run.summary | {"interrupted": signal, "steps_done": step + 1}
-    return finish(run)
+    try:
+        with stop_requests() as stop:
+            for step in bar:
+                t0 = time.perf_counter()
+                refresh_guidance(run, step)
+                batch, metrics, spare = collect(run, step)
+                metrics["time/rollout"] = time.perf_counter() - t0
+                metrics |= update(run, batch, spare, step)
+                metrics["time/step"] = time.perf_counter() - t0
+                metrics["rollout/num_tokens"] = batch.mask.sum()
+                metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
+                signal = record(run, step, metrics, stop["signal"], bar)
+                if signal is not None:
+                    return run.summary | {"interrupted": signal, "steps_done": step + 1}
+        return finish(run)
+    finally:
+        run.close()  # the rollout engine, if any
 
 
 def refresh_guidance(run: Run, step: int) -> None:
