@@ -219,7 +219,8 @@ class VllmEngine:
         prompt_ids, prompt_mask, _ = encode_prompts(self.tokenizer, items, group_size)  # (B, P) left-padded
         B, P = prompt_ids.shape
         lengths = prompt_mask.sum(-1).tolist()
-        seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator).tolist()  # routing, token seed per row
+        device = "cpu" if generator is None else generator.device  # the trainer's generator lives on its device
+        seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
         masks = None
         if guide is not None:  # allowed experts by each request's own (unpadded) position
             full = torch.cat([prompt_ids, prompt_ids.new_full((B, max_new_tokens), tok.pad_token_id)], dim=1)
