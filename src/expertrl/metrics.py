@@ -22,7 +22,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "rollout/refill_rounds": ("DAPO dynamic sampling: extra rollout rounds this step", ""),
     "rollout/batch_fill": ("DAPO dynamic sampling: share of the batch filled with informative groups", ""),
     "rollout/engine_logp_diff": (
-        "first update: mean |log pi_train - log pi_engine| of the completion tokens (trainer at the rollout's weights)",
+        "first update: mean absolute difference of log pi_train and log pi_engine over completion tokens",
         "sampling/sampling_logp_difference/mean",
     ),
     "rollout/engine_logp_diff_max": ("the same, max over a micro-batch", "sampling/sampling_logp_difference/max"),
