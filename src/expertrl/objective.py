@@ -15,7 +15,9 @@ What it computes, per micro-batch (MoE-GRPO Eq. 4-6, RSPO, KL, router losses):
 3. RSPO's router-shift weight γ̃ from the untempered router log-probs of the old-activated experts (its diagnostics
    are logged for every method), the registry's token loss on ``log ρ (+ log γ̃)``, the k-estimator KL, Gate-GRPO on
    the set log-probs (``moe.setprob``), each aggregated by ``agg``;
-4. the Switch load balancing (+ z-loss) on the experts this forward used (``losses.routing.routing_aux_loss``).
+4. the Switch load balancing (+ z-loss) on the experts this forward used (``losses.routing.routing_aux_loss``);
+5. with ``mismatch`` (TIS, MIS, IcePop), the token loss weighted per token from k = π_train,old / π_engine, the old
+   log-prob over the rollout engine's (``Rollout.sample_logp``); the engine-vs-trainer metrics at the first update.
 
 Micro-batch losses are scaled so that they sum to the full-batch loss (``Denominators``; under DDP the global
 counts divided by the world size). Metrics are detached tensors under ``loss/`` and ``router/``.

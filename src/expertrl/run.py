@@ -309,10 +309,13 @@ def start_engine(run: Run) -> VllmEngine:
             f"rollout.engine: vllm runs one in-process engine; {run.world} processes would each start one on the same "
             "device (not supported yet); use rollout.engine=hf"
         )
-    return VllmEngine.start(
-        run.policy_model, run.tokenizer, workdir=run.out / "engine", seed=cfg.seed,
-        max_model_len=cfg.rollout.engine_max_len, kv_cache_mb=cfg.rollout.engine_kv_cache_mb,
-    )  # fmt: skip
+    try:
+        return VllmEngine.start(
+            run.policy_model, run.tokenizer, workdir=run.out / "engine", seed=cfg.seed,
+            max_model_len=cfg.rollout.engine_max_len, kv_cache_mb=cfg.rollout.engine_kv_cache_mb,
+        )  # fmt: skip
+    except ValueError as err:  # what the engine cannot run, found once it is built: one line
+        raise ConfigError(str(err)) from None
 
 
 def check_engine(cfg: TrainConfig, model: nn.Module) -> None:

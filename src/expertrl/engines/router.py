@@ -15,7 +15,9 @@ Sampling draws Gumbel-top-k noise that is a pure function of (request seed, laye
 included. A position's route is recorded at the request's absolute position; the last generated token is never fed
 through the model, so a request of ``n`` tokens has routes at positions ``0 .. n-2`` (the trainer's convention).
 
-No vLLM import here: the object only patches the runner it is given.
+On CUDA vLLM builds a fused top-K router without that attribute; ``install`` swaps in vLLM's ``CustomRoutingRouter``
+around the same routing function (written from vLLM's source, not yet run on a GPU: ``tests/test_vllm_engine.py``'s
+``gpu`` test), and refuses kernels that route inside themselves (``is_monolithic``). vLLM is imported only there.
 """
 
 from __future__ import annotations
@@ -77,22 +79,39 @@ class EngineRouter:
         self._experts: dict[int, np.ndarray] = {}  # row -> (capacity, L, K) int16
         self._set_logp: dict[int, np.ndarray] = {}  # row -> (capacity, L) float32
         self._inner_forward = None
+        self._swapped: dict[int, object] = {}  # layer position -> vLLM's own router, while a CUDA swap is in place
 
     def install(self) -> EngineRouter:
         for pos, layer in enumerate(self.layers):
-            if not hasattr(layer.router, "custom_routing_function"):
-                raise RuntimeError(
-                    f"vLLM's router {type(layer.router).__name__} has no custom_routing_function; expertrl's engine "
-                    "routing was written for vLLM 0.32 (CPURouter); use rollout.engine=hf"
+            if getattr(layer, "is_monolithic", False):
+                raise ValueError(
+                    f"vLLM's MoE kernel {type(layer.routed_experts.quant_method).__name__} routes inside the kernel, "
+                    "so expertrl cannot route it; use rollout.engine=hf (or an unquantized model)"
                 )
-            layer.router.custom_routing_function = partial(self._route, pos)
+            router = layer.router
+            if hasattr(router, "custom_routing_function"):  # CPURouter reads it at call time
+                router.custom_routing_function = partial(self._route, pos)
+            else:  # CUDA builds a fused top-K router: swap in vLLM's custom-function router (needs a GPU run to test)
+                from vllm.model_executor.layers.fused_moe.router.custom_routing_router import CustomRoutingRouter
+
+                self._swapped[pos] = router
+                layer.router = CustomRoutingRouter(
+                    top_k=router.top_k,
+                    global_num_experts=router.global_num_experts,
+                    custom_routing_function=partial(self._route, pos),
+                    eplb_state=router.eplb_state,
+                    renormalize=getattr(router, "renormalize", True),
+                )
         self._inner_forward = self.runner._model_forward
         self.runner._model_forward = self._model_forward  # an instance attribute shadows the method
         return self
 
     def uninstall(self) -> None:
-        for layer in self.layers:
-            layer.router.custom_routing_function = None
+        for pos, layer in enumerate(self.layers):
+            if pos in self._swapped:
+                layer.router = self._swapped.pop(pos)
+            else:
+                layer.router.custom_routing_function = None
         if self._inner_forward is not None:
             self.runner._model_forward = self._inner_forward
             self._inner_forward = None
@@ -201,7 +220,12 @@ class EngineRouter:
             experts = scores.topk(topk, dim=-1).indices
             return expert_weights(scores, experts, renormalize=renormalize), experts.to(torch.int32)
         n = step.experts.shape[0]
-        assert scores.shape[0] == n, (scores.shape, n)  # CPU eager never pads the batch
+        if scores.shape[0] != n:  # a padded batch (CPU eager never pads): route the real rows, top-K the padding
+            assert scores.shape[0] > n, (scores.shape, n)
+            w, ids = self._route(pos, hidden_states[:n], gating_output[:n], topk, renormalize)
+            pad = scores[n:].topk(topk, dim=-1).indices
+            pad_w = expert_weights(scores[n:], pad, renormalize=renormalize)
+            return torch.cat([w, pad_w]), torch.cat([ids, pad.to(torch.int32)])
         if step.mask is not None:
             scores = scores.masked_fill(~step.mask[:, pos], float("-inf"))  # disallowed experts: probability 0
         route_scores = scores / call.temperature if call.temperature != 1.0 else scores  # the routing distribution
