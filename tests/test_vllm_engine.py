@@ -203,6 +203,12 @@ def test_a_weight_push_changes_the_outputs_to_the_new_weights(engine):
     assert back.completions == before.completions
 
 
+def test_a_sequence_longer_than_the_engine_holds_is_refused(engine):
+    eng, _, _ = engine
+    with pytest.raises(ValueError, match=r"rollout.engine_max_len: a prompt of 125 tokens \+ rollout.max_new_tokens=8"):
+        eng.generate_rollout([{"prompt": "1" * 125}], group_size=1, max_new_tokens=8, policy=TopK())
+
+
 # --- bad input: one line naming the field and the fix (no engine needed) -----------------------------------------
 
 

@@ -50,11 +50,16 @@ def test_the_readme_has_vllm_commands():
 @pytest.mark.parametrize("index", [0, 1])
 def test_readme_vllm_commands_train(tmp_path, index):
     """Each README command with a tiny run's sizes on the 5M preset (vLLM's CPU attention needs head_dim 32) and one
-    inner update, so the metrics are the first update's."""
+    inner update, so the metrics are the first update's. The MoE-GRPO run is then resumed for a third step: the
+    engine starts on the checkpoint's weights (else its log-probs would be far from the trainer's)."""
     readme = _readme_commands()[index]
-    rows = _train([*readme, *tiny_args(**{"model.preset": "5M", "inner_updates": 1})], tmp_path / "run")
-    steps = [r for r in rows if 0 <= r["step"] < 2]
-    assert len(steps) == 2
+    args = [*readme, *tiny_args(**{"model.preset": "5M", "inner_updates": 1, "save_every": 1})]
+    rows = _train(args, tmp_path / "run")
+    if index == 0:
+        more = [*args, "--steps", "3", "--resume", str(tmp_path / "run")]
+        rows = _train(more, tmp_path / "run")
+    steps = [r for r in rows if r["step"] >= 0 and "loss/ratio_mean" in r]
+    assert [r["step"] for r in steps] == ([0, 1, 2] if index == 0 else [0, 1])
     for r in steps:
         assert r["loss/ratio_mean"] == 1.0  # the first update's forward is the old policy
         assert r["rollout/engine_logp_diff_max"] < ENGINE_MISMATCH

@@ -95,6 +95,7 @@ class VllmEngine:
         router: the routing hook on its model runner.
         tokenizer: the trainer's tokenizer (prompts are encoded and completions decoded with it, as in the hf engine).
         model_dir: where the starting weights were written for vLLM to load.
+        max_model_len: the most tokens (prompt + completion) a sequence may hold.
         push_seconds: wall time of the last ``push_weights``.
     """
 
@@ -102,6 +103,7 @@ class VllmEngine:
     router: EngineRouter
     tokenizer: object
     model_dir: Path
+    max_model_len: int
     push_seconds: float = 0.0
 
     @classmethod
@@ -158,7 +160,8 @@ class VllmEngine:
                     del os.environ[key]
             os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        return cls(llm=llm, router=EngineRouter(runner).install(), tokenizer=tokenizer, model_dir=model_dir)
+        router = EngineRouter(runner).install()
+        return cls(llm=llm, router=router, tokenizer=tokenizer, model_dir=model_dir, max_model_len=max_len)
 
     @property
     def runner(self):
@@ -219,6 +222,12 @@ class VllmEngine:
         prompt_ids, prompt_mask, _ = encode_prompts(self.tokenizer, items, group_size)  # (B, P) left-padded
         B, P = prompt_ids.shape
         lengths = prompt_mask.sum(-1).tolist()
+        if max(lengths) + max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"rollout.engine_max_len: a prompt of {max(lengths)} tokens + rollout.max_new_tokens={max_new_tokens} "
+                f"exceed the engine's {self.max_model_len} tokens per sequence; raise rollout.engine_max_len (at most "
+                "the model's max_position_embeddings) or shorten the prompts"
+            )
         device = "cpu" if generator is None else generator.device  # the trainer's generator lives on its device
         seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
         masks = None
