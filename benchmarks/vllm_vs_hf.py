@@ -18,6 +18,11 @@ where vllm's whole step beats hf's.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vllm_vs_hf.py [--shapes tiny,5M,50M,5M-E64K8] [--steps 3]
         [--prompts 8] [--group 8] [--max-new 32] [--json out.json]
+
+``--accuracy-seeds 0,1,2`` instead compares what the two engines learn (the issue's acceptance: held-out accuracy
+after RL within noise of each other): per seed one supervised warm-up of the ``--accuracy-preset`` model
+(``expertrl sft``, ``--accuracy-sft`` steps), then the default MoE-GRPO job from it for ``--accuracy-steps`` steps
+with each engine; held-out accuracy (greedy, top-K, the hf engine) at the start and the end, mean and std over seeds.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from pathlib import Path
 import torch
 
 from expertrl.collect import collect
-from expertrl.config import TrainConfig
+from expertrl.config import SFTJobConfig, TrainConfig
 from expertrl.configio import load_config
 from expertrl.models import build_tiny_moe
 from expertrl.run import build_run
+from expertrl.sft import run_sft
 from expertrl.tokenizer import build_char_tokenizer
+from expertrl.train import train
 from expertrl.update import update
 
 SHAPES = {
@@ -87,6 +94,35 @@ def measure(shape_flags: list[str], engine: str, args, out: Path) -> dict:
     return med | {"rollout_tok_s": med["tokens"] / med["rollout_s"], "params": params}
 
 
+def accuracy(args, root: Path) -> None:
+    """Held-out accuracy after RL with each engine, from one warm-up per seed (module docstring)."""
+    seeds = [int(x) for x in args.accuracy_seeds.split(",")]
+    end: dict[str, list[float]] = {"hf": [], "vllm": []}
+    start = []
+    for seed in seeds:
+        sft = root / f"sft-{seed}"
+        run_sft(load_config(SFTJobConfig, None, [
+            "--model.preset", args.accuracy_preset, "--sft.steps", str(args.accuracy_sft), "--seed", str(seed),
+            "--output_dir", str(sft), "--progress", "false",
+        ]))  # fmt: skip
+        for engine in end:
+            summary = train(load_config(TrainConfig, None, [
+                "--model.path", str(sft / "final"), "--sft.steps", "0", "--rollout.engine", engine, "--seed", str(seed),
+                "--steps", str(args.accuracy_steps), "--eval_every", "0", "--progress", "false",
+                "--output_dir", str(root / f"rl-{engine}-{seed}"),
+            ]))  # fmt: skip
+            end[engine].append(summary["accuracy_end"])
+        start.append(summary["accuracy_start"])
+    a = args
+    print(f"\n{a.accuracy_preset}, {a.accuracy_sft} SFT steps, {a.accuracy_steps} MoE-GRPO steps, seeds {seeds}")
+    print("| engine | held-out accuracy, start of RL | end of RL, per seed | end, mean ± std |")
+    print("|---|---|---|---|")
+    for engine, values in end.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"| {engine} | {statistics.mean(start):.3f} | {', '.join(f'{v:.3f}' for v in values)} | "
+              f"{statistics.mean(values):.3f} ± {spread:.3f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tiny,5M,50M,5M-E64K8")
@@ -95,8 +131,16 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--accuracy-seeds", default=None, help="e.g. 0,1,2: compare learning instead of speed")
+    parser.add_argument("--accuracy-preset", default="5M")
+    parser.add_argument("--accuracy-sft", type=int, default=480)
+    parser.add_argument("--accuracy-steps", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if args.accuracy_seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            accuracy(args, Path(tmp))
+        return
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     results = []
