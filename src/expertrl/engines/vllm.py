@@ -135,6 +135,10 @@ class VllmEngine:
         text_tokenizer(tokenizer).save_pretrained(model_dir)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         max_len = min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len)))
+        extra = {}
+        if next(model.parameters()).is_cuda:  # vLLM checks at start that its share of the device is free; the trainer
+            free, total = torch.cuda.mem_get_info()  # holds the rest (not yet run on a GPU)
+            extra["gpu_memory_utilization"] = 0.9 * free / total
         environ, set_num_threads = dict(os.environ), torch.set_num_threads
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
@@ -150,6 +154,7 @@ class VllmEngine:
                     logprobs_mode="processed_logprobs",  # log-softmax of the distribution the token was drawn from
                     generation_config="vllm",  # never the checkpoint's sampling defaults (decoding.NEUTRAL_GENERATION)
                     skip_tokenizer_init=True,  # prompts go in as ids; expertrl's tokenizer decodes
+                    **extra,
                 )
         finally:
             torch.set_num_threads = set_num_threads
