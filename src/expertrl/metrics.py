@@ -25,6 +25,15 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "rollout/trace_bytes": ("bytes of the batch's routing trace (expert ids + set log-probs)", ""),
     "rollout/refill_rounds": ("DAPO dynamic sampling: extra rollout rounds this step", ""),
     "rollout/batch_fill": ("DAPO dynamic sampling: share of the batch filled with informative groups", ""),
+    "rollout/engine_logp_diff": (
+        "first update: mean absolute difference of log pi_train and log pi_engine over completion tokens",
+        "sampling/sampling_logp_difference/mean",
+    ),
+    "rollout/engine_logp_diff_max": ("the same, max over a micro-batch", "sampling/sampling_logp_difference/max"),
+    "rollout/engine_prob_corr": (
+        "first update: Pearson correlation of the token probabilities, trainer vs rollout engine",
+        "training/rollout_actor_probs_pearson_corr",
+    ),
     "reward/mean": ("mean reward of the step's first rollout", "reward"),
     "reward/std": ("std of those rewards over the batch", "reward_std"),
     "reward/group_std": ("mean within-group reward std (MoE-GRPO Fig. 3)", ""),
@@ -56,6 +65,11 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "loss/gate_clip_frac": ("Gate-GRPO: share of (layer, token) set ratios clipped", ""),
     "loss/gate_ratio_mean": ("Gate-GRPO: mean set ratio", ""),
     "loss/gate_approx_kl": ("Gate-GRPO: approx KL of the set ratios", ""),
+    "loss/mismatch_weight_mean": (
+        "TIS / MIS / IcePop: mean correction weight of the token loss",
+        "sampling/importance_sampling_ratio/mean",
+    ),
+    "loss/mismatch_frac": ("TIS: share of tokens truncated at C; MIS / IcePop: share of tokens dropped", ""),
     "loss/*": ("any other statistic a registered token loss returns", ""),
     "router/entropy": ("mean per-token router entropy over completion tokens, nats (METHODS §6.6)", ""),
     "router/usage_entropy": ("entropy of aggregate expert usage, nats, mean over layers (MoE-GRPO 1.05 -> 1.82)", ""),
@@ -86,6 +100,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "time/rollout": ("seconds of rollout, scoring and refills", "timing_s/gen"),
     "time/update": ("seconds of the inner updates", "timing_s/update_actor"),
     "time/tokens_per_s": ("completion tokens per second of the step", ""),
+    "time/engine_sync": ("seconds pushing the policy's weights into the rollout engine (rollout.engine=vllm)", ""),
     "eval/accuracy": ("held-out accuracy, greedy tokens, top-K routing", ""),
 }
 

@@ -15,7 +15,9 @@ What it computes, per micro-batch (MoE-GRPO Eq. 4-6, RSPO, KL, router losses):
 3. RSPO's router-shift weight γ̃ from the untempered router log-probs of the old-activated experts (its diagnostics
    are logged for every method), the registry's token loss on ``log ρ (+ log γ̃)``, the k-estimator KL, Gate-GRPO on
    the set log-probs (``moe.setprob``), each aggregated by ``agg``;
-4. the Switch load balancing (+ z-loss) on the experts this forward used (``losses.routing.routing_aux_loss``).
+4. the Switch load balancing (+ z-loss) on the experts this forward used (``losses.routing.routing_aux_loss``);
+5. with ``mismatch`` (TIS, MIS, IcePop), the token loss weighted per token from k = π_train,old / π_engine, the old
+   log-prob over the rollout engine's (``Rollout.sample_logp``); the engine-vs-trainer metrics at the first update.
 
 Micro-batch losses are scaled so that they sum to the full-batch loss (``Denominators``; under DDP the global
 counts divided by the world size). Metrics are detached tensors under ``loss/`` and ``router/``.
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from expertrl.losses.aggregate import aggregate
 from expertrl.losses.gate import gate_grpo
 from expertrl.losses.kl import kl_penalty
+from expertrl.losses.mismatch import MISMATCH_CORRECTIONS, mismatch_metrics, mismatch_weight
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.ops import entropy, masked_mean
@@ -79,6 +82,9 @@ class Objective:
         rspo: rescale the token ratios by γ̃; ``gamma_min``, ``layer_agg``, ``placement`` as ``losses.rspo``.
         kl_coef, kl_estimator: per-token KL to the reference model (``Rollout.ref_logp``).
         lb_coef, z_coef: Switch load balancing and router z-loss; ``soft_dispatch``: the routers are dense mixtures.
+        mismatch: engine/trainer correction of the token loss (``losses.mismatch``: ``tis``, ``mis``, ``icepop``,
+            ``none``) from the old log-probs over the rollout engine's (``Rollout.sample_logp``); ``mismatch_cap`` is
+            C of TIS/MIS, ``icepop_low`` and ``icepop_high`` IcePop's α and β.
     """
 
     token_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
@@ -96,10 +102,16 @@ class Objective:
     lb_coef: float = 0.0
     z_coef: float = 0.0
     soft_dispatch: bool = False
+    mismatch: str = "none"
+    mismatch_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAYS:
             raise ValueError(f"unknown replay {self.replay!r}; choose from {list(REPLAYS)}")
+        if self.mismatch not in MISMATCH_CORRECTIONS:
+            raise ValueError(f"unknown mismatch correction {self.mismatch!r}; choose from {list(MISMATCH_CORRECTIONS)}")
 
     def forward(self, model: nn.Module, micro: Rollout, *, first_update: bool) -> ForwardOut:
         """The micro-batch's forward, routed as ``replay`` says (see the module docstring)."""
@@ -146,6 +158,8 @@ class Objective:
         if self.rspo and self.placement == "after_clip":
             per_token = after_clip_weight(per_token, log_gamma)
         metrics |= {f"loss/{k}": v for k, v in token_metrics.items()}
+        per_token, engine_metrics = self._engine_mismatch(per_token, micro, first_update)
+        metrics |= engine_metrics
         if self.kl_coef > 0:
             kl = kl_penalty(fwd.logp, micro.ref_logp, estimator=self.kl_estimator)  # (B, C)
             per_token = per_token + self.kl_coef * kl
@@ -163,6 +177,27 @@ class Objective:
             loss = loss + aux
             metrics |= aux_metrics
         return ObjectiveOut(loss, metrics, behaviour)
+
+    def _engine_mismatch(self, per_token: Tensor, micro: Rollout, first: bool) -> tuple[Tensor, dict]:
+        """The token loss weighted by the engine/trainer correction (``mismatch``), and the mismatch metrics: at the
+        first update, how far the engine's token log-probs are from the trainer's at the same weights
+        (``rollout/engine_*``); with a correction, its mean weight and the share of tokens it truncated or dropped."""
+        if micro.sample_logp is None:
+            if self.mismatch != "none":
+                raise ValueError(f"loss.mismatch={self.mismatch} needs the rollout engine's token log-probs")
+            return per_token, {}
+        metrics = {}
+        if first:
+            stats = mismatch_metrics(micro.old_logp, micro.sample_logp, micro.mask)
+            metrics |= {f"rollout/engine_{k}": v for k, v in stats.items()}
+        if self.mismatch != "none":
+            weight, stats = mismatch_weight(
+                self.mismatch, micro.old_logp, micro.sample_logp, micro.mask, cap=self.mismatch_cap,
+                low=self.icepop_low, high=self.icepop_high,
+            )  # fmt: skip  # (B, C) detached
+            per_token = per_token * weight
+            metrics |= {f"loss/{k}": v for k, v in stats.items()}
+        return per_token, metrics
 
     def _gate(self, fwd: ForwardOut, micro: Rollout, dens: Denominators, agg: dict) -> tuple[Tensor, dict]:
         """Gate-GRPO (MoE-GRPO Eq. 5): ratio of the live router's probability of each recorded expert set, under the

@@ -43,6 +43,8 @@ from expertrl.checkpoint import (
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml, to_dict
 from expertrl.decoding import is_processor
+from expertrl.engines.vllm import VllmEngine, import_vllm
+from expertrl.engines.vllm import check_model as check_engine_model
 from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, quiet_hf_progress
 from expertrl.losses import get_loss
@@ -93,6 +95,7 @@ class Run:
     rewarder: RoutingRewarder | None = None
     guide: Guide | None = None
     ref_model: nn.Module | None = None
+    engine: VllmEngine | None = None  # rollout.engine=vllm; None = transformers' generate (rollout.generate_rollout)
     optimizer: torch.optim.Optimizer | None = None
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     summary: dict = field(default_factory=dict)
@@ -160,6 +163,12 @@ class Run:
         self.accelerator.wait_for_everyone()
         return result if self.is_main else None
 
+    def close(self) -> None:
+        """Shut the rollout engine down (a new one can start in this process afterwards)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def save(self, step_done: int) -> Path | None:
         """Write the checkpoint after ``step_done`` steps (rank 0). Sharded: every rank calls it to gather the full
         state, and the others return None."""
@@ -206,7 +215,8 @@ def objective_for(cfg: TrainConfig, sites: list[RouterSite] = ()) -> Objective:
         norm_const=float(cfg.rollout.max_new_tokens), gate_coef=lc.gate_coef, gate_tokens=lc.gate_tokens,
         rspo=rs.enabled, gamma_min=rs.gamma_min, layer_agg=rs.layer_agg, placement=rs.placement,
         kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, lb_coef=lc.lb_coef, z_coef=lc.z_coef,
-        soft_dispatch=bool(sites) and all(s.top_k == s.num_experts for s in sites),
+        soft_dispatch=bool(sites) and all(s.top_k == s.num_experts for s in sites), mismatch=lc.mismatch,
+        mismatch_cap=lc.mismatch_cap, icepop_low=lc.icepop_bounds[0], icepop_high=lc.icepop_bounds[1],
     )  # fmt: skip
 
 
@@ -283,6 +293,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
     task = task_from_config(cfg.task, tokenizer)
     check_model(cfg, sites, task, tokenizer)
+    check_engine(cfg, model)
     state = load_trainer_state(resume_from) if resume_from is not None else None
     trackers = []
     if accelerator.is_main_process:
@@ -341,10 +352,40 @@ def start(run: Run, stop: dict) -> bool:
     if cfg.guidance.enabled:
         saved = None if state is None else state.get("guidance")
         run.guide = make_guide(run, GuidanceState.from_state_dict(saved) if saved else calibrate(run, step=-1))
+    if cfg.rollout.engine == "vllm":
+        run.engine = start_engine(run)
     if run.sharded:
         shard_model(model)  # before the optimizer, which then holds the sharded parameters
     _optimizer(run, state, resume_from)
     return True
+
+
+def start_engine(run: Run) -> VllmEngine:
+    """The vLLM rollout engine on the policy's current weights (after the warm-up or the resumed checkpoint)."""
+    cfg = run.cfg
+    if run.world > 1:
+        raise ConfigError(
+            f"rollout.engine: vllm runs one in-process engine; {run.world} processes would each start one on the same "
+            "device (not supported yet); use rollout.engine=hf"
+        )
+    try:
+        return VllmEngine.start(
+            run.policy_model, run.tokenizer, workdir=run.out / "engine", seed=cfg.seed,
+            max_model_len=cfg.rollout.engine_max_len, kv_cache_mb=cfg.rollout.engine_kv_cache_mb,
+        )  # fmt: skip
+    except ValueError as err:  # what the engine cannot run, found once it is built: one line
+        raise ConfigError(str(err)) from None
+
+
+def check_engine(cfg: TrainConfig, model: nn.Module) -> None:
+    """Before any work: the model is one the vLLM engine can run and vLLM is installed (each a one-line error)."""
+    if cfg.rollout.engine != "vllm":
+        return
+    try:
+        check_engine_model(model)
+        import_vllm()
+    except (ValueError, ImportError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def _rewarder(cfg: TrainConfig) -> RoutingRewarder | None:

@@ -61,6 +61,7 @@ def train(cfg: TrainConfig) -> dict:
                     return run.summary | {"interrupted": signal, "steps_done": step + 1}
             return finish(run)
     finally:
+        run.close()  # the rollout engine, if any
         run.logger.close()  # the experiment trackers (report_to) finish, also when a step raised
 
 

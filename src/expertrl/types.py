@@ -147,7 +147,8 @@ class Rollout:
         sampling: the token and routing distributions the rollout sampled from; every scoring forward reads it here.
         expert_mask: the allowed experts of every position (router guidance applied in the loss), or None.
         sample_logp: (B, C) log-prob of each completion token under the distribution generation sampled it from,
-            recorded by the rollout engine (diagnostics; the ratio's denominator is ``old_logp``).
+            recorded by the rollout engine (the ratio's denominator is ``old_logp``; the engine/trainer mismatch
+            metrics and TIS / MIS / IcePop read k = exp(old_logp - sample_logp), ``losses.mismatch``).
         old_logp: (B, C) log-prob of each completion token under the behaviour policy, recomputed by the trainer
             with the routes replayed.
         old_set_logp: (L, B, S) log-prob of each recorded expert set under the behaviour router (Gate-GRPO's g_old).

@@ -1,0 +1,98 @@
+"""Sampling K of E experts inside an inference engine: Gumbel-top-k with counter-based noise.
+
+The hf engine draws experts with ``torch.multinomial`` from one ``torch.Generator`` whose state advances with every
+call, so a draw depends on everything drawn before it. An inference engine batches requests as its scheduler likes
+(prefills, chunked prefills and decode steps of different requests in one forward, preemption and recompute), so
+there the noise must be a pure function of ``(request seed, layer, position, expert)``: ``counter_uniform`` hashes
+those four integers with splitmix64, so a request's draws are the same whatever it is batched with, and two requests
+with different seeds draw independently.
+
+Gumbel-top-k: with ``G`` iid standard Gumbel noise, ``topk(s / T + G, K)`` is exactly K sequential draws without
+replacement from ``softmax(s / T)`` (the Plackett-Luce model), and ``topk``'s descending order is the draw order.
+So the engine samples the same distribution as ``policies.Multinomial`` over the same tempered, masked router
+softmax, and ``setprob.set_logprob`` of the returned ids (in that order) is their probability.
+
+Pure functions of tensors (int64 wrap-around arithmetic for the hash, float64 for the noise); ``torch`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    c &= _M64
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
+_LAYER = _signed(0x632BE59BD9B4E019)
+
+
+def _shift_right(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 tensors (``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (wrap-around arithmetic): a bijection whose output bits look random."""
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MUL1
+    z = (z ^ _shift_right(z, 27)) * _MUL2
+    return z ^ _shift_right(z, 31)
+
+
+def counter_uniform(seeds: Tensor, positions: Tensor, num_layers: int, num_experts: int) -> Tensor:
+    """Uniform (0, 1) numbers, each a pure function of (seed, layer, position, expert).
+
+    Args:
+        seeds: (N,) int64 seed of each row's request.
+        positions: (N,) int64 position of each row in its request's sequence.
+        num_layers: L; layer l of the result is the l-th MoE layer.
+        num_experts: E.
+    Returns:
+        (N, L, E) float64 in the open interval (0, 1).
+    """
+    layers = torch.arange(num_layers, dtype=torch.int64, device=seeds.device) * _LAYER + 1  # (L,)
+    row = mix64(mix64(seeds[:, None] ^ layers[None, :]) ^ positions[:, None])  # (N, L)
+    experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
+    z = mix64(row[..., None] ^ experts)  # (N, L, E)
+    return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # 53 random bits, never 0 or 1
+
+
+def gumbel_noise(seeds: Tensor, positions: Tensor, num_layers: int, num_experts: int) -> Tensor:
+    """(N, L, E) float64 standard Gumbel noise, a pure function of (seed, layer, position, expert)."""
+    return -torch.log(-torch.log(counter_uniform(seeds, positions, num_layers, num_experts)))
+
+
+def sample_without_replacement(route_scores: Tensor, k: int, noise: Tensor) -> Tensor:
+    """K experts per row drawn without replacement from ``softmax(route_scores)``, in draw order (Gumbel-top-k).
+
+    Args:
+        route_scores: (N, E) the routing distribution's scores (masked logits / T; masked experts -inf).
+        k: K.
+        noise: (N, E) float64 standard Gumbel noise (``gumbel_noise``).
+    Returns:
+        (N, K) int64 expert ids, column k = the k-th draw.
+    """
+    return (route_scores.double() + noise).topk(k, dim=-1).indices  # sorted: descending = draw order
+
+
+def expert_weights(scores: Tensor, experts: Tensor, *, renormalize: bool) -> Tensor:
+    """The mixing weights of the chosen experts: the *untempered* masked router softmax gathered at them, renormalised
+    over the K chosen when the family does (``norm_topk_prob``), exactly as ``moe.hooks`` computes them.
+
+    Args:
+        scores: (N, E) masked router logits (float32), untempered.
+        experts: (N, K) chosen expert ids.
+    Returns:
+        (N, K) float weights.
+    """
+    weights = torch.softmax(scores, dim=-1).gather(1, experts)  # (N, K)
+    return weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights
