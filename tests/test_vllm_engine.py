@@ -19,6 +19,7 @@ from expertrl.engines.vllm import VllmEngine, check_model, import_vllm, rollout_
 from expertrl.models import build_tiny_moe
 from expertrl.moe.guidance import GuidanceState, expand_allowed
 from expertrl.moe.guide import PROMPT_COMPLETION, Guide
+from expertrl.moe.gumbel import row_seeds
 from expertrl.moe.policies import Multinomial, TopK
 from expertrl.objective import Denominators
 from expertrl.policy import policy_forward
@@ -119,6 +120,26 @@ def test_sampled_routes_replay_to_the_engines_log_probs(engine):
     assert metrics["rollout/engine_logp_diff_max"].item() < 1e-5
     assert metrics["rollout/engine_prob_corr"].item() > 0.9999
     assert metrics["loss/mismatch_frac"].item() == 0.0
+
+
+def test_the_hf_and_vllm_engines_sample_the_same_routes_from_the_same_row_seeds(engine):
+    """The trainer's rollouts key each row's routing noise by a seed of its global index (``gumbel.row_seeds``): the
+    hf engine (``gumbel.RouteSeeds`` in the routing hooks) and the vLLM engine then draw the same K of E experts,
+    near-ties of the two engines' float32 scores aside."""
+    eng, model, tok = engine
+    sampling = Sampling(routing_temperature=0.5)
+    seeds = row_seeds(1234, torch.arange(len(ITEMS) * 2))
+    kw = dict(group_size=2, max_new_tokens=6, policy=Multinomial(), sampling=sampling, route_seeds=seeds)
+    r = eng.generate_rollout(ITEMS, **kw)
+    h = generate_rollout(model, tok, ITEMS, old_routing=None, **kw)
+    assert torch.equal(r.input_ids, h.input_ids)
+    routed = _routed(r)
+    same = (r.routing.experts.long() == h.routing.experts.long()).all(-1)  # (L, B, S) same draws, same order
+    print(f"sampled routes: {int((~same[:, routed]).sum())} of {same[:, routed].numel()} differ between engines")
+    assert same[:, routed].all()  # measured: 0 differ (a near-tie of Gumbel-perturbed scores is improbable)
+    # and not top-K: the draws really are samples
+    fwd = policy_forward(model, h, None, keep_probs=True)
+    assert (fwd.routing.experts.long() != h.routing.experts.long()).any(-1)[:, routed].any()
 
 
 def test_requests_draw_independently_and_a_rollout_is_reproducible(engine):

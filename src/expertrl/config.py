@@ -205,10 +205,19 @@ class TaskConfig:
     prompt)"""
     chat_template_kwargs: dict = field(default_factory=dict)
     """extra variables of the chat template, e.g. {enable_thinking: false} for Qwen3"""
+    max_prompt_tokens: int | None = None
+    """cut longer prompts to this many tokens, keeping their end (TRL's max_prompt_length, left truncation); cut
+    prompts are counted (summary prompts_truncated). null = never cut: a prompt that cannot fit the model's context
+    with the tokens generated after it is an error naming its row"""
 
     def __post_init__(self) -> None:
         _check(self.train_size >= 1, "task.train_size", f"must be >= 1, got {self.train_size}")
         _check(self.eval_size >= 1, "task.eval_size", f"must be >= 1, got {self.eval_size}")
+        _check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "task.max_prompt_tokens",
+            f"must be >= 1 (or null: never cut), got {self.max_prompt_tokens}",
+        )
         hf, file_task = self.name.startswith("hf:"), self.name.startswith(("hf:", "jsonl:"))
         for key, ok in (*((k, file_task) for k in FILE_TASK_FIELDS), *((k, hf) for k in HF_TASK_FIELDS)):
             _check(

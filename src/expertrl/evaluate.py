@@ -248,7 +248,8 @@ def run_eval(cfg) -> dict:
         )
     seed_everything(cfg.seed)
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task, tokenizer)
+    task = task_from_config(cfg.task, tokenizer, model=model, new_tokens=cfg.max_new_tokens,
+                            new_tokens_field="max_new_tokens")  # fmt: skip
     result = evaluate(
         model, tokenizer, task.eval, task.score, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
         progress=cfg.progress, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k,

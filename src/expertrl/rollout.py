@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from expertrl.decoding import TokenDistribution, decoding_kwargs, is_processor, suppressed_tokens, text_tokenizer
 from expertrl.mm import VISION_KWARGS
+from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
 from expertrl.policy import policy_forward, with_old_policy
@@ -107,6 +108,7 @@ def generate_rollout(
     guide: Guide | None = None,
     old_routing: str | None = "rollout",
     keep_probs: bool = False,
+    route_seeds: Tensor | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -125,6 +127,9 @@ def generate_rollout(
         keep_probs: keep routing probabilities (L, B, S, E) as ``rollout.route_probs``: the old forward's if one runs,
             else those generation sampled with (the last position, never routed, is 0). Routing rewards and
             evaluation's routing statistics read them.
+        route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``, B = len(items) * G): a stochastic
+            policy then draws from counter-based noise per (row seed, layer, position) instead of ``generator``
+            (``gumbel.RouteSeeds``), the same noise as the vLLM engine's.
     """
     assert old_routing in ("rollout", "live", None), old_routing
     device = next(model.parameters()).device
@@ -137,6 +142,9 @@ def generate_rollout(
     tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
+    if route_seeds is not None:
+        assert route_seeds.shape == (B,), (route_seeds.shape, B)
+        generator = RouteSeeds(route_seeds, prompt_mask)
     with route(
         model,
         policy,

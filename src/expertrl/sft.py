@@ -248,7 +248,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
 
 def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task, tokenizer)
+    task = task_from_config(cfg.task, tokenizer, model=model, answers=True)  # prompt + answer fit the context
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
     start_step, resume = 0, None

@@ -205,6 +205,7 @@ class VllmEngine:
         sampling: Sampling = GREEDY,
         generator: torch.Generator | None = None,
         guide: Guide | None = None,
+        route_seeds: torch.Tensor | None = None,
     ) -> Rollout:
         """``group_size`` completions of each item (groups contiguous), as ``rollout.generate_rollout`` with
         ``old_routing=None`` returns them; the trainer's first update scores them (``objective.py``).
@@ -214,6 +215,9 @@ class VllmEngine:
                 token and layer from the tempered, masked router softmax: MoE-GRPO).
             generator: draws each request's routing (and token) seed; the same generator state gives the same rollout.
             guide: router guidance: allowed experts per position in the engine, and ``expert_mask`` for the trainer.
+            route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``), used instead of drawing them
+                from ``generator``: the hf engine's rollout with the same seeds draws the same experts from the same
+                router scores.
         """
         vllm = import_vllm()
         if not isinstance(policy, (TopK, Multinomial)):
@@ -235,6 +239,8 @@ class VllmEngine:
             )
         device = "cpu" if generator is None else generator.device  # the trainer's generator lives on its device
         seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
+        if route_seeds is not None:
+            seeds = [[int(r), t] for r, (_, t) in zip(route_seeds.tolist(), seeds, strict=True)]
         masks = None
         if guide is not None:  # allowed experts by each request's own (unpadded) position
             full = torch.cat([prompt_ids, prompt_ids.new_full((B, max_new_tokens), tok.pad_token_id)], dim=1)

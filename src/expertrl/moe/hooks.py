@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
+from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.policies import Policy, Replay, TopK
 from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
 from expertrl.types import UNROUTED, RoutingTrace
@@ -181,9 +182,13 @@ def _record(
         rec.raw_logits[pos].append(logits if grad else logits.detach())
 
 
-def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | None) -> Tensor:
+def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | RouteSeeds | None) -> Tensor:
     if isinstance(policy, Replay):
         return policy.select_layer(logp, k, pos)
+    if isinstance(generator, RouteSeeds) and policy.stochastic:
+        if not hasattr(policy, "select_keyed"):
+            raise ValueError(f"{type(policy).__name__} routing cannot draw from counter-based seeds (RouteSeeds)")
+        return policy.select_keyed(logp, k, generator.uniform(pos, logp.shape[0], logp.shape[1]))
     return policy.select(logp, k, generator)
 
 
@@ -208,7 +213,7 @@ def _softmax_forward(
     policy: Policy,
     temperature: float,
     allowed: AllowedFn | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | RouteSeeds | None,
     set_kind: str,
     rec: RoutingRecorder,
     hidden_states: Tensor,
@@ -286,7 +291,7 @@ def route(
     *,
     temperature: float = 1.0,
     allowed: AllowedFn | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RouteSeeds | None = None,
     keep_probs: bool = False,
     keep_logits: bool = False,
     score_experts: Tensor | None = None,
@@ -302,7 +307,9 @@ def route(
         temperature: temperature of the distribution the policy chooses from and the set log-probs are taken
             under (``Sampling.routing_temperature``); expert weights always use T=1.
         allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
-        generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
+        generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume), or a
+            ``gumbel.RouteSeeds``: counter-based noise per (row seed, layer, position) of one ``generate`` call
+            (the trainer's rollouts: routes that do not depend on the number of processes or on batching).
         keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
         keep_logits: also record the raw router logits (N, E) (``rec.logits``: router z-loss).
         score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
