@@ -380,6 +380,17 @@ def test_sft_refuses_an_answer_that_does_not_fit(tmp_path, capsys):
     assert err.rstrip().endswith("shorten or drop that row")
 
 
+def test_progress_off_a_terminal_is_plain_lines_and_off_is_silent(tmp_path):
+    """Issue 13: non-TTY logs got 1,850-character carriage-return lines, and Hugging Face's bars ignored the switch."""
+    args = [sys.executable, "-m", "expertrl", "train", *tiny_args(**{"progress": True}), "--save_every", "1"]
+    shown = subprocess.run([*args, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, env=ENV)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "\r" not in shown.stderr and "rl: 2/2" in shown.stderr and "sft: 3/3" in shown.stderr
+    quiet = subprocess.run([*args, "--progress", "false", "--output_dir", str(tmp_path / "b")], capture_output=True,
+                           text=True, env=ENV)  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr[-2000:]
+
+
 # ----- interrupted: exit 75 after a checkpoint, and --resume ends where an undisturbed run ends -----------------------
 
 

@@ -62,11 +62,14 @@ class PlainProgress:
         pass
 
 
-def progress_bar(iterable: Iterable, *, desc: str, total: int, initial: int = 0, enabled: bool = True):
-    """A tqdm bar on a terminal, ``PlainProgress`` lines otherwise, a silent tqdm when ``enabled`` is false."""
+def progress_bar(
+    iterable: Iterable, *, desc: str, total: int, initial: int = 0, enabled: bool = True, leave: bool = True
+):
+    """A tqdm bar on a terminal (``leave=False``: erased when done), ``PlainProgress`` lines otherwise, a silent tqdm
+    when ``enabled`` is false."""
     if enabled and not sys.stderr.isatty():
         return PlainProgress(iterable, desc=desc, total=total, initial=initial)
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled, leave=leave)
 
 
 def quiet_hf_progress(enabled: bool) -> None:

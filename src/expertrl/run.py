@@ -268,6 +268,7 @@ def build_run(cfg: TrainConfig) -> Run:
     if accelerator.is_main_process:
         check_installed(cfg.report_to)  # a missing tracker stops the run now, before any model is loaded
     check_reward_options(cfg)
+    quiet_hf_progress(cfg.progress and accelerator.is_main_process)  # before the weights load: HF's own bars
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     rundir = None
@@ -324,7 +325,6 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
         check_shardable(model, tokenizer)
     if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind
         save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
-    quiet_hf_progress(cfg.progress and run.is_main)
     _print_header(run)
     run.resume_from = run.healthy_checkpoint = resume_from
     run.resume_state = state

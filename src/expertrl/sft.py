@@ -37,7 +37,7 @@ from expertrl.config import ConfigError, RunFailed, SFTConfig, SFTJobConfig
 from expertrl.configio import save_yaml
 from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.evaluate import evaluate
-from expertrl.logging import MetricsLogger, progress_bar
+from expertrl.logging import MetricsLogger, progress_bar, quiet_hf_progress
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
@@ -236,6 +236,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
     a checkpoint is written every ``sft.save_every`` steps and on Ctrl-C/SIGTERM (the summary then has
     ``interrupted``), and ``resume`` continues from the latest complete one exactly as an uninterrupted run."""
     seed_everything(cfg.seed)
+    quiet_hf_progress(cfg.progress)  # Hugging Face's loading and saving bars follow the switch too
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     rundir = claim_run_dir(out, resume=resume_from is not None, overwrite=cfg.overwrite)
