@@ -40,7 +40,7 @@ from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.engines.router import EXTRA_KEY, EngineRouter
 from expertrl.moe.guidance import expand_allowed
 from expertrl.moe.policies import Multinomial, TopK
-from expertrl.rollout import Guide, completion_mask, encode_prompts
+from expertrl.rollout import Guide, assemble_rollout, encode_prompts
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
 
 INSTALL = (
@@ -292,26 +292,10 @@ class VllmEngine:
             experts[:, b, start : start + routes.shape[0]] = torch.from_numpy(routes).transpose(0, 1)
             set_logp[:, b, start : start + routes.shape[0]] = torch.from_numpy(route_lp).transpose(0, 1)
         sequences = torch.cat([prompt_ids, completion], dim=1)  # (B, S)
-        mask = completion_mask(completion, tok.eos_token_id)  # (B, C)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # pads after EOS are not attended
-        expert_mask = None
-        if guide is not None and guide.in_loss:  # the same masked softmax in every training forward
-            expert_mask = ExpertMask(guide.allowed.cpu(), guide.groups(sequences, attention_mask, P))
         E = self.router.num_experts
         trace = RoutingTrace(experts=experts, set_logp=set_logp, layers=self._layers(), num_experts=E)
-        texts = [tok.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
-        return Rollout(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            prompt_width=P,
-            mask=mask,
-            routing=trace,
-            group_size=group_size,
-            completions=texts,
-            items=[it for it in items for _ in range(group_size)],
-            sampling=sampling,
-            expert_mask=expert_mask,
-            sample_logp=sample_logp,
+        return assemble_rollout(
+            self.tokenizer, items, group_size, sequences, prompt_mask, trace, sampling, guide, sample_logp=sample_logp
         )
 
     def _layers(self) -> tuple[int, ...]:
