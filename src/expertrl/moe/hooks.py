@@ -17,8 +17,9 @@ router call:
 2. asks the policy (or the replayed trace) for the experts (N, K) in draw order;
 3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
    gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
-4. records experts (int16); the log-probability of the chosen *set* under the routing distribution, computed here
-   from all E scores (``setprob.set_logprob``: exact however peaked the router; differentiable when grad is on);
+4. records experts (``types.expert_id_dtype``: int8 up to E = 128); the log-probability of the chosen *set* under
+   the routing distribution, computed here from all E scores (``setprob.set_logprob``: exact however peaked the
+   router; differentiable when grad is on);
    the untempered masked softmax's log-probs of the chosen experts (RSPO's router shift; detached); and, if asked,
    the full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
    router z-loss (``keep_logits``).
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 from expertrl.moe.adapters import RouterSite, find_routers
 from expertrl.moe.policies import Policy, Replay, TopK
 from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
-from expertrl.types import UNROUTED, RoutingTrace
+from expertrl.types import UNROUTED, RoutingTrace, expert_id_dtype
 
 AllowedFn = Callable[[int, int], Tensor | None]
 """``allowed(layer_pos, n_tokens) -> (N, E) bool`` experts a token may use at that layer, or None for all."""
@@ -171,7 +172,7 @@ def _record(
     logits: Tensor,
 ) -> None:
     grad = torch.is_grad_enabled()
-    rec.experts[pos].append(experts.to(torch.int16))
+    rec.experts[pos].append(experts.to(expert_id_dtype(rec.num_experts)))
     at_least_32 = torch.promote_types(set_logp.dtype, torch.float32)  # a float64 model keeps float64
     rec.set_lp[pos].append((set_logp if grad else set_logp.detach()).to(at_least_32)[:, None])  # (N, 1)
     rec.router_lp[pos].append(router_logp.detach().to(at_least_32))
