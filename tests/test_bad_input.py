@@ -48,6 +48,8 @@ CONFIG_CASES = [
     (["--task.answer_extractor", "gsm9k"], ["task.answer_extractor", "'gsm8k'"]),
     (["--task.split", "test"], ["task.split", "hf:<path>", "'addition'"]),
     (["--task.name", "hf:x.parquet", "--task.eval_split", "train"], ["task.eval_split", "must differ"]),
+    # precision, checkpointing, router shapes (issue 14)
+    (["--model.router_dtype", "bfloat16"], ["model.router_dtype", "'float32', 'float64'"]),
 ]  # fmt: skip
 
 

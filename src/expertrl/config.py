@@ -126,7 +126,11 @@ class ModelConfig:
     experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
     """transformers experts kernel; grouped_mm is fastest on CPU, never use batched_mm there"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """parameter dtype"""
+    """parameter and activation dtype (bfloat16: weights, activations, gradients and AdamW state in bf16; routers,
+    set log-probs and token log-probs are still computed in float32 or better, model.router_dtype)"""
+    router_dtype: Literal["float32", "float64"] = "float32"
+    """precision of every router's logits, softmax, expert-set log-probs and RSPO's router log-probs (the model's dtype
+    if wider); float64 is NeMo-RL's moe_router_dtype=fp64 for GRPO on MoE (expertrl.moe.adapters.set_router_dtype)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the checkpoint directory (off unless you ask)"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

@@ -17,6 +17,7 @@ from expertrl.config import ConfigError, ModelConfig, OptimConfig, TaskConfig
 from expertrl.decoding import is_processor
 from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
+from expertrl.moe.adapters import ROUTER_DTYPES, set_router_dtype
 from expertrl.moe.lora import attach_lora, load_lora
 from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
@@ -65,7 +66,9 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
                 num_experts=cfg.num_experts,
                 top_k=cfg.top_k,
             )
-    return with_adapters(model, cfg, seed), tokenizer
+    model = with_adapters(model, cfg, seed)
+    set_router_dtype(model, ROUTER_DTYPES[cfg.router_dtype])
+    return model, tokenizer
 
 
 def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:

@@ -11,9 +11,11 @@
 The context manager patches each router module's ``forward`` on the instance (the class is untouched, HF's own
 output-recording hooks keep firing) and restores the previous ``forward`` on exit, also on error. Inside, each
 router call:
-1. computes logits (N, E) exactly as the native router does, in float32 at least (float64 stays float64), and the
-   routing distribution ``softmax(mask(logits) / T)`` that the policy chooses from (``T``, the mask: ``Sampling``,
-   ``ExpertMask``; the same for the rollout that samples and for every forward that scores it);
+1. computes logits (N, E) as the native router does, but in the router's precision (``RouterSite.dtype``,
+   ``model.router_dtype``: float32 by default, float64 on request, the model's dtype if wider; a bf16 model's router
+   casts its input and weight up, as NeMo-RL / Megatron's ``moe_router_dtype`` does), and the routing distribution
+   ``softmax(mask(logits) / T)`` that the policy chooses from (``T``, the mask: ``Sampling``, ``ExpertMask``; the
+   same for the rollout that samples and for every forward that scores it);
 2. asks the policy (or the replayed trace) for the experts (N, K) in draw order;
 3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
    gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
@@ -23,7 +25,8 @@ router call:
    the untempered masked softmax's log-probs of the chosen experts (RSPO's router shift; detached); and, if asked,
    the full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
    router z-loss (``keep_logits``).
-With ``TopK`` and no mask this reproduces the native router bit for bit (tested).
+With ``TopK`` and no mask this reproduces the native router bit for bit on a float32 model (tested); on a bf16 model
+it is the native router computed in float32.
 
 Variable expert counts (``ExpertChoice``, ``policy.fixed_k = False``): the policy returns (N, K') with ``UNROUTED``
 in unused slots. Those slots reach the experts module as the token's top-1 expert with weight exactly 0 (the fused
@@ -215,9 +218,10 @@ def _softmax_forward(
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
+    dtype = torch.promote_types(hidden_states.dtype, site.dtype)  # float32 or better (model.router_dtype)
     h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
-    logits = F.linear(h, router.weight)  # (N, E), the native router's logits
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E) float32 like every native router
+    logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E) the native router's logits, at router precision
+    scores = logits  # (N, E) a bf16 model's router still computes in float32 (NeMo-RL's moe_router_dtype)
     mask = allowed(pos, scores.shape[0]) if allowed is not None else None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
@@ -249,8 +253,8 @@ def _softmax_forward(
         ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
         ref_ok = ref >= 0
         rec.scored_logp[pos].append((router_logp.gather(1, ref.clamp(min=0)) * ref_ok).float())  # unrouted: 0
-    weights = weights if site.family.weights_float32 else weights.to(logits.dtype)
-    return logits, weights, experts
+    native = torch.promote_types(hidden_states.dtype, torch.float32) if site.family.weights_float32 else None
+    return logits, weights.to(native or hidden_states.dtype), experts  # weights in the dtype the native router gives
 
 
 def _sigmoid_forward(
@@ -262,18 +266,19 @@ def _sigmoid_forward(
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
+    dtype = torch.promote_types(site.dtype, torch.float32)  # DeepSeek-V3 scores in float32 natively
     if isinstance(policy, TopK):
-        logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection
+        logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection (float32)
     else:  # Replay
         h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
-        logits = F.linear(h.float(), router.weight.float())  # (N, E) DeepSeek-V3 scores in float32
+        logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E)
         with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
             experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
         weights = logits.sigmoid().gather(1, experts)  # (N, K)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * router.routed_scaling_factor
-    scores = logits.float().sigmoid()  # (N, E)
+    scores = logits.to(dtype).sigmoid()  # (N, E)
     logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
     no_set = torch.zeros(experts.shape[0], device=experts.device)  # no set probability for sigmoid scores
     _record(rec, pos, experts, no_set, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True), logits)
