@@ -419,12 +419,26 @@ def test_deepseek_unrouted_replay_falls_back_to_native_choice():
     torch.testing.assert_close(replayed, native)
 
 
-def test_route_refuses_gradient_checkpointing_in_training(tiny_moe):
+def test_route_takes_over_checkpointing_in_training_and_eval_mode(tiny_moe, monkeypatch):
+    """Inside the block every flagged decoder layer is checkpointed once, by expertrl (never nested in transformers'
+    own checkpoint, whatever the mode); outside it transformers' flag is back. Gradients: test_checkpointing.py."""
+    from expertrl.moe import recompute
+
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     tiny_moe.gradient_checkpointing_enable()
-    tiny_moe.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    layers = recompute.checkpointing_layers(tiny_moe)
+    assert len(layers) == 2  # the decoder layers, not the base model that carries the legacy flag too
+    for training in (True, False):
+        tiny_moe.train(training)
+        calls.clear()
         with route(tiny_moe, TopK()):
-            pass
-    tiny_moe.eval()  # no recompute without training mode: allowed
-    with route(tiny_moe, TopK()):
+            assert not any(layer.gradient_checkpointing for layer in layers)
+            _forward(tiny_moe).sum().backward()
+        assert len(calls) == 2 and all(layer.gradient_checkpointing for layer in layers)
+        assert all("forward" not in layer.__dict__ for layer in layers)  # the class forward is back
+    with torch.no_grad(), route(tiny_moe, TopK()):  # nothing to recompute without grad
+        calls.clear()
         _forward(tiny_moe)
+    assert not calls

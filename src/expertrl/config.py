@@ -131,6 +131,9 @@ class ModelConfig:
     router_dtype: Literal["float32", "float64"] = "float32"
     """precision of every router's logits, softmax, expert-set log-probs and RSPO's router log-probs (the model's dtype
     if wider); float64 is NeMo-RL's moe_router_dtype=fp64 for GRPO on MoE (expertrl.moe.adapters.set_router_dtype)"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing of every decoder layer (TRL's name) in RL and SFT forwards: less memory, one more
+    forward per layer in backward; the recompute replays the experts its forward chose (expertrl.moe.recompute)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the checkpoint directory (off unless you ask)"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

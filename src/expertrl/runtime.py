@@ -68,6 +68,13 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
             )
     model = with_adapters(model, cfg, seed)
     set_router_dtype(model, ROUTER_DTYPES[cfg.router_dtype])
+    if cfg.gradient_checkpointing:  # non-reentrant (route() checkpoints the layers itself: expertrl.moe.recompute)
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"model.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
+                "(its modelling code has no GradientCheckpointingLayer); set model.gradient_checkpointing=false"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 

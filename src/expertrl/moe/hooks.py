@@ -46,8 +46,9 @@ Sigmoid-scored routers (DeepSeek-V3) support ``TopK`` (the native group-limited 
 distribution for sigmoid scores is decided. Their recorded router log-probs are log of the scores normalised over
 E (experimental, not a softmax); their set log-prob is 0 (undefined).
 
-Gradient checkpointing re-runs routers in backward; a recorder would see the recompute twice, so keep
-checkpointing off inside ``route`` (sampled routes must be replayed, never resampled, in a recompute).
+Activation checkpointing (``model.gradient_checkpointing_enable()``, ``model.gradient_checkpointing``): inside the
+block every checkpointed layer is recomputed in backward with the experts and expert mask its forward used, with
+nothing recorded twice and no route drawn again, in training and eval mode (``expertrl.moe.recompute``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
 from expertrl.moe.policies import Policy, Replay, TopK
+from expertrl.moe.recompute import Recompute, checkpointed_layers
 from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
 from expertrl.types import UNROUTED, RoutingTrace, expert_id_dtype
 
@@ -92,6 +94,7 @@ class RoutingRecorder:
     raw_logits: list[list[Tensor]] = field(default_factory=list)
     scored_logp: list[list[Tensor]] = field(default_factory=list)
     generating: int = 0
+    recompute: Recompute = field(default_factory=Recompute)
 
     def __post_init__(self) -> None:
         n = len(self.sites)
@@ -174,6 +177,8 @@ def _record(
     probs: Tensor,
     logits: Tensor,
 ) -> None:
+    if rec.recompute.replaying:  # activation checkpointing's backward recompute: recorded in the forward already
+        return
     grad = torch.is_grad_enabled()
     rec.experts[pos].append(experts.to(expert_id_dtype(rec.num_experts)))
     at_least_32 = torch.promote_types(set_logp.dtype, torch.float32)  # a float64 model keeps float64
@@ -222,14 +227,22 @@ def _softmax_forward(
     h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
     logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E) the native router's logits, at router precision
     scores = logits  # (N, E) a bf16 model's router still computes in float32 (NeMo-RL's moe_router_dtype)
-    mask = allowed(pos, scores.shape[0]) if allowed is not None else None
+    replay = rec.recompute.replayed(pos) if rec.recompute.replaying else None  # a recompute: the forward's choice
+    if replay is not None:
+        mask = replay[1]
+    else:
+        mask = allowed(pos, scores.shape[0]) if allowed is not None else None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
     route_scores = scores / temperature if temperature != 1.0 else scores  # (N, E) the routing distribution's
     if rec.generating and not policy.causal:
         policy = TopK()  # non-causal routing cannot run token by token: generate routes top-K (module docstring)
-    with torch.no_grad():
-        experts = _choose(policy, torch.log_softmax(route_scores, dim=-1), site.top_k, pos, generator)  # (N, K)
+    if replay is not None:
+        experts = replay[0]  # (N, K) never drawn again in a recompute
+    else:
+        with torch.no_grad():
+            experts = _choose(policy, torch.log_softmax(route_scores, dim=-1), site.top_k, pos, generator)  # (N, K)
+        rec.recompute.remember(pos, experts, mask)  # for a checkpointed layer's recompute
     probs = torch.softmax(scores, dim=-1)  # (N, E) untempered: expert weights always use the model's router
     with torch.no_grad():
         router_logp = torch.log_softmax(scores, dim=-1)  # (N, E) RSPO's r (no gradient: γ is a stop-gradient)
@@ -249,7 +262,7 @@ def _softmax_forward(
         chosen_logp = torch.where(used, router_logp.gather(1, experts), torch.zeros_like(weights))  # (N, K')
         no_set = torch.zeros(experts.shape[0], device=experts.device)  # a variable-K choice has no set probability
         _record(rec, pos, torch.where(used, experts, UNROUTED), no_set, chosen_logp, probs, logits)
-    if rec.score_experts is not None:
+    if rec.score_experts is not None and replay is None:
         ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
         ref_ok = ref >= 0
         rec.scored_logp[pos].append((router_logp.gather(1, ref.clamp(min=0)) * ref_ok).float())  # unrouted: 0
@@ -267,17 +280,28 @@ def _sigmoid_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
     dtype = torch.promote_types(site.dtype, torch.float32)  # DeepSeek-V3 scores in float32 natively
+    replay = rec.recompute.replayed(pos) if rec.recompute.replaying else None  # a recompute: the forward's choice
     if isinstance(policy, TopK):
         logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection (float32)
+        if replay is not None and not torch.equal(experts, replay[0]):
+            raise RuntimeError(
+                f"activation checkpointing: the recompute of {site.name}'s native top-K chose other experts than its "
+                "forward (non-deterministic kernels?); turn model.gradient_checkpointing off for this model"
+            )
     else:  # Replay
         h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
         logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E)
-        with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
-            experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
+        if replay is not None:
+            experts = replay[0]
+        else:
+            with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
+                experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
         weights = logits.sigmoid().gather(1, experts)  # (N, K)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * router.routed_scaling_factor
+    if replay is None:
+        rec.recompute.remember(pos, experts, None)  # for a checkpointed layer's recompute
     scores = logits.to(dtype).sigmoid()  # (N, E)
     logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
     no_set = torch.zeros(experts.shape[0], device=experts.device)  # no set probability for sigmoid scores
@@ -319,12 +343,6 @@ def route(
     if set_logprob not in SET_LOGPROBS:
         raise ValueError(f"unknown set_logprob {set_logprob!r}; choose from {sorted(SET_LOGPROBS)}")
     custom = not isinstance(policy, (TopK, Replay))
-    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        raise ValueError(
-            "gradient checkpointing is on: its recompute re-runs every router during backward, so the recorder would "
-            "see each call twice and a sampled route could be redrawn. Turn it off inside route() "
-            "(model.gradient_checkpointing_disable()), or route in eval mode"
-        )
     if sites is None:  # top-K or replay of a dense model is the identity; anything else needs real routers
         sites = find_routers(model, allow_dense=not custom and allowed is None and score_experts is None)
     if not sites and (custom or allowed is not None):  # a temperature only changes routing, so it is moot here
@@ -346,7 +364,7 @@ def route(
         keep_logits=keep_logits,
         score_experts=score_experts,
     )
-    saved = []
+    saved, patches = [], []
     try:
         if not policy.causal:  # generate routes top-K (module docstring); restored like the router forwards
             saved.append((model, "generate", model.__dict__.get("generate")))
@@ -361,10 +379,29 @@ def route(
             else:
                 fwd = functools.partial(_sigmoid_forward, site, pos, policy, module.forward, rec)
             module.forward = fwd
-        yield rec
+            patches.append((module, fwd))
+        rec.recompute.install = functools.partial(_patched, patches)  # a recompute runs after the block exits
+        with checkpointed_layers(model, rec.recompute):
+            yield rec
     finally:
-        for module, attr, previous in saved:
-            if previous is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, previous)
+        _restore(saved)
+
+
+def _restore(saved: list[tuple[object, str, object]]) -> None:
+    for module, attr, previous in saved:
+        if previous is None:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, previous)
+
+
+@contextmanager
+def _patched(patches: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """The block's router forwards on the routers again, for an activation-checkpointing recompute."""
+    saved = [(module, "forward", module.__dict__.get("forward")) for module, _ in patches]
+    try:
+        for module, fwd in patches:
+            module.forward = fwd
+        yield
+    finally:
+        _restore(saved)
