@@ -51,6 +51,7 @@ CONFIG_CASES = [
     # precision, checkpointing, router shapes (issue 14)
     (["--model.router_dtype", "bfloat16"], ["model.router_dtype", "'float32', 'float64'"]),
     (["--model.gradient_checkpointing", "sometimes"], ["model.gradient_checkpointing", "expected a bool"]),
+    (["--model.preset", "qwen2moe-shape"], ["model.preset", "router shape of qwen2_moe", "model.family=qwen2_moe"]),
 ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from expertrl.config import ConfigError, ModelConfig, OptimConfig, TaskConfig
 from expertrl.decoding import is_processor
-from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
+from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE, preset_fields
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
 from expertrl.moe.adapters import ROUTER_DTYPES, set_router_dtype
 from expertrl.moe.lora import attach_lora, load_lora
@@ -23,7 +23,7 @@ from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
 from expertrl.prompts import render_items
 from expertrl.tasks import Task, load_task
-from expertrl.tokenizer import build_char_tokenizer
+from expertrl.tokenizer import CHAR_VOCAB_SIZE, build_char_tokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -52,7 +52,7 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     elif cfg.family in VISION_MOE:
         model, tokenizer = _tiny_vlm(cfg, seed, dtype)
     else:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(preset_fields(cfg.preset)["vocab"] or CHAR_VOCAB_SIZE)  # 151,936 rows: unused
         if cfg.family in TINY_DENSE:
             model = build_tiny_dense(cfg.family, cfg.preset, len(tokenizer), seed=seed, dtype=dtype)
         else:
