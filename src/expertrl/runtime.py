@@ -15,14 +15,15 @@ from transformers import AutoTokenizer
 
 from expertrl.config import ConfigError, ModelConfig, OptimConfig, TaskConfig
 from expertrl.decoding import is_processor
-from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
+from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE, preset_fields
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
+from expertrl.moe.adapters import ROUTER_DTYPES, set_router_dtype
 from expertrl.moe.lora import attach_lora, load_lora
 from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
 from expertrl.prompts import fit_prompts, render_items
 from expertrl.tasks import Task, load_task
-from expertrl.tokenizer import build_char_tokenizer
+from expertrl.tokenizer import CHAR_VOCAB_SIZE, build_char_tokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -51,7 +52,7 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     elif cfg.family in VISION_MOE:
         model, tokenizer = _tiny_vlm(cfg, seed, dtype)
     else:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(preset_fields(cfg.preset)["vocab"] or CHAR_VOCAB_SIZE)  # 151,936 rows: unused
         if cfg.family in TINY_DENSE:
             model = build_tiny_dense(cfg.family, cfg.preset, len(tokenizer), seed=seed, dtype=dtype)
         else:
@@ -65,7 +66,16 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
                 num_experts=cfg.num_experts,
                 top_k=cfg.top_k,
             )
-    return with_adapters(model, cfg, seed), tokenizer
+    model = with_adapters(model, cfg, seed)
+    set_router_dtype(model, ROUTER_DTYPES[cfg.router_dtype])
+    if cfg.gradient_checkpointing:  # non-reentrant (route() checkpoints the layers itself: expertrl.moe.recompute)
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"model.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
+                "(its modelling code has no GradientCheckpointingLayer); set model.gradient_checkpointing=false"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
 
 
 def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:

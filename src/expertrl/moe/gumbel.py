@@ -63,20 +63,16 @@ def counter_uniform(seeds: Tensor, positions: Tensor, num_layers: int, num_exper
     Returns:
         (N, L, E) float64 in the open interval (0, 1).
     """
-    layers = torch.arange(num_layers, dtype=torch.int64, device=seeds.device) * _LAYER + 1  # (L,)
-    row = mix64(mix64(seeds[:, None] ^ layers[None, :]) ^ positions[:, None])  # (N, L)
-    experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
-    z = mix64(row[..., None] ^ experts)  # (N, L, E)
-    return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # 53 random bits, never 0 or 1
+    return torch.stack([layer_uniform(seeds, positions, l, num_experts) for l in range(num_layers)], dim=1)
 
 
 def layer_uniform(seeds: Tensor, positions: Tensor, layer: int, num_experts: int) -> Tensor:
-    """(N, E) float64 uniforms of one MoE layer: ``counter_uniform(seeds, positions, L, E)[:, layer]`` for any L."""
-    key = torch.full_like(seeds, layer * _LAYER + 1)
+    """(N, E) float64 uniforms of MoE layer ``layer``: the one definition ``counter_uniform`` stacks over layers."""
+    key = torch.full_like(seeds, _signed(layer * _LAYER + 1))  # 64-bit wrap-around, as int64 arithmetic would
     row = mix64(mix64(seeds ^ key) ^ positions)  # (N,)
     experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
     z = mix64(row[:, None] ^ experts)  # (N, E)
-    return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))
+    return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # 53 random bits, never 0 or 1
 
 
 def row_seeds(base: int, rows: Tensor) -> Tensor:
