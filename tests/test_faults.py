@@ -29,7 +29,7 @@ from conftest import tiny_args
 from safetensors.torch import load_file, save_file
 
 from expertrl import train as train_module
-from expertrl.checkpoint import checkpoint_path, save_model
+from expertrl.checkpoint import checkpoint_path, checkpoint_problem, prune_checkpoints, save_model
 from expertrl.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, main
 from expertrl.models import build_tiny_moe
 from expertrl.tokenizer import build_char_tokenizer
@@ -112,6 +112,11 @@ def _finished_run(t: Path) -> list[str]:
     return train_args(t / "run", "--steps", "1")
 
 
+def _overwrite_that_cannot_start(t: Path) -> list[str]:
+    """--overwrite consents to replacing the earlier run, but only by a run that starts."""
+    return [*_finished_run(t), "--overwrite", "true", "--rollout.max_new_tokens", "100000"]
+
+
 def _output_is_a_file(t: Path) -> list[str]:
     (t / "notes.txt").write_text("my notes\n")
     return train_args(t / "notes.txt")
@@ -155,6 +160,7 @@ def _long_row(t: Path) -> list[str]:
 
 BAD_INPUT = [
     Case("finished run's folder", _finished_run, ["already holds a run", "summary.json", "--overwrite true"]),
+    Case("--overwrite, then a start-up error", _overwrite_that_cannot_start, ["rollout.max_new_tokens 100000"]),
     Case("output_dir is a file", _output_is_a_file, ["output_dir", "notes.txt", "it is a file"]),
     Case("output_dir under /proc", lambda t: train_args(Path("/proc/expertrl-run")), ["output_dir", "/proc"]),
     Case("lr = inf", lambda t: train_args(t / "run", "--optim.lr", "inf"), ["optim.lr", "finite", "inf"]),
@@ -205,6 +211,18 @@ def test_overwrite_replaces_only_a_runs_own_files(tmp_path):
     assert [r["step"] for r in records(out / "metrics.jsonl")] == [-1, 0, 1]  # not appended to the old run's
 
 
+def test_an_sft_overwrite_that_cannot_start_keeps_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "sft"
+    args = ["sft", "--model.preset", "tiny", "--sft.steps", "2", "--task.train_size", "8", "--task.eval_size", "4",
+            "--progress", "false", "--output_dir", str(out)]  # fmt: skip
+    assert cli(*args) == 0
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert cli(*args, "--overwrite", "true", "--model.path", str(tmp_path / "missing")) == EXIT_BAD_INPUT
+    assert "missing" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     """A live run holds the folder's lock (released when it ends, even by kill -9)."""
     out = tmp_path / "run"
@@ -250,6 +268,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, name
     out = tmp_path / "run"
     assert cli(*train_args(out, "--steps", "2", "--save_every", "1")) == 0
     damage(checkpoint_path(out, 2))
+    damaged = tree(checkpoint_path(out, 2))
     kept = tree(checkpoint_path(out, 1))
     first = (out / "metrics.jsonl").read_text().splitlines()[:2]  # steps -1 and 0, before the step-1 checkpoint
     with pytest.warns(UserWarning, match="skipping damaged checkpoint step-000002") as warned:
@@ -258,6 +277,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, name
     assert (out / "metrics.jsonl").read_text().splitlines()[:2] == first
     assert records(out / "metrics.jsonl") == records(reference / "metrics.jsonl")
     assert kept  # the fallback read step-000001 as it was
+    # the damaged one is set aside, not deleted, and no longer counts: the run wrote a whole step-000002 again
+    assert tree(out / "checkpoints" / "damaged-step-000002") == damaged
+    assert "skipping damaged" not in str([w.message for w in warned[1:]])
+    assert checkpoint_problem(checkpoint_path(out, 2)) is None
 
 
 def _truncate(f: Path) -> None:
@@ -334,14 +357,27 @@ def test_a_collapsed_policy_stops_the_run(tmp_path, capsys):
     saturated (gradient exactly 0): the run stops with exit 1 and says why, instead of exiting 0 with a dead model."""
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"optim\.lr: 1000 is far above"):  # the start-up warning
-        code = cli(*train_args(out, "--sft.steps", "20", "--steps", "8", "--optim.lr", "1e3", "--save_every", "1"))
+        code = cli(*train_args(out, "--sft.steps", "20", "--steps", "8", "--optim.lr", "1e3", "--save_every", "1",
+                               "--keep_checkpoints", "1"))  # fmt: skip
     captured = capsys.readouterr()
     assert code == EXIT_FAILED
     assert "NaN/Inf loss or gradient norm in inner update 2 of 2, not applied (1 earlier applied" in captured.out
     assert "collapsed policy" in captured.err and "gradient norm was exactly 0" in captured.err
+    assert "No healthy checkpoint had been written" in captured.err  # step 0 was NaN, steps 1-3 collapsed
+    assert "step-000003 holds the policy of the streak, not a healthy one" in captured.err
     assert not (out / "final").exists()
     for ckpt in (out / "checkpoints").glob("step-*"):  # whatever was saved holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model" / "model.safetensors").values())
+
+
+def test_pruning_never_deletes_the_checkpoint_a_collapse_stop_points_to(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint_path(tmp_path, step).mkdir(parents=True)
+        (checkpoint_path(tmp_path, step) / "trainer_state.json").write_text("{}")
+    prune_checkpoints(tmp_path, keep=1, protect=checkpoint_path(tmp_path, 1))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000004"]
+    prune_checkpoints(tmp_path, keep=1)  # healthy again: the old one goes at the next save
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004"]
 
 
 def test_non_ascii_prompts_train(tmp_path):

@@ -193,11 +193,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the ``keep`` most recent complete checkpoints."""
+def prune_checkpoints(run_dir: str | Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the ``keep`` most recent complete checkpoints, never ``protect`` (the last healthy checkpoint
+    a collapse stop points back to)."""
     assert keep >= 1, keep
     for path in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path)
+        if protect is None or path.resolve() != Path(protect).resolve():
+            shutil.rmtree(path)
+
+
+def set_aside_newer(run_dir: str | Path, kept: Path) -> list[Path]:
+    """Rename the complete checkpoints newer than ``kept`` (the newest one that reads back whole: the newer ones are
+    damaged) to ``checkpoints/damaged-<name>``: nothing is deleted, and they no longer count as checkpoints for
+    resuming or for ``keep_checkpoints``. Returns their new paths."""
+    names = [p.name for p in complete_checkpoints(run_dir)]
+    newer = [Path(run_dir) / CHECKPOINTS / n for n in names[names.index(kept.name) + 1 :]] if kept.name in names else []
+    moved = []
+    for path in newer:
+        target = path.with_name(f"damaged-{path.name}")
+        if target.exists():
+            shutil.rmtree(target)  # the same step damaged twice: keep the newest copy
+        path.rename(target)
+        moved.append(target)
+        warnings.warn(f"set the damaged checkpoint {path.name} aside as {target}", stacklevel=2)
+    return moved
 
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:

@@ -37,6 +37,7 @@ from expertrl.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
     save_sft_checkpoint,
+    set_aside_newer,
     set_rng_state,
     truncate_metrics,
 )
@@ -200,7 +201,7 @@ class Run:
             config=dataclasses.replace(self.cfg, resume=None, overwrite=False), reference=self.ref_model,
             model_state=model_state, optimizer_state=optimizer_state,
         )  # fmt: skip
-        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=self.healthy_checkpoint)
         return path
 
 
@@ -323,7 +324,10 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     )  # fmt: skip
     if run.sharded:
         check_shardable(model, tokenizer)
-    if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind
+    if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind (and, with
+        rundir.clear_previous()  # --overwrite, the earlier run as it was)
+        if resume_from is not None:  # newer checkpoints that do not read back whole: out of the way, not deleted
+            set_aside_newer(out, resume_from)
         save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
     _print_header(run)
     run.resume_from = run.healthy_checkpoint = resume_from

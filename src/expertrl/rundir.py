@@ -7,7 +7,8 @@
   when the process ends, even by ``kill -9``) is an error naming its pid;
 * a directory that already holds a run (a finished one, or one with checkpoints) is refused unless the run resumes
   it (``--resume``) or ``--overwrite`` asks to replace it; with ``--overwrite`` only expertrl's own files are
-  removed, nothing else in the directory.
+  removed, nothing else in the directory, and only by ``RunDir.clear_previous()``, which the run calls after its
+  start-up checks passed: a replacement run that cannot start leaves the earlier run as it was.
 
 The returned ``RunDir`` keeps the lock until ``release()`` (or process exit).
 """
@@ -41,9 +42,21 @@ RUN_FILES = (
 class RunDir:
     """A claimed run directory and its lock (``claim_run_dir``)."""
 
-    def __init__(self, path: Path, fd: int | None) -> None:
+    def __init__(self, path: Path, fd: int | None, previous: tuple[str, ...] = ()) -> None:
         self.path = path
         self._fd = fd
+        self.previous = previous  # the earlier run's files that --overwrite replaces (clear_previous)
+
+    def clear_previous(self) -> None:
+        """Remove the earlier run's expertrl files (``--overwrite``); called once every start-up check passed, just
+        before the new run writes its first file."""
+        for name in self.previous:  # explicit consent: expertrl's own files only
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        self.previous = ()
 
     def release(self) -> None:
         if self._fd is not None:
@@ -63,7 +76,7 @@ def claim_run_dir(out: str | Path, *, resume: bool, overwrite: bool, lock: bool 
 
     Args:
         resume: the run continues the run in ``out`` (its files stay).
-        overwrite: replace an earlier run in ``out`` (its expertrl files are removed).
+        overwrite: replace an earlier run in ``out`` (its expertrl files are removed by ``clear_previous``).
         lock: take the directory lock (only the main process of a multi-process run does).
     Raises:
         ConfigError: ``output_dir`` cannot be written, is in use, or holds another run.
@@ -103,7 +116,5 @@ def claim_run_dir(out: str | Path, *, resume: bool, overwrite: bool, lock: bool 
                 f"output_dir: {str(out)!r} already holds a run ({', '.join(found)}); {hint}choose another output_dir, "
                 "or pass --overwrite true to replace it"
             )
-        for name in found:  # explicit consent: remove expertrl's own files only
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return RunDir(out, fd, previous=tuple(found))  # removed after the start-up checks (clear_previous)
     return RunDir(out, fd)

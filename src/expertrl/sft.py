@@ -29,6 +29,7 @@ from expertrl.checkpoint import (
     remove_partial_checkpoints,
     save_model,
     save_sft_checkpoint,
+    set_aside_newer,
     set_rng_state,
     stop_requests,
     truncate_metrics,
@@ -44,7 +45,7 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import make_policy
 from expertrl.policy import position_ids_from_mask
-from expertrl.rundir import claim_run_dir
+from expertrl.rundir import RunDir, claim_run_dir
 from expertrl.runtime import (
     clip_grad,
     derive_seed,
@@ -242,18 +243,19 @@ def run_sft(cfg: SFTJobConfig) -> dict:
     rundir = claim_run_dir(out, resume=resume_from is not None, overwrite=cfg.overwrite)
     try:
         with stop_requests() as stop:
-            return _run_sft(cfg, out, resume_from, stop)
+            return _run_sft(cfg, out, resume_from, stop, rundir)
     finally:
         rundir.release()
 
 
-def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict) -> dict:
+def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict, rundir: RunDir) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
     task = task_from_config(cfg.task, tokenizer, model=model, answers=True)  # prompt + answer fit the context
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
     start_step, resume = 0, None
-    if resume_from is None:
+    if resume_from is None:  # the model and task loaded: an earlier run replaced with --overwrite goes only now
+        rundir.clear_previous()
         save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")
         before = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
         summary = {"accuracy_before": before["accuracy"]}
@@ -265,6 +267,7 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict)
         set_rng_state(state["rng"])
         truncate_metrics(out / "metrics.jsonl", start_step)
         remove_partial_checkpoints(out)
+        set_aside_newer(out, resume_from)  # newer checkpoints that do not read back whole: out of the way
         print(f"resuming supervised fine-tuning from {resume_from} ({start_step} of {cfg.sft.steps} steps)")
     logger = MetricsLogger(out / "metrics.jsonl")
 

@@ -114,7 +114,12 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
             f"--config {run.out}/config.yaml --resume {run.out}"
             + ("" if nan or last == latest_checkpoint(run.out) else " after deleting the checkpoints saved after it")
             if last is not None
-            else "No checkpoint had been written before (save_every=0, or no healthy step reached a save)"
+            else "No healthy checkpoint had been written (save_every=0, or no step before the streak reached a save)"
+            + (
+                f"; {latest_checkpoint(run.out)} holds the policy of the streak, not a healthy one"
+                if latest_checkpoint(run.out) is not None
+                else ""
+            )
         )
         what = "had a NaN/Inf loss or gradient norm" if nan else f"showed a collapsed policy ({why})"
         raise RunFailed(
