@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/expertrl train
+	$(VENV)/bin/expertrl train --overwrite true  # the demo: a second `make train` replaces runs/default
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

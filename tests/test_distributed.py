@@ -10,6 +10,8 @@ the (per-micro-batch, non-linear) LB loss independent of how sequences are group
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,3 +224,25 @@ def test_fixed_length_generate_pads_after_eos(tiny_moe, tokenizer):
 def test_fsdp2_refuses_what_it_cannot_shard(args):
     with pytest.raises(ConfigError, match="^parallel: fsdp2"):
         load_config(TrainConfig, None, ["--parallel", "fsdp2", *args])
+
+
+README_TORCHRUN = re.findall(
+    r"^OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m expertrl train (.*?)#",
+    (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " "),
+    flags=re.MULTILINE,
+)
+
+
+@needs_torchrun
+@pytest.mark.parametrize("line", README_TORCHRUN, ids=["ddp", "fsdp2"])
+def test_the_readmes_torchrun_commands_run(line, tmp_path):
+    """The README's CPU torchrun lines, as written (in tmp_path: their --output_dir is relative), sizes shrunk."""
+    assert len(README_TORCHRUN) == 2
+    args = shlex.split(line)
+    shrunk = tiny_args(**{"sft.steps": 2, "steps": 1, "rollout.prompts_per_step": 16})
+    exe = str(TORCHRUN) if TORCHRUN.is_file() else shutil.which("torchrun")
+    cmd = [exe, "--standalone", "--nproc_per_node", "2", "-m", "expertrl", "train", *args, *shrunk]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / args[args.index("--output_dir") + 1]
+    assert (out / "final" / "model.safetensors").is_file()

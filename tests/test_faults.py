@@ -28,11 +28,17 @@ import torch
 from conftest import tiny_args
 from safetensors.torch import load_file, save_file
 
+from expertrl import checkpoint as checkpoint_module
 from expertrl import train as train_module
 from expertrl.checkpoint import checkpoint_path, checkpoint_problem, prune_checkpoints, save_model
 from expertrl.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, main
+from expertrl.config import TrainConfig
+from expertrl.configio import load_config
+from expertrl.logging import MetricsLogger
 from expertrl.models import build_tiny_moe
+from expertrl.prompts import fit_prompts
 from expertrl.tokenizer import build_char_tokenizer
+from expertrl.train import collapse
 
 RUN = tiny_args(**{"sft.steps": 2})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -180,6 +186,11 @@ BAD_INPUT = [
         ],
     ),  # fmt: skip
     Case(
+        "vLLM engine shorter than prompt + completion",
+        lambda t: train_args(t / "run", "--rollout.engine", "vllm", "--rollout.engine_max_len", "8"),
+        ["rollout.engine_max_len", "exceed the engine's 8 per sequence", "set rollout.engine_max_len >="],
+    ),
+    Case(
         "max_new_tokens past the context",
         lambda t: train_args(t / "run", "--rollout.max_new_tokens", "100000"),
         ["rollout.max_new_tokens 100000", "exceeds the model's context of 512", "lower rollout.max_new_tokens"],
@@ -310,14 +321,14 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_the_run_goes_on(smal
 def _fill_before_the_final_save(monkeypatch, disk: Path) -> dict:
     """The disk fills up (another job's file) between the last checkpoint and the final model."""
     ballast = {}
-    real = train_module.save_model
+    real = checkpoint_module.save_model
 
     def save_model_on_a_full_disk(*args, **kwargs):
         if not ballast:
             ballast["file"] = fill(disk, leave_bytes=100_000)  # the final model needs ~240 kB
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_model", save_model_on_a_full_disk)
+    monkeypatch.setattr(checkpoint_module, "save_model", save_model_on_a_full_disk)
     return ballast
 
 
@@ -341,7 +352,7 @@ def test_a_full_disk_at_the_final_save_waits_for_space(small_disk, monkeypatch, 
     """Without a checkpoint the final weights exist only in memory: the save is retried until space is freed."""
     out = small_disk / "run"
     ballast = _fill_before_the_final_save(monkeypatch, small_disk)
-    monkeypatch.setattr(train_module, "RETRY_S", 0.2)
+    monkeypatch.setattr(checkpoint_module, "RETRY_S", 0.2)
     timer = threading.Timer(1.0, lambda: ballast["file"].unlink())
     timer.start()
     try:
@@ -412,7 +423,7 @@ def test_sft_refuses_an_answer_that_does_not_fit(tmp_path, capsys):
                "--task.eval_size", "2", "--output_dir", str(tmp_path / "run"))  # fmt: skip
     assert code == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"task.max_prompt_tokens: {data}:2: the prompt + answer (4 + 600 tokens) = 604 tokens exceeds" in err
+    assert f"task.max_prompt_tokens: {data}:2: the prompt + answer + EOS (4 + 601 tokens) = 605 tokens exceeds" in err
     assert err.rstrip().endswith("shorten or drop that row")
 
 
@@ -476,3 +487,79 @@ def test_sigterm_during_the_warm_up_of_train_checkpoints_and_resumes_exactly(tmp
     for name in ("sft_metrics.jsonl", "metrics.jsonl"):
         assert records(out / name) == records(ref / name), name
     assert tree(ref / "final") == tree(out / "final")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "overrides", "collapsed"),
+    [
+        ({"rollout/empty_frac": 1.0, "optim/grad_norm": 0.5}, {}, True),
+        ({"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5}, {}, True),
+        ({"optim/grad_norm": 0.0, "reward/frac_zero_std": 1.0}, {"loss.lb_coef": 0.0}, False),  # every answer right
+        ({"optim/grad_norm": 0.0, "reward/frac_zero_std": 1.0}, {}, True),  # the LB loss acts: saturated routers
+        (
+            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 1.0},
+            {"routing.freeze_router": True, "loss.gate_coef": 0.0},
+            False,
+        ),
+        ({"optim/grad_norm": 1e-9, "reward/frac_zero_std": 0.5}, {}, False),
+        # DAPO: the groups with an advantage may all be cut completions, which mask_truncated gives no loss
+        (
+            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "rollout/truncated_frac": 0.5},
+            {"rollout.mask_truncated": True, "loss.lb_coef": 0.0},
+            False,
+        ),  # fmt: skip
+        (
+            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "rollout/truncated_frac": 0.0},
+            {"rollout.mask_truncated": True},
+            True,
+        ),  # fmt: skip
+    ],
+)
+def test_what_counts_as_a_collapsed_policy(metrics, overrides, collapsed):
+    cfg = load_config(TrainConfig, None, [f"--{k}={v}" for k, v in overrides.items()])
+    assert (collapse(metrics, cfg) is not None) == collapsed
+
+
+def test_an_sft_answer_may_fill_the_context_but_for_its_eos():
+    tok = build_char_tokenizer()  # one token per character; the tiny preset's context is 512
+    fits = [{"prompt": "1+1=", "answer": "2" * 507}]  # 4 + 507 + EOS = 512
+    fit_prompts(fits, tok, max_positions=512, new_tokens=0, answers=True)
+    with pytest.raises(ValueError, match=r"prompt \+ answer \+ EOS \(4 \+ 509 tokens\) = 513 tokens"):
+        fit_prompts([{"prompt": "1+1=", "answer": "2" * 508}], tok, max_positions=512, new_tokens=0, answers=True)
+
+
+def test_a_full_disk_while_logging_stops_the_run_naming_the_checkpoint(small_disk, monkeypatch, capsys):
+    out = small_disk / "run"
+    real_log = MetricsLogger.log
+
+    def log_on_a_full_disk(self, metrics, step):
+        if step == 1 and self.path.name == "metrics.jsonl":  # after the step-1 checkpoint, another job fills the disk
+            fill(small_disk, leave_bytes=0)
+            with self.path.open("a") as f:  # and the slack of the log's last page (JSON allows the leading spaces)
+                f.write(" " * (-self.path.stat().st_size % 4096))
+        return real_log(self, metrics, step)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_on_a_full_disk)
+    assert cli(*train_args(out, "--steps", "3", "--save_every", "1")) == EXIT_FAILED
+    err = capsys.readouterr().err
+    for fragment in ["could not write the metrics of step 1", "no space left", "step-000001 is intact", "--resume"]:
+        assert fragment in err, (fragment, err)
+
+
+def test_an_error_mid_run_is_a_failed_run_not_bad_input(tmp_path, monkeypatch, capsys):
+    """Past start-up a ValueError (a reward function's, a row's) exits 1 naming the step and the checkpoint, not 2."""
+    out = tmp_path / "run"
+    real = train_module.collect
+
+    def collect_that_fails(run, step):
+        if step == 1:
+            raise ValueError("a reward function could not parse 'x'")
+        return real(run, step)
+
+    monkeypatch.setattr(train_module, "collect", collect_that_fails)
+    assert cli(*train_args(out, "--steps", "3", "--save_every", "1")) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.count("expertrl train: error:") == 1, err
+    for fragment in ["step 1: ValueError: a reward function could not parse 'x'", "step-000001 is intact",
+                     f"--resume {out}", "EXPERTRL_DEBUG=1"]:  # fmt: skip
+        assert fragment in err, (fragment, err)

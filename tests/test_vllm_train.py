@@ -22,7 +22,7 @@ ENGINE_MISMATCH = 1e-5
 
 def _readme_commands() -> list[list[str]]:
     """The README's ``expertrl train --rollout.engine vllm`` commands, as argument lists (comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")  # continuation lines joined
     lines = re.findall(r"^\.venv/bin/expertrl train (.*--rollout\.engine vllm.*)$", text, flags=re.MULTILINE)
     return [line.split("#")[0].split() for line in lines]
 

@@ -97,9 +97,10 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
         "rollout/completion_length": lengths.mean(),
         "rollout/empty_frac": ((lengths == 1) & (completion[:, 0] == eos)).float().mean(),
     }
+    cut = truncated(rollout.mask, completion, eos)  # (B,) no EOS within max_new_tokens
+    metrics["rollout/truncated_frac"] = cut.float().mean()
     mask = rollout.mask
     if cfg.rollout.mask_truncated:  # DAPO overlong filtering: a cut completion gets no loss
-        cut = truncated(mask, completion, eos)
         mask = mask * (~cut)[:, None].to(mask.dtype)
     advantages, adv_metrics = group_advantages(rewards, cfg.rollout.group_size, scale=cfg.loss.advantage_scale)
     rollout = replace(

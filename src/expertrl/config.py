@@ -829,9 +829,17 @@ class SFTJobConfig:
     """continue the supervised run in this directory from its latest complete checkpoint (checkpoints/sft-step-N)"""
     keep_checkpoints: int = 2
     """number of most recent checkpoints kept in output_dir/checkpoints"""
+    final_save_wait_s: float = 600.0
+    """on a full disk, seconds to keep retrying the final model's write (its weights are only in memory) before
+    giving up"""
 
     def __post_init__(self) -> None:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(
+            _finite(self.final_save_wait_s) and self.final_save_wait_s >= 0,
+            "final_save_wait_s",
+            f"must be a number of seconds >= 0, got {self.final_save_wait_s}",
+        )
 
 
 @dataclass

@@ -11,6 +11,7 @@ Hugging Face's own bars (loading and writing weights) follow the same switch (``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from expertrl.io import DiskFullError
 from expertrl.trackers import Tracker, scalars
 
 PLAIN_EVERY_S = 30.0
@@ -116,8 +118,13 @@ class MetricsLogger:
     def log(self, metrics: dict, step: int) -> dict:
         record = {"step": step, **{k: to_number(v) for k, v in metrics.items()}}
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a cut line is skipped on reading (io.read_jsonl(skip_bad=True))
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise DiskFullError(f"no space left on the device of {self.path} to log step {step}") from None
             for tracker in self.trackers:
                 tracker.log(scalars(record), max(step, 0))
         return record

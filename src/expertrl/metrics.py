@@ -16,6 +16,10 @@ from __future__ import annotations
 # key pattern -> (meaning, TRL / verl name or "")
 VOCABULARY: dict[str, tuple[str, str]] = {
     "rollout/completion_length": ("mean completion length (tokens up to and including EOS)", "completions/mean_length"),
+    "rollout/truncated_frac": (
+        "share of completions cut at rollout.max_new_tokens without EOS (DAPO's mask_truncated gives them no loss)",
+        "completions/clipped_ratio",
+    ),
     "rollout/empty_frac": (
         "share of completions that are only EOS (all of them for max_bad_steps steps: collapse)",
         "",

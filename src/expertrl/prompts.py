@@ -149,11 +149,12 @@ def fit_prompts(
                 ids[i] = encode([text])[0]
                 truncated += 1
     extra = encode([it["answer"][-cap:] for it in out]) if answers else [[] for _ in out]
-    lengths = [len(p) + len(a) for p, a in zip(ids, extra, strict=True)]
+    eos = 1 if answers else 0  # supervised training appends EOS to the answer
+    lengths = [len(p) + len(a) + eos for p, a in zip(ids, extra, strict=True)]
     worst = max(range(len(out)), key=lengths.__getitem__)
     if max_positions is not None and lengths[worst] + new_tokens > max_positions:
-        n_prompt, n_answer = len(ids[worst]), len(extra[worst])
-        what = f"prompt + answer ({n_prompt} + {n_answer} tokens)" if answers else f"prompt ({n_prompt} tokens)"
+        n_prompt, n_answer = len(ids[worst]), len(extra[worst]) + eos
+        what = f"prompt + answer + EOS ({n_prompt} + {n_answer} tokens)" if answers else f"prompt ({n_prompt} tokens)"
         room = max_positions - new_tokens - n_answer  # the longest prompt that would fit
         fixes = [f"lower {new_tokens_field}"] if new_tokens else []
         if room > 0:

@@ -29,6 +29,7 @@ from torch import nn
 
 from expertrl.checkpoint import (
     checkpoint_path,
+    failures_stop_the_run,
     find_resume_checkpoint,
     load_optimizer_state,
     load_trainer_state,
@@ -37,6 +38,7 @@ from expertrl.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
     save_sft_checkpoint,
+    saving_stops,
     set_aside_newer,
     set_rng_state,
     truncate_metrics,
@@ -304,7 +306,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     if cfg.sft.steps > 0:  # the warm-up trains on prompt + answer
         check_answer_lengths(task, tokenizer, model)
     check_model(cfg, sites, task, tokenizer)
-    check_engine(cfg, model)
+    check_engine(cfg, model, task, accelerator.num_processes)
     state = load_trainer_state(resume_from) if resume_from is not None else None
     trackers = []
     if accelerator.is_main_process:
@@ -377,11 +379,6 @@ def start(run: Run, stop: dict) -> bool:
 def start_engine(run: Run) -> VllmEngine:
     """The vLLM rollout engine on the policy's current weights (after the warm-up or the resumed checkpoint)."""
     cfg = run.cfg
-    if run.world > 1:
-        raise ConfigError(
-            f"rollout.engine: vllm runs one in-process engine; {run.world} processes would each start one on the same "
-            "device (not supported yet); use rollout.engine=hf"
-        )
     try:
         return VllmEngine.start(
             run.policy_model, run.tokenizer, workdir=run.out / "engine", seed=cfg.seed,
@@ -391,10 +388,23 @@ def start_engine(run: Run) -> VllmEngine:
         raise ConfigError(str(err)) from None
 
 
-def check_engine(cfg: TrainConfig, model: nn.Module) -> None:
-    """Before any work: the model is one the vLLM engine can run and vLLM is installed (each a one-line error)."""
+def check_engine(cfg: TrainConfig, model: nn.Module, task: Task, world: int) -> None:
+    """Before any work: one process, a model the vLLM engine can run, vLLM installed, and the longest prompt plus
+    ``rollout.max_new_tokens`` within the engine's sequence length (each a one-line error)."""
     if cfg.rollout.engine != "vllm":
         return
+    if world > 1:
+        raise ConfigError(
+            f"rollout.engine: vllm runs one in-process engine; {world} processes would each start one on the same "
+            "device (not supported yet); use rollout.engine=hf"
+        )
+    need = task.longest_prompt + cfg.rollout.max_new_tokens
+    if need > cfg.rollout.engine_max_len:
+        raise ConfigError(
+            f"rollout.engine_max_len: the longest prompt ({task.longest_prompt} tokens) + rollout.max_new_tokens "
+            f"({cfg.rollout.max_new_tokens}) = {need} tokens exceed the engine's {cfg.rollout.engine_max_len} per "
+            f"sequence; set rollout.engine_max_len >= {need}, or lower rollout.max_new_tokens or task.max_prompt_tokens"
+        )
     try:
         check_engine_model(model)
         import_vllm()
@@ -446,17 +456,21 @@ def _warm_up(run: Run, stop: dict) -> bool:
                 f"resuming the warm-up from {run.resume_from} ({start_step} of {cfg.sft.steps} steps)"
             )
 
+        command = f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
+
         def checkpoint(steps_done: int, optimizer, schedule) -> None:
             if run.is_main:
-                save_sft_checkpoint(run.out, steps_done, run.policy_model, run.tokenizer, optimizer, schedule,
-                                    dataclasses.replace(cfg, resume=None, overwrite=False), run.summary,
-                                    keep=cfg.keep_checkpoints)  # fmt: skip
+                with saving_stops(run.out, f"the warm-up checkpoint after step {steps_done}", command):
+                    save_sft_checkpoint(run.out, steps_done, run.policy_model, run.tokenizer, optimizer, schedule,
+                                        dataclasses.replace(cfg, resume=None, overwrite=False), run.summary,
+                                        keep=cfg.keep_checkpoints)  # fmt: skip
 
-        outcome = supervised_train(
-            run.policy_model, run.tokenizer, run.task.train, cfg.sft, seed=cfg.seed,
-            progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s), start_step=start_step,
-            resume=resume, checkpoint=checkpoint, stop=stop,
-        )  # fmt: skip
+        with failures_stop_the_run(run.out, lambda: "the warm-up", command):
+            outcome = supervised_train(
+                run.policy_model, run.tokenizer, run.task.train, cfg.sft, seed=cfg.seed,
+                progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s), start_step=start_step,
+                resume=resume, checkpoint=checkpoint, stop=stop,
+            )  # fmt: skip
         if outcome.interrupted:
             run.accelerator.print(
                 f"{outcome.interrupted}: stopped the warm-up (checkpoint written). Resume with:\n"

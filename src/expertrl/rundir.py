@@ -25,7 +25,7 @@ from pathlib import Path
 from expertrl.config import ConfigError
 
 LOCK = ".expertrl.lock"
-RUN_FILES = (
+RUN_MARKERS = (
     "config.yaml",
     "metrics.jsonl",
     "sft_metrics.jsonl",
@@ -36,7 +36,10 @@ RUN_FILES = (
     "checkpoints",
     "sft_checkpoints",
 )
-"""What a run writes into its directory (``--overwrite`` removes exactly these)."""
+"""What marks a directory as holding a run."""
+RUN_FILES = (*RUN_MARKERS, "runs", "wandb", "wandb_run_id", "engine")
+"""What a run writes into its directory (``--overwrite`` removes exactly these): the markers, the trackers' files
+(tensorboard's ``runs/``, wandb's ``wandb/`` and ``wandb_run_id``) and the vLLM engine's weight folder."""
 
 
 class RunDir:
@@ -67,8 +70,9 @@ class RunDir:
 
 
 def existing_run(path: Path) -> list[str]:
-    """The run files ``path`` already holds."""
-    return [name for name in RUN_FILES if (path / name).exists()]
+    """The run files ``path`` already holds (none unless it holds a run's marker files)."""
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    return found if any(name in RUN_MARKERS for name in found) else []
 
 
 def claim_run_dir(out: str | Path, *, resume: bool, overwrite: bool, lock: bool = True) -> RunDir:

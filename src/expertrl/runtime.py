@@ -212,7 +212,8 @@ def task_from_config(
             f"task.max_prompt_tokens: cut {train.truncated} of {len(task.train)} train and {evald.truncated} of "
             f"{len(task.eval)} held-out prompts to {cfg.max_prompt_tokens} tokens (their end kept)"
         )
-    return replace(task, train=train.items, eval=evald.items, truncated=train.truncated + evald.truncated)
+    return replace(task, train=train.items, eval=evald.items, truncated=train.truncated + evald.truncated,
+                   longest_prompt=max(train.longest, evald.longest))  # fmt: skip
 
 
 def check_answer_lengths(task: Task, tokenizer, model) -> None:

@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertrl.checkpoint import (
+    failures_stop_the_run,
     find_resume_checkpoint,
     load_optimizer_state,
     load_trainer_state,
     load_weights,
     remove_partial_checkpoints,
-    save_model,
+    save_final_model,
     save_sft_checkpoint,
+    saving_stops,
     set_aside_newer,
     set_rng_state,
     stop_requests,
@@ -271,15 +273,19 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict,
         print(f"resuming supervised fine-tuning from {resume_from} ({start_step} of {cfg.sft.steps} steps)")
     logger = MetricsLogger(out / "metrics.jsonl")
 
+    command = f"expertrl sft --config {out}/config.yaml --resume {out}"
+
     def checkpoint(steps_done: int, optimizer, schedule) -> None:
         config = dataclasses.replace(cfg, resume=None, overwrite=False)
-        save_sft_checkpoint(out, steps_done, model, tokenizer, optimizer, schedule, config, summary,
-                            keep=cfg.keep_checkpoints)  # fmt: skip
+        with saving_stops(out, f"the checkpoint after step {steps_done}", command):
+            save_sft_checkpoint(out, steps_done, model, tokenizer, optimizer, schedule, config, summary,
+                                keep=cfg.keep_checkpoints)  # fmt: skip
 
-    outcome = supervised_train(
-        model, tokenizer, task.train, cfg.sft, seed=cfg.seed, progress=cfg.progress, log=lambda m, s: logger.log(m, s),
-        start_step=start_step, resume=resume, checkpoint=checkpoint, stop=stop,
-    )  # fmt: skip
+    with failures_stop_the_run(out, lambda: "supervised fine-tuning", command):
+        outcome = supervised_train(
+            model, tokenizer, task.train, cfg.sft, seed=cfg.seed, progress=cfg.progress,
+            log=lambda m, s: logger.log(m, s), start_step=start_step, resume=resume, checkpoint=checkpoint, stop=stop,
+        )  # fmt: skip
     if outcome.interrupted:
         print(
             f"{outcome.interrupted}: stopped supervised fine-tuning (checkpoint written). Resume with:\n"
@@ -287,7 +293,8 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict,
         )
         return summary | {"interrupted": outcome.interrupted}
     after = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
-    save_model(model, tokenizer, out / "final")
+    with saving_stops(out, "the final model (all steps are done)", command):
+        save_final_model(model, tokenizer, out / "final", wait_s=cfg.final_save_wait_s)
     summary |= {"accuracy_after": after["accuracy"], "model": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(

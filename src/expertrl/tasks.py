@@ -51,6 +51,8 @@ class Task:
     """items carry ``images`` or ``video`` (``mm:`` tasks): the model must be a vision-language model"""
     truncated: int = 0
     """prompts cut to ``task.max_prompt_tokens`` (``prompts.fit_prompts``)"""
+    longest_prompt: int = 0
+    """tokens of the longest (rendered, cut) prompt, when the prompts were fitted to a model (0 = not counted)"""
 
 
 def sample_items(items: list[dict], n: int, rng: random.Random) -> list[dict]:

@@ -14,19 +14,22 @@ as one that was never interrupted. docs/architecture.md says which module owns e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from pathlib import Path
 
 from accelerate.utils import gather_object
 
-from expertrl.checkpoint import latest_checkpoint, save_model, stop_requests
+from expertrl.checkpoint import (
+    failures_stop_the_run,
+    latest_checkpoint,
+    save_final_model,
+    saving_stops,
+    stop_requests,
+)
 from expertrl.collect import collect
 from expertrl.config import RunFailed, TrainConfig
-from expertrl.io import DiskFullError, read_jsonl
+from expertrl.io import read_jsonl
 from expertrl.logging import progress_bar, reduce_across_ranks, to_number
-from expertrl.ops import NonFiniteError
 from expertrl.parallel import gather_full_state
 from expertrl.plots import figure_images
 from expertrl.run import Run, build_run, calibrate, make_guide, start
@@ -47,19 +50,23 @@ def train(cfg: TrainConfig) -> dict:
                 return run.summary
             bar = progress_bar(range(run.start_step, cfg.steps), desc="rl", total=cfg.steps, initial=run.start_step,
                                enabled=cfg.progress and run.is_main)  # fmt: skip
-            for step in bar:
-                t0 = time.perf_counter()
-                refresh_guidance(run, step)
-                batch, metrics, spare = collect(run, step)
-                metrics["time/rollout"] = time.perf_counter() - t0
-                metrics |= update(run, batch, spare, step)
-                metrics["time/step"] = time.perf_counter() - t0
-                metrics["rollout/num_tokens"] = batch.mask.sum()
-                metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
-                signal = record(run, step, metrics, stop["signal"], bar)
-                if signal is not None:
-                    return run.summary | {"interrupted": signal, "steps_done": step + 1}
-            return finish(run)
+            at = [f"step {run.start_step}"]  # where an error stops the run
+            with failures_stop_the_run(run.out, lambda: at[0], resume_command(run)):
+                for step in bar:
+                    at[0] = f"step {step}"
+                    t0 = time.perf_counter()
+                    refresh_guidance(run, step)
+                    batch, metrics, spare = collect(run, step)
+                    metrics["time/rollout"] = time.perf_counter() - t0
+                    metrics |= update(run, batch, spare, step)
+                    metrics["time/step"] = time.perf_counter() - t0
+                    metrics["rollout/num_tokens"] = batch.mask.sum()
+                    metrics["time/tokens_per_s"] = metrics["rollout/num_tokens"] / metrics["time/step"]
+                    signal = record(run, step, metrics, stop["signal"], bar)
+                    if signal is not None:
+                        return run.summary | {"interrupted": signal, "steps_done": step + 1}
+                at[0] = "the final evaluation"
+                return finish(run)
     finally:
         run.close()  # the rollout engine, if any
         run.logger.close()  # the experiment trackers (report_to) finish, also when a step raised
@@ -101,7 +108,8 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
     if do_eval:
         result = run.evaluate()
         metrics["eval/accuracy"] = result["accuracy"] if result is not None else float("nan")
-    logged = run.logger.log(metrics, step)
+    with saving_stops(run.out, f"the metrics of step {step}", resume_command(run)):
+        logged = run.logger.log(metrics, step)
     bar.set_postfix(
         reward=f"{logged['reward/mean']:.2f}", gate_clip=f"{logged.get('loss/gate_clip_frac', 0.0):.2f}",
         **({"eval": f"{logged['eval/accuracy']:.2f}"} if do_eval else {}),
@@ -128,8 +136,10 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
         )
     periodic = cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or last_step)
     saved = None
-    if (periodic or signal) and run.bad_in_row == 0 and (run.is_main or run.sharded):  # never save a NaN state
-        with saving_stops(run, f"the checkpoint after step {step + 1}"):
+    # A NaN/Inf step was not applied, so the weights are the last good step's: a stop request still saves them
+    # (save_checkpoint refuses non-finite weights); periodic saves wait for a good step.
+    if ((periodic and run.bad_in_row == 0) or signal) and (run.is_main or run.sharded):
+        with saving_stops(run.out, f"the checkpoint after step {step + 1}", resume_command(run)):
             saved = run.save(step + 1)
         if run.collapsed_in_row == 0:  # what a collapse stop points back to
             run.healthy_checkpoint = saved
@@ -160,35 +170,13 @@ def finish(run: Run) -> dict:
         s["accuracy_end"] = final_eval["accuracy"]
         s["per_category_end"] = final_eval["per_category"]
         s["examples_end"] = final_eval["examples"]
-        with saving_stops(run, "the final model (all RL steps are done)"):
-            s["model"] = str(save_final(run, final_weights))
+        with saving_stops(run.out, "the final model (all RL steps are done)", resume_command(run)):
+            s["model"] = str(save_final_model(run.policy_model, run.tokenizer, run.out / "final",
+                                              wait_s=run.cfg.final_save_wait_s, state_dict=final_weights))  # fmt: skip
         (run.out / "summary.json").write_text(json.dumps(s, indent=2))
         print_summary(s)
     run.accelerator.wait_for_everyone()  # rank 0 has written the final model
     return s
-
-
-RETRY_S = 10.0
-"""Seconds between attempts to write the final model on a full disk."""
-
-
-def save_final(run: Run, state_dict: dict | None) -> Path:
-    """The final model; on a full disk, retried every ``RETRY_S`` seconds for ``final_save_wait_s`` (the weights of
-    the last steps may exist only in memory), each failure printed with the space needed."""
-    deadline = time.monotonic() + run.cfg.final_save_wait_s
-    while True:
-        try:
-            return save_model(run.policy_model, run.tokenizer, run.out / "final", state_dict=state_dict)
-        except DiskFullError as e:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            print(
-                f"could not write the final model: {e}. The trained weights are only in memory: free space; retrying "
-                f"every {RETRY_S:g} s for {left:.0f} s more (final_save_wait_s)",
-                flush=True,
-            )
-            time.sleep(min(RETRY_S, left))
 
 
 def collapse(metrics: dict, cfg: TrainConfig) -> str | None:
@@ -198,35 +186,25 @@ def collapse(metrics: dict, cfg: TrainConfig) -> str | None:
     * the gradient norm was exactly 0 although the loss had something to learn from: some group's rewards differed,
       or the Switch load-balancing loss acts on a trainable router. Exactly 0 means saturated softmaxes (weights
       blown up by a too-high learning rate); a healthy model has a small, non-zero gradient. A zero advantage
-      everywhere without the balancing loss (e.g. every answer right) is a legitimate zero gradient, not collapse.
+      everywhere without the balancing loss (e.g. every answer right) is a legitimate zero gradient, not collapse,
+      and so is one where DAPO's ``mask_truncated`` took the loss off cut completions (their advantages count in
+      ``reward/frac_zero_std`` but reach no gradient).
     """
     if metrics.get("rollout/empty_frac", 0.0) == 1.0:
         return "every completion was only EOS"
     if metrics.get("optim/grad_norm") != 0.0:
         return None
     informative = 1.0 - metrics.get("reward/frac_zero_std", 1.0)
-    if informative > 0:
+    masked = cfg.rollout.mask_truncated and metrics.get("rollout/truncated_frac", 0.0) > 0
+    if informative > 0 and not masked:  # (cut completions without loss may be all a group's advantage had)
         return f"the gradient norm was exactly 0 although {informative:.0%} of groups had a non-zero advantage"
     if cfg.loss.lb_coef > 0 and not cfg.routing.freeze_router:
         return "the gradient norm was exactly 0 although the load-balancing loss acts on the router (saturated routers)"
     return None
 
 
-@contextlib.contextmanager
-def saving_stops(run: Run, what: str):
-    """A full disk, or weights gone NaN/Inf, while writing ``what`` stops the run with one message: the cause (for a
-    full disk the space needed), the last complete checkpoint (untouched) and the command that continues from it."""
-    try:
-        yield
-    except (DiskFullError, NonFiniteError) as e:
-        last = latest_checkpoint(run.out)
-        then = (
-            f"the last complete checkpoint {last} is intact: free space, then continue with "
-            f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
-            if last is not None
-            else "no checkpoint had been written yet"
-        )
-        raise RunFailed(f"could not write {what}: {e}; {then}") from e
+def resume_command(run: Run) -> str:
+    return f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
 
 
 def print_summary(s: dict) -> None:
