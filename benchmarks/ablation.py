@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/ablation", help="output folder (sft/, one folder per method, ablation.md)")
     p.add_argument("--steps", type=int, default=60, help="RL steps per method")
     p.add_argument("--inner-updates", type=int, default=4, help="optimiser passes per rollout batch")
-    p.add_argument("--sft-steps", type=int, default=480, help="steps of the shared supervised warm-up")
+    p.add_argument("--sft-steps", type=int, default=800, help="steps of the shared supervised warm-up")
     p.add_argument("--lr", type=float, default=3e-4, help="RL learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the warm-up and of every RL run")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared, see above)")

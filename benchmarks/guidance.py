@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/guidance")
     ap.add_argument("--task", default="addition")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--sft-steps", type=int, default=480)
+    ap.add_argument("--sft-steps", type=int, default=800)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default=",".join(ARMS))
     args = ap.parse_args()

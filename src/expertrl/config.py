@@ -511,7 +511,7 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 480
+    steps: int = 800
     """supervised steps (0 = no warm-up); also the whole job of `expertrl sft`"""
     batch_size: int = 64
     """sequences per supervised step"""
