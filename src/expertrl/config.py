@@ -582,8 +582,9 @@ class TrainConfig:
     progress: bool = True
     """show a progress bar"""
     resume: str | None = None
-    """continue the run in this directory from its latest complete checkpoint (checkpoints/step-N); output_dir must
-    name the same directory, and every other setting except steps and progress must equal the checkpoint's"""
+    """continue the run in this directory from its newest checkpoint that reads back whole (checkpoints/step-N or,
+    inside the warm-up, sft-step-N); output_dir must name the same directory, and every other setting except steps,
+    progress, keep_checkpoints, max_bad_steps and final_save_wait_s must equal the checkpoint's"""
     overwrite: bool = False
     """replace an earlier run in output_dir (its expertrl files are removed); without it such a directory is refused"""
     keep_checkpoints: int = 2
@@ -826,7 +827,8 @@ class SFTJobConfig:
     progress: bool = True
     """show progress (a bar on a terminal, plain lines otherwise)"""
     resume: str | None = None
-    """continue the supervised run in this directory from its latest complete checkpoint (checkpoints/sft-step-N)"""
+    """continue the supervised run in this directory from its newest checkpoint that reads back whole
+    (checkpoints/sft-step-N); output_dir must name the same directory"""
     keep_checkpoints: int = 2
     """number of most recent checkpoints kept in output_dir/checkpoints"""
     final_save_wait_s: float = 600.0

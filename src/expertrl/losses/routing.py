@@ -11,6 +11,16 @@ from torch import Tensor
 from expertrl.ops import masked_mean
 
 
+def _switch(f: Tensor, p: Tensor) -> Tensor:
+    """``E · Σ_e f_e P_e`` per layer, then the mean over layers: f, P (L, E)."""
+    return (f.shape[-1] * (f * p).sum(-1)).mean()
+
+
+def _lse_squared(logits: Tensor) -> Tensor:
+    """(L, N) the z-loss of each token, (logsumexp_e s_e)², in float32."""
+    return torch.logsumexp(logits.float(), dim=-1).square()
+
+
 def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor, *, soft_dispatch: bool = False) -> Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. arXiv:2101.03961) on the experts actually chosen.
 
@@ -47,15 +57,13 @@ def switch_load_balancing(probs: Tensor, experts: Tensor, mask: Tensor, *, soft_
     assert experts.dim() == 3 and experts.shape[:2] == (num_layers, n), (probs.shape, experts.shape)
     assert mask.shape == (n,), (mask.shape, n)
     routed = (experts >= 0) & (mask[None, :, None] > 0)  # (L, N, K) slots that count
-    with torch.no_grad():
-        counts = torch.zeros(num_layers, num_experts, device=probs.device, dtype=probs.dtype)  # (L, E)
-        counts.scatter_add_(1, experts.clamp(min=0).flatten(1), routed.flatten(1).to(probs.dtype))
-        f = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # (L, E)
+    counts, _ = dispatch_counts(experts[:, None], mask[None], num_experts)  # (L, E) float64, no grad
+    f = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).to(probs.dtype)  # (L, E)
     token_mask = routed.any(-1).to(probs.dtype)  # (L, N)
     p_mean = masked_mean(probs, token_mask[..., None], dim=1)  # (L, E)
     if soft_dispatch:  # dense mixture: soft dispatch fraction (see docstring)
         f = p_mean.detach()
-    return (num_experts * (f * p_mean).sum(-1)).mean()  # per layer E·Σ_e f_e P_e, then mean over L
+    return _switch(f, p_mean)
 
 
 def router_z_loss(logits: Tensor, mask: Tensor) -> Tensor:
@@ -73,8 +81,8 @@ def router_z_loss(logits: Tensor, mask: Tensor) -> Tensor:
     if logits.dim() == 2:
         logits = logits[None]  # (1, N, E)
     assert mask.shape == logits.shape[1:2], (logits.shape, mask.shape)
-    z = torch.logsumexp(logits.float(), dim=-1)  # (L, N)
-    return masked_mean(z.square(), mask[None].expand_as(z), dim=1).mean()  # per layer, then over L
+    z = _lse_squared(logits)  # (L, N)
+    return masked_mean(z, mask[None].expand_as(z), dim=1).mean()  # per layer, then over L
 
 
 def routing_aux_loss(
@@ -125,10 +133,9 @@ def routing_aux_loss(
             token_mask = ((flat_experts >= 0).any(-1) & (flat_mask[None] > 0)).to(probs.dtype)  # (L, N)
             p_sum = (flat_probs * token_mask[..., None]).sum(1)  # (L, E) gradient
             f = dispatch.to(probs.dtype)
-            lb = (E * (f * p_sum).sum(-1)).mean() / num_tokens  # this micro-batch's share of the step's loss
+            lb = _switch(f, p_sum) / num_tokens  # this micro-batch's share of the step's loss
             with torch.no_grad():
-                own = p_sum / token_mask.sum(1, keepdim=True).clamp(min=1)  # (L, E) this micro-batch's P
-                metrics["loss/lb"] = (E * (f * own).sum(-1)).mean()
+                metrics["loss/lb"] = _switch(f, p_sum / token_mask.sum(1, keepdim=True).clamp(min=1))  # its own P
         else:
             lb = switch_load_balancing(flat_probs, flat_experts, flat_mask.to(probs.dtype), soft_dispatch=soft_dispatch)
             metrics["loss/lb"] = lb.detach()
@@ -139,9 +146,8 @@ def routing_aux_loss(
         L, B, S, E = logits.shape
         z = router_z_loss(logits.reshape(L, B * S, E), flat_mask)
         metrics["loss/z"] = z.detach()
-        if step_scope:
-            z = torch.logsumexp(logits.reshape(L, B * S, E).float(), dim=-1).square()  # (L, N)
-            z = (z * flat_mask[None]).sum(1).mean() / num_tokens
+        if step_scope:  # the step's z-loss: this micro-batch's sum over tokens / the step's count
+            z = (_lse_squared(logits.reshape(L, B * S, E)) * flat_mask[None]).sum(1).mean() / num_tokens
         loss = loss + z_coef * z
     return loss, metrics
 

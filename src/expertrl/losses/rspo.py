@@ -74,8 +74,9 @@ def router_shift(
         layer_agg: ``mean`` (Δ = mean over layers; paper) or ``product`` (Δ = sum over layers).
     Returns:
         log_gamma: (B, T) log γ̃ = max(−Δ, log γ_min), detached.
-        metrics: detached tensors (METHODS §1.5, §6.6 names): ``router_shift/gamma_mean``, ``gamma_p10``,
-            ``gamma_p50`` (raw γ: masked mean, 10th percentile, median), ``frac_below_floor`` (γ < γ_min),
+        metrics: detached tensors (METHODS §1.5, §6.6 names; logged as ``router/shift/<name>``): ``gamma_mean``,
+            ``gamma_p10``, ``gamma_p50`` (raw γ: masked mean, 10th percentile, median), ``frac_below_floor``
+            (γ < γ_min),
             ``delta_mean``, ``delta_p90``, ``delta_p99`` (Δ: masked mean and upper percentiles, where bursts of
             router shift show first), all 0-d, and ``delta_per_layer`` (L,), the masked mean of d^l per layer.
     Raises:

@@ -13,6 +13,8 @@ probability, which is the most likely draw order.
 Flags (class attributes, read by ``hooks.route`` and by the trainer's start-up checks):
 
 - ``stochastic``: the choice is random (needs a ``generator``; refused on sigmoid routers).
+- ``keyed``: a stochastic policy that can also draw from counter-based uniforms (``select_keyed``, given
+  ``moe.gumbel.RouteSeeds``), so its routes do not depend on how rows are batched or split over processes.
 - ``has_set_probability``: the probability with which the policy picks its expert set is the closed-form set
   probability of ``expertrl.moe.setprob`` (Plackett-Luce of the routing softmax), so Gate-GRPO's ratio is defined.
   Only ``Multinomial``.
@@ -39,6 +41,7 @@ class TopK:
     """Deterministic top-K: the router's native inference behaviour (and Det-FT)."""
 
     stochastic = False
+    keyed = False
     has_set_probability = False
     causal = True
     fixed_k = True
@@ -52,6 +55,7 @@ class Multinomial:
     """K distinct experts sampled sequentially from the routing softmax (MoE-GRPO rollouts, Stoch-FT-Multi)."""
 
     stochastic = True
+    keyed = True
     has_set_probability = True
     causal = True
     fixed_k = True
@@ -77,6 +81,7 @@ class NoisyTopK:
 
     noise_std: float | None = None
     stochastic = True
+    keyed = True
     has_set_probability = False
     causal = True
     fixed_k = True
@@ -106,6 +111,7 @@ class Replay:
 
     experts: Tensor
     stochastic = False
+    keyed = False
     has_set_probability = False
     causal = True
     fixed_k = True
@@ -169,6 +175,7 @@ class ExpertChoice:
 
     capacity_factor: float = 2.0
     stochastic = False
+    keyed = False
     has_set_probability = False
     causal = False
     fixed_k = False
@@ -239,6 +246,7 @@ class Sinkhorn:
     max_iters: int = 100
     eps: float = 1e-8
     stochastic = False
+    keyed = False
     has_set_probability = False
     causal = False
     fixed_k = True
