@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--accuracy-seeds", default=None, help="e.g. 0,1,2: compare learning instead of speed")
     parser.add_argument("--accuracy-preset", default="5M")
-    parser.add_argument("--accuracy-sft", type=int, default=800)
+    parser.add_argument("--accuracy-sft", type=int, default=480)
     parser.add_argument("--accuracy-steps", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
