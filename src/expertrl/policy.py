@@ -9,17 +9,20 @@ the log-prob of each replayed expert set (L, B, S) and the untempered router log
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from expertrl.mm import mm_forward_kwargs
 from expertrl.moe.guidance import GuidanceMask
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import TopK, replay_policy_for
-from expertrl.ops import token_logp
+from expertrl.ops import linear_token_logp
 from expertrl.types import ExpertMask, Rollout, RoutingTrace, Sampling
 
 
@@ -48,6 +51,50 @@ class ForwardOut(NamedTuple):
     probs: Tensor | None
     routing: RoutingTrace
     logits: Tensor | None = None
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The LM head of ``model`` (through a DDP wrapper and PEFT's); it must be a plain ``nn.Linear``."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"the LM head of {type(inner).__name__} is a {type(head).__name__}, not an nn.Linear: token log-probs are "
+            "computed from its weight in chunks; leave lm_head out of model.adapter.targets"
+        )
+    return head
+
+
+@contextmanager
+def token_logp_head(model: nn.Module, tokens: Tensor, sampling: Sampling) -> Iterator[None]:
+    """Inside the block the LM head returns, in place of logits, the log-prob of ``tokens`` under ``sampling``'s token
+    distribution (``ops.linear_token_logp``): no (B, C, V) logits are ever made, forward or backward.
+
+    The head's ``forward`` is patched on the instance (as ``route`` patches routers) and restored on exit, also on
+    error. Computing inside the head's own call keeps DDP, FSDP2 (which gathers the weight for that call) and PEFT
+    wrappers working unchanged.
+
+    Args:
+        tokens: (B, C) the completion tokens; the model is called with ``logits_to_keep=C + 1``, so the head sees the
+            hidden states of positions P-1 .. S-1 and position s predicts token s+1 (the last predicts nothing).
+    """
+    head = output_head(model)
+    previous = head.__dict__.get("forward")
+
+    def forward(hidden: Tensor) -> Tensor:  # (B, C+1, H) -> (B, C)
+        return linear_token_logp(
+            hidden[:, :-1], head.weight, tokens, bias=head.bias, temperature=sampling.score_temperature,
+            suppress=sampling.suppress_tokens,
+        )  # fmt: skip
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def mask_for_sequences(expert_mask: ExpertMask | None) -> AllowedFn | None:
@@ -124,24 +171,26 @@ def forward_sequences(
         inputs = {"position_ids": position_ids_from_mask(attention_mask)}
     else:
         inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
-    with route(
-        model,
-        policy,
-        temperature=sampling.routing_temperature,
-        allowed=mask_for_sequences(expert_mask),
-        keep_probs=keep_probs,
-        keep_logits=keep_logits,
-        score_experts=score_experts,
-        set_logprob=sampling.set_logprob,
-    ) as rec:
-        out = model(
+    with (
+        route(
+            model,
+            policy,
+            temperature=sampling.routing_temperature,
+            allowed=mask_for_sequences(expert_mask),
+            keep_probs=keep_probs,
+            keep_logits=keep_logits,
+            score_experts=score_experts,
+            set_logprob=sampling.set_logprob,
+        ) as rec,
+        token_logp_head(model, input_ids[:, prompt_width:], sampling),
+    ):
+        logp = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             **inputs,
             logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
             use_cache=False,
-        )
-    logp = token_logp(sampling.token_scores(out.logits[:, :-1]), input_ids[:, prompt_width:])  # (B, C)
+        ).logits  # (B, C) token log-probs: the head computes them in chunks (token_logp_head)
     if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
         empty = RoutingTrace.empty(B, S, input_ids.device)
         nothing = torch.zeros(0, B, S, 1, device=input_ids.device)

@@ -47,15 +47,20 @@ class Sampling:
     routing_temperature: float = 1.0
     set_logprob: str = "plackett_luce"
 
+    @property
+    def score_temperature(self) -> float:
+        """The temperature token scores are divided by: ``token_temperature`` when sampling, 1 for greedy tokens."""
+        return self.token_temperature if self.do_sample else 1.0
+
     def token_scores(self, logits: Tensor) -> Tensor:
         """(..., V) logits -> scores (float32, or float64 for a float64 model) whose softmax is the token
-        distribution that was sampled from."""
+        distribution that was sampled from (``ops.linear_token_logp`` computes the same from hidden states)."""
         scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.suppress_tokens:
             banned = torch.tensor(self.suppress_tokens, device=scores.device)
             scores = scores.index_fill(-1, banned, float("-inf"))
-        if self.do_sample and self.token_temperature != 1.0:
-            scores = scores / self.token_temperature
+        if self.score_temperature != 1.0:
+            scores = scores / self.score_temperature
         return scores
 
 
