@@ -40,7 +40,7 @@ from expertrl.losses.routing import routing_aux_loss
 from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.ops import entropy, masked_mean
 from expertrl.policy import ForwardOut, policy_forward, with_old_policy
-from expertrl.types import Rollout, RoutingTrace
+from expertrl.types import UNROUTED, Rollout, RoutingTrace
 
 REPLAYS = ("rollout", "first_forward", "none")
 
@@ -263,15 +263,26 @@ class Objective:
 
 
 class BehaviourStore:
-    """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order)."""
+    """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order).
 
-    def __init__(self, batch_size: int) -> None:
+    A micro-batch may be narrower than the batch (``Rollout.trimmed``: no columns past its longest row); its values
+    are right-padded to the batch's widths as ``rollout.concat_rollouts`` pads: log-probs 0, experts ``UNROUTED``
+    (positions no row of that micro-batch attends, out of every mask).
+    """
+
+    def __init__(self, batch_size: int, seq_width: int, completion_width: int) -> None:
         self.batch_size = batch_size
+        self.widths = {"seq": seq_width, "completion": completion_width}
         self._parts: dict[str, Tensor] = {}
         self._trace: RoutingTrace | None = None
         self._filled = 0
 
-    def _put(self, name: str, rows: Tensor, value: Tensor, dim: int) -> None:
+    def _put(self, name: str, rows: Tensor, value: Tensor, dim: int, width: str, pad: float = 0.0) -> None:
+        missing = self.widths[width] - value.shape[dim + 1]  # the sequence dim follows the batch dim
+        if missing:
+            shape = list(value.shape)
+            shape[dim + 1] = missing
+            value = torch.cat([value, value.new_full(shape, pad)], dim=dim + 1)
         if name not in self._parts:
             shape = list(value.shape)
             shape[dim] = self.batch_size
@@ -280,11 +291,11 @@ class BehaviourStore:
 
     def store(self, rows: Tensor, behaviour: ForwardOut) -> None:
         """Keep the micro-batch ``rows``' old policy (its first-update forward)."""
-        self._put("logp", rows, behaviour.logp.detach(), 0)
-        self._put("set_logp", rows, behaviour.set_logp.detach(), 1)
-        self._put("router_logp", rows, behaviour.router_logp.detach(), 1)
-        self._put("experts", rows, behaviour.routing.experts, 1)
-        self._put("routing_set_logp", rows, behaviour.routing.set_logp, 1)
+        self._put("logp", rows, behaviour.logp.detach(), 0, "completion")
+        self._put("set_logp", rows, behaviour.set_logp.detach(), 1, "seq")
+        self._put("router_logp", rows, behaviour.router_logp.detach(), 1, "seq")
+        self._put("experts", rows, behaviour.routing.experts, 1, "seq", pad=UNROUTED)
+        self._put("routing_set_logp", rows, behaviour.routing.set_logp, 1, "seq")
         self._trace = behaviour.routing
         self._filled += len(rows)
 
