@@ -20,14 +20,24 @@ the one place that tells them apart; a multimodal batch carries its vision kwarg
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from expertrl.decoding import TokenDistribution, decoding_kwargs, is_processor, suppressed_tokens, text_tokenizer
+from expertrl.decoding import (
+    TokenDistribution,
+    decoding_kwargs,
+    is_processor,
+    rollout_cache,
+    suppressed_tokens,
+    text_tokenizer,
+)
 from expertrl.mm import VISION_KWARGS
+from expertrl.moe.adapters import find_routers
+from expertrl.moe.capture import capture_experts
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
 from expertrl.policy import policy_forward, with_old_policy
@@ -107,6 +117,7 @@ def generate_rollout(
     guide: Guide | None = None,
     old_routing: str | None = "rollout",
     keep_probs: bool = False,
+    routes: str = "full",
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -125,8 +136,14 @@ def generate_rollout(
         keep_probs: keep routing probabilities (L, B, S, E) as ``rollout.route_probs``: the old forward's if one runs,
             else those generation sampled with (the last position, never routed, is 0). Routing rewards and
             evaluation's routing statistics read them.
+        routes: what the caller reads of generation's routing trace: ``full`` (expert ids and set log-probs),
+            ``experts`` (ids only) or ``none`` (nothing: ``rollout.routing`` is then an empty L = 0 trace). Top-K
+            routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
+            (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
     """
     assert old_routing in ("rollout", "live", None), old_routing
+    assert routes in ("full", "experts", "none"), routes
+    assert routes != "none" or old_routing != "rollout", "replaying generation's routes needs them recorded"
     device = next(model.parameters()).device
     prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
     prompt_ids, prompt_mask, mm = prompt_ids.to(device), prompt_mask.to(device), mm_to(mm, device)  # (B, P)
@@ -137,24 +154,32 @@ def generate_rollout(
     tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
-    with route(
-        model,
-        policy,
-        temperature=sampling.routing_temperature,
-        allowed=allowed,
-        generator=generator,
-        set_logprob=sampling.set_logprob,
-        keep_probs=keep_generation_probs,
-    ) as rec:
+    native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs  # the native routers suffice
+    if native and routes == "none":
+        recorder = contextlib.nullcontext(None)  # nobody reads the trace: plain generate
+    elif native and routes == "experts":
+        recorder = capture_experts(model, find_routers(model, allow_dense=True))  # ids only, from a hook
+    else:
+        recorder = route(
+            model,
+            policy,
+            temperature=sampling.routing_temperature,
+            allowed=allowed,
+            generator=generator,
+            set_logprob=sampling.set_logprob,
+            keep_probs=keep_generation_probs,
+        )
+    with recorder as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
+            past_key_values=rollout_cache(model, P + max_new_tokens),
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling, processor=tokens),
             **(mm or {}),
         )  # (B, S)
     S = sequences.shape[1]
     # (L, B, S-1, K): the last token is generated but never fed back
-    trace = rec.trace(B) if rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
+    trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
     assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
         experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
