@@ -123,8 +123,9 @@ class ModelConfig:
     """override the preset's number of experts E"""
     top_k: int | None = None
     """override the preset's experts per token K"""
-    experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
-    """transformers experts kernel; grouped_mm is fastest on CPU, never use batched_mm there"""
+    experts_implementation: Literal["expertrl_grouped_mm", "grouped_mm", "eager"] = "expertrl_grouped_mm"
+    """experts kernel: expertrl_grouped_mm (transformers' grouped_mm whose row gathers have gather backwards,
+    expertrl.moe.experts), grouped_mm or eager (transformers'); never batched_mm on CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """parameter dtype"""
     trust_remote_code: bool = False
