@@ -462,7 +462,9 @@ def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
     """AdamW + schedule over the trainable parameters (restored on resume), then DDP wrapping."""
     cfg, model = run.cfg, run.policy_model
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run.optimizer, run.schedule = optimizer_and_schedule(trainable, cfg.optim, cfg.steps * cfg.inner_updates)
+    run.optimizer, run.schedule = optimizer_and_schedule(
+        trainable, cfg.optim, cfg.steps * cfg.inner_updates, fused=not run.sharded
+    )
     if state is not None:
         saved = load_optimizer_state(resume_from)
         if run.sharded:
@@ -496,6 +498,7 @@ def calibrate(run: Run, step: int) -> GuidanceState:
             max_new_tokens=cfg.rollout.max_new_tokens,
             policy=TopK(),
             old_routing=None,
+            routes="experts",
         )  # fmt: skip
         for _ in range(cfg.guidance.calibration_batches)
     ]
