@@ -64,7 +64,7 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
     if run.ref_model is not None:
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
-            ref_logp = policy_forward(run.ref_model, rollout, routes).logp  # the same distributions: KL starts at 0
+            ref_logp = policy_forward(run.ref_model, rollout, routes, share_prompts=cfg.share_prompts).logp  # KL at 0
     rewards, parts = compute_rewards(  # reward_funcs weighted by reward_weights (TRL's names)
         cfg.reward_set, rollout.completions, rollout.items, run.task, options=cfg.reward_kwargs
     )

@@ -541,6 +541,9 @@ class TrainConfig:
     """mu: optimiser passes over each rollout batch, so ratios really leave 1"""
     micro_batch_size: int = 32
     """sequences per forward/backward; gradients accumulate to one optimiser step per inner update"""
+    share_prompts: bool = True
+    """compute a prompt once per micro-batch for the rows that share it and its routes (a group's completions under
+    top-K routing); the same values up to float rounding (one process only)"""
     seed: int = 0
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"

@@ -85,6 +85,7 @@ class Objective:
         mismatch: engine/trainer correction of the token loss (``losses.mismatch``: ``tis``, ``mis``, ``icepop``,
             ``none``) from the old log-probs over the rollout engine's (``Rollout.sample_logp``); ``mismatch_cap`` is
             C of TIS/MIS, ``icepop_low`` and ``icepop_high`` IcePop's α and β.
+        share_prompts: rows sharing a prompt and its routes compute it once (``policy.shared_prompt_forward``).
     """
 
     token_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
@@ -106,6 +107,7 @@ class Objective:
     mismatch_cap: float = 2.0
     icepop_low: float = 0.5
     icepop_high: float = 5.0
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAYS:
@@ -123,7 +125,10 @@ class Objective:
             routes, score = micro.routing, None  # R2: replay the first update's routes
         else:
             routes, score = None, micro.routing  # live top-K, the old-activated experts scored (RSPO's shift)
-        return policy_forward(model, micro, routes, keep_probs=True, score=score, keep_logits=self.z_coef > 0)
+        return policy_forward(
+            model, micro, routes, keep_probs=True, score=score, keep_logits=self.z_coef > 0,
+            share_prompts=self.share_prompts,
+        )  # fmt: skip
 
     def __call__(self, model: nn.Module, micro: Rollout, dens: Denominators, *, first_update: bool) -> ObjectiveOut:
         """Loss, metrics and (at the first update) the old policy of one micro-batch.
