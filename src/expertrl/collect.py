@@ -58,7 +58,7 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
             run.policy_model, run.tokenizer, items,
             group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
             sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
-            keep_probs=run.rewarder is not None, routes="experts",
+            keep_probs=run.rewarder is not None, routes="experts", share_prompts=cfg.share_prompts and not run.sharded,
         )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
     ref_logp = None
     if run.ref_model is not None:

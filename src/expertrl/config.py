@@ -542,8 +542,8 @@ class TrainConfig:
     micro_batch_size: int = 32
     """sequences per forward/backward; gradients accumulate to one optimiser step per inner update"""
     share_prompts: bool = True
-    """compute a prompt once per micro-batch for the rows that share it and its routes (a group's completions under
-    top-K routing); the same values up to float rounding (one process only)"""
+    """compute a prompt once for the rows that share it and its routes (a group's completions under top-K routing):
+    in the rollout's prefill and in each micro-batch's forward (one process); the same values up to float rounding"""
     seed: int = 0
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"

@@ -115,7 +115,9 @@ class _FilledLayer(DynamicLayer):
         raise NotImplementedError("the rollout cache only grows (no assisted decoding or beam search)")
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        raise NotImplementedError("the rollout cache only grows (no assisted decoding or beam search)")
+        """Rows ``indices`` of the cache (repeats allowed: a prompt computed once, copied to the rows that share it)."""
+        self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 
 def rollout_cache(model: nn.Module, capacity: int) -> DynamicCache | None:

@@ -40,7 +40,7 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.capture import capture_experts
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
-from expertrl.policy import policy_forward, with_old_policy
+from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask, with_old_policy
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
 from expertrl.vlm import encode_mm_batch
 
@@ -118,6 +118,7 @@ def generate_rollout(
     old_routing: str | None = "rollout",
     keep_probs: bool = False,
     routes: str = "full",
+    share_prompts: bool = True,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -140,6 +141,9 @@ def generate_rollout(
             ``experts`` (ids only) or ``none`` (nothing: ``rollout.routing`` is then an empty L = 0 trace). Top-K
             routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
             (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
+        share_prompts: on those native paths, prefill each distinct prompt once (``_shared_prefill``). The prefill is
+            one more forward where prompts repeat: pass False where the ranks of a sharded model, which must run the
+            same forwards, have different prompts (``collect``).
     """
     assert old_routing in ("rollout", "live", None), old_routing
     assert routes in ("full", "experts", "none"), routes
@@ -155,6 +159,10 @@ def generate_rollout(
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
     native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs  # the native routers suffice
+    cache = rollout_cache(model, P + max_new_tokens)
+    prefix = None  # (L, B, P-1, K) experts of a shared prefill
+    if share_prompts and native and routes != "full" and mm is None and cache is not None and P > 1:
+        prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, capture=routes == "experts")
     if native and routes == "none":
         recorder = contextlib.nullcontext(None)  # nobody reads the trace: plain generate
     elif native and routes == "experts":
@@ -173,13 +181,16 @@ def generate_rollout(
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            past_key_values=rollout_cache(model, P + max_new_tokens),
+            past_key_values=cache,
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling, processor=tokens),
             **(mm or {}),
         )  # (B, S)
     S = sequences.shape[1]
     # (L, B, S-1, K): the last token is generated but never fed back
     trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
+    if prefix is not None and trace.experts.shape[0]:  # the shared prefill's routes, then generate's own
+        experts = torch.cat([prefix, trace.experts], dim=2)  # (L, B, S-1, K)
+        trace = replace(trace, experts=experts, set_logp=experts.new_zeros(experts.shape[:3], dtype=torch.float32))
     assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
         experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
@@ -215,6 +226,28 @@ def generate_rollout(
         return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
     old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
     return replace(with_old_policy(rollout, old), route_probs=old.probs)
+
+
+def _shared_prefill(
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, *, capture: bool
+) -> Tensor | None:
+    """Prefill ``cache`` with the first P-1 prompt positions, computing each distinct prompt once (top-K routing is
+    deterministic: a group's G copies of a prompt are the same computation) and copying its keys and values to every
+    row of it; ``generate`` then starts at position P-1 on every row. Returns the prefill's (L, B, P-1, K) expert
+    ids if ``capture``, else None. The keys and values equal the per-row prefill's up to float rounding."""
+    B, P = prompt_ids.shape
+    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P)
+    if len(rows) == B:
+        return None
+    positions = position_ids_from_mask(prompt_mask)
+    sites = find_routers(model, allow_dense=True)
+    with capture_experts(model, sites) if capture and sites else contextlib.nullcontext(None) as cap:
+        model(
+            input_ids=prompt_ids[rows, : P - 1], attention_mask=prompt_mask[rows, : P - 1],
+            position_ids=positions[rows, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+    cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...): every row's copy of its prompt
+    return None if cap is None else cap.trace(len(rows)).experts.index_select(1, inverse)  # (L, B, P-1, K)
 
 
 def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:
