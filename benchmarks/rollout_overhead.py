@@ -8,11 +8,11 @@ tokenizer), greedy tokens, ``min_new_tokens = max_new_tokens`` so every run gene
       rollout path with trace capture.
 The three are run interleaved (a, b, c, a, b, c, ...) after one warm-up each; the best of ``--repeats`` counts.
 
-Part 2, the phases of one training step, as ``expertrl.train.train`` runs them: rollout generation (sampled
-experts + trace), the old-log-prob replay forward (``policy_forward``), the loss forward + backward
-(``loss_on_microbatch`` with GRPO + Gate-GRPO (Plackett-Luce) + Switch LB, rewards random 0/1 and
-``group_advantages``) over all micro-batches, and the optimiser step (grad clip + AdamW). Measured for the
-default-job shapes (preset ``small``) and for ``--preset``; prompts are the addition task's.
+Part 2, the two phases of a real ``expertrl train`` step (MoE-GRPO defaults, the addition task), read from the
+run's own ``time/rollout`` and ``time/step`` metrics: the rollout (sampled experts, trace, rewards, advantages) and
+the update (μ inner updates of forward + backward + optimiser; the first one's forward is the old policy). Measured
+for the default-job shapes (preset ``small``) and for ``--preset``. ``benchmarks/vs_trl.py`` compares whole steps
+with TRL's.
 
     .venv/bin/python benchmarks/rollout_overhead.py [--preset 5M] [--json out.json]
 """
@@ -20,31 +20,30 @@ default-job shapes (preset ``small``) and for ``--preset``; prompts are the addi
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import io
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
-from expertrl.step import loss_on_microbatch
 
-from expertrl.advantages import group_advantages
-from expertrl.config import LossConfig, ModelConfig, OptimConfig, RolloutConfig, TrainConfig
-from expertrl.losses import get_loss
+from expertrl.config import TrainConfig
+from expertrl.configio import load_config
+from expertrl.io import read_jsonl
 from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, TopK
-from expertrl.policy import policy_forward
-from expertrl.rollout import completion_mask
-from expertrl.runtime import clip_grad, optimizer_and_schedule
-from expertrl.tasks import load_task
-from expertrl.tokenizer import CHAR_VOCAB_SIZE, EOS_ID, PAD_ID, build_char_tokenizer
-from expertrl.types import UNROUTED, Rollout, RoutingTrace
+from expertrl.tokenizer import CHAR_VOCAB_SIZE, EOS_ID, PAD_ID
+from expertrl.train import train
+from expertrl.types import RoutingTrace
 
 FAMILY = "qwen3_moe"
 
@@ -188,132 +187,31 @@ def router_call_cost(preset: str, batch: int, calls: int = 500, repeats: int = 5
 
 
 def step_phases(preset: str, prompts_per_step: int, group_size: int, max_new_tokens: int, repeats: int) -> dict:
-    cfg = TrainConfig(
-        model=ModelConfig(preset=preset),
-        rollout=RolloutConfig(group_size=group_size, prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens),
-        loss=LossConfig(name="grpo"),
-        optim=OptimConfig(),
-        progress=False,
-    )
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_moe(FAMILY, preset, len(tokenizer), seed=0).eval()
-    task = load_task("addition", train_size=cfg.task.train_size, eval_size=cfg.task.eval_size, seed=cfg.task.seed)
-    items = task.train[:prompts_per_step]
-    token_loss = get_loss(cfg.loss.name, **cfg.loss.kwargs)
-    optimizer, schedule = optimizer_and_schedule(model.parameters(), cfg.optim, 10_000)
-
-    prompts = [it["prompt"] for it in items for _ in range(group_size)]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]  # (B, P)
-    B, P = prompt_ids.shape
-    state: dict = {}
-
-    @torch.no_grad()
-    def rollout_generation():
-        """generate_rollout's first half: sampled experts, greedy tokens, trace with the unrouted last position."""
-        g = torch.Generator().manual_seed(1)
-        with route(model, Multinomial(), generator=g) as rec:
-            seqs = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        t = rec.trace(B)
-        L, _, _, K = t.experts.shape
-        state["trace"] = RoutingTrace(
-            experts=torch.cat([t.experts, t.experts.new_full((L, B, 1, K), UNROUTED)], dim=2),
-            set_logp=torch.cat([t.set_logp, t.set_logp.new_zeros((L, B, 1))], dim=2),
-            layers=t.layers,
-            num_experts=t.num_experts,
-        )
-        state["seqs"] = seqs
-
-    @torch.no_grad()
-    def old_logp_replay():
-        """generate_rollout's second half: the replayed forward giving the behaviour log-probs."""
-        seqs = state["seqs"]
-        comp_mask = completion_mask(seqs[:, P:], tokenizer.eos_token_id)
-        attn = torch.cat([prompt_mask, comp_mask.long()], dim=1)
-        rewards = torch.randint(0, 2, (B,), generator=torch.Generator().manual_seed(2)).float()
-        adv, _ = group_advantages(rewards, group_size, scale=cfg.loss.advantage_scale)
-        batch = Rollout(
-            input_ids=seqs,
-            attention_mask=attn,
-            prompt_width=P,
-            mask=comp_mask,
-            routing=state["trace"],
-            group_size=group_size,
-            completions=[""] * B,
-            items=[it for it in items for _ in range(group_size)],
-            rewards=rewards,
-            advantages=adv,
-        )
-        old = policy_forward(model, batch, state["trace"])
-        state["rollout"] = dataclasses.replace(
-            batch, old_logp=old.logp, old_set_logp=old.set_logp, old_router_logp=old.router_logp
-        )
-
-    def loss_fwd_bwd():
-        """All micro-batches of one inner update: forward + backward (gradients accumulate)."""
-        rollout: Rollout = state["rollout"]
-        optimizer.zero_grad(set_to_none=True)
-        for idx in torch.arange(B).split(cfg.micro_batch_size):
-            micro = rollout.index_batch(idx)
-            loss, _ = loss_on_microbatch(model, micro, cfg, token_loss, num_seqs=B)
-            loss.backward()
-
-    def optimizer_step():
-        clip_grad(model, cfg.optim.grad_clip)
-        optimizer.step()
-        schedule.step()
-
-    # Phases depend on each other, so a round runs them in order; one warm-up round first.
-    phases = {
-        "rollout generation": rollout_generation,
-        "old-logp replay forward": old_logp_replay,
-        "loss forward+backward": loss_fwd_bwd,
-        "optimizer step": optimizer_step,
-    }
-    times, _ = interleaved(phases, repeats)
-    best = {name: min(t) for name, t in times.items()}
-    n_micro = -(-B // cfg.micro_batch_size)
-    # One train() step: rollout + replay once, then inner_updates x (all micro-batches fwd+bwd, optimiser step).
-    per_step = {
-        "rollout generation": best["rollout generation"],
-        "old-logp replay forward": best["old-logp replay forward"],
-        "loss forward+backward": cfg.inner_updates * best["loss forward+backward"],
-        "optimizer step": cfg.inner_updates * best["optimizer step"],
-    }
+    """``repeats`` + 1 real ``expertrl train`` steps (MoE-GRPO defaults, no warm-up, no evaluation, no checkpoint);
+    the first is a warm-up. Each step's own ``time/rollout`` (rollout, rewards, advantages) and ``time/step`` give
+    the rollout and the update (μ inner updates: forward, backward, optimiser) shares."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(
+            TrainConfig, None,
+            [f"--model.preset={preset}", f"--rollout.prompts_per_step={prompts_per_step}",
+             f"--rollout.group_size={group_size}", f"--rollout.max_new_tokens={max_new_tokens}",
+             f"--steps={repeats + 1}", "--sft.steps=0", "--eval_every=0", "--save_every=0", "--progress=false",
+             f"--output_dir={out}/run"],
+        )  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(cfg)
+        records = [rec for _, rec in read_jsonl(Path(out) / "run" / "metrics.jsonl") if "time/step" in rec][1:]
+    rollout = [r["time/rollout"] for r in records]
+    update = [r["time/step"] - r["time/rollout"] for r in records]
+    per_step = {"rollout (generate, rewards, advantages)": statistics.median(rollout),
+                "update (μ x forward + backward, optimiser)": statistics.median(update)}  # fmt: skip
     total = sum(per_step.values())
-    trace: RoutingTrace = state["trace"]
-    L, _, S, K = trace.experts.shape
     return dict(
-        preset=preset,
-        batch=B,
-        prompt_width=P,
-        new_tokens=max_new_tokens,
-        micro_batch_size=cfg.micro_batch_size,
-        micro_batches=n_micro,
-        inner_updates=cfg.inner_updates,
-        best_s=best,
-        all_s=times,
-        step_s=per_step,
-        step_total_s=total,
-        share_pct={k: 100 * v / total for k, v in per_step.items()},
-        trace=dict(
-            shape=[L, B, S, K],
-            num_experts=trace.num_experts,
-            trace_bytes=trace.nbytes(),
-            full_logits_bytes=logits_bytes(L, B, S, trace.num_experts),
-        ),
-    )
+        preset=preset, batch=prompts_per_step * group_size, new_tokens=max_new_tokens,
+        micro_batch_size=cfg.micro_batch_size, inner_updates=cfg.inner_updates, steps=len(records),
+        step_s=per_step, step_total_s=total, share_pct={k: 100 * v / total for k, v in per_step.items()},
+        tokens_per_s=statistics.median(r["time/tokens_per_s"] for r in records),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -349,18 +247,14 @@ def print_report(args, gen: dict, steps: list[dict]) -> None:
           f"(L,B,S-1,E={t['num_experts']}): {fmt_bytes(t['full_logits_bytes'])} "
           f"({t['full_logits_bytes'] / t['trace_bytes']:.1f}x)\n")  # fmt: skip
     for s in steps:
-        print(f"## One training step: preset {s['preset']}, B={s['batch']} (P={s['prompt_width']}, "
-              f"{s['new_tokens']} new tokens), {s['micro_batches']} micro-batches x {s['inner_updates']} inner "
-              f"updates\n")  # fmt: skip
-        print("| phase | best s (once) | s per step | share of step |")
-        print("|---|---|---|---|")
+        print(f"## One training step (`expertrl train`, MoE-GRPO defaults): preset {s['preset']}, B={s['batch']} "
+              f"({s['new_tokens']} new tokens), micro-batch {s['micro_batch_size']} x {s['inner_updates']} inner "
+              f"updates, median of {s['steps']} steps\n")  # fmt: skip
+        print("| phase | s per step | share of step |")
+        print("|---|---|---|")
         for phase, sec in s["step_s"].items():
-            print(f"| {phase} | {s['best_s'][phase]:.3f} | {sec:.3f} | {s['share_pct'][phase]:.1f}% |")
-        print(f"| **total** | | {s['step_total_s']:.3f} | 100% |")
-        t = s["trace"]
-        print(f"\nTrace {tuple(t['shape'])} (L,B,S,K): {fmt_bytes(t['trace_bytes'])} vs full float32 logits "
-              f"(L,B,S,E={t['num_experts']}): {fmt_bytes(t['full_logits_bytes'])} "
-              f"({t['full_logits_bytes'] / t['trace_bytes']:.1f}x)\n")  # fmt: skip
+            print(f"| {phase} | {sec:.3f} | {s['share_pct'][phase]:.1f}% |")
+        print(f"| **total** | {s['step_total_s']:.3f} | 100% ({s['tokens_per_s']:.0f} completion tok/s) |\n")
 
 
 def main() -> None:

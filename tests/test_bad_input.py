@@ -48,6 +48,10 @@ CONFIG_CASES = [
     (["--task.answer_extractor", "gsm9k"], ["task.answer_extractor", "'gsm8k'"]),
     (["--task.split", "test"], ["task.split", "hf:<path>", "'addition'"]),
     (["--task.name", "hf:x.parquet", "--task.eval_split", "train"], ["task.eval_split", "must differ"]),
+    # precision, checkpointing, router shapes (issue 14)
+    (["--model.router_dtype", "bfloat16"], ["model.router_dtype", "'float32', 'float64'"]),
+    (["--model.gradient_checkpointing", "sometimes"], ["model.gradient_checkpointing", "expected a bool"]),
+    (["--model.preset", "qwen2moe-shape"], ["model.preset", "router shape of qwen2_moe", "model.family=qwen2_moe"]),
 ]  # fmt: skip
 
 
@@ -193,3 +197,16 @@ def test_bad_startup_input_exits_2_with_one_message(tmp_path, monkeypatch, capsy
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped at start-up, before any step
+
+
+def test_checkpointing_a_model_that_cannot_is_refused(tmp_path, monkeypatch, capsys):
+    from transformers import Qwen3MoeForCausalLM
+
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "supports_gradient_checkpointing", False)  # e.g. remote modelling code
+    argv = ["train", *tiny_args(**{"model.gradient_checkpointing": True}), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("expertrl train: error:")]
+    assert "model.gradient_checkpointing: Qwen3MoeForCausalLM does not support" in error
+    assert "model.gradient_checkpointing=false" in error

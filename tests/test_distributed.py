@@ -77,6 +77,38 @@ def test_two_processes_match_one(tmp_path):
         assert (wa[name] - wb[name]).abs().max().item() < 1e-4, name
 
 
+DEFAULT_JOB = tiny_args(**{"sft.steps": 20, "steps": 3, "rollout.prompts_per_step": 4, "micro_batch_size": 3})
+"""The default method at tiny size: K of E sampled at routing temperature 0.5, Gate-GRPO, Switch LB 0.01, two inner
+updates; micro-batches of 3 rows split a rank's 8 rows unevenly, and differently at world size 1 and 2."""
+
+
+@needs_torchrun
+def test_the_default_job_does_not_depend_on_the_number_of_processes(tmp_path):
+    """Issue 13: sampled routes are a function of (seed, step, global row), the Switch LB loss is the global batch's,
+    and routing statistics are reduced globally, so world size 1 and 2 log the same rollouts and reach the same
+    weights (up to float summation order)."""
+    proc = torchrun(2, [*DEFAULT_JOB, "--output_dir", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "expertrl", "train", *DEFAULT_JOB, "--output_dir", str(tmp_path / "one")]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, ref = step_records(tmp_path / "two"), step_records(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in ref] == [0, 1, 2]
+    loads = [k for k in ref[0] if k.startswith("router/load/")]
+    assert loads and "loss/gate" in ref[0] and ref[0]["optim/grad_norm"] > 0  # the default method: Gate-GRPO on
+    for a, b in zip(two, ref, strict=True):
+        for key in ("rollout/num_tokens", "rollout/completion_length", "rollout/trace_bytes", "reward/mean"):
+            assert a[key] == b[key], key  # the same rollouts: same completions, same routes
+        for key in loads:
+            assert a[key] == pytest.approx(b[key], abs=3e-6), key  # global loads (lists are logged to 6 decimals)
+        assert a["router/usage_entropy"] == pytest.approx(b["router/usage_entropy"], abs=1e-6)
+        assert a["optim/grad_norm"] == pytest.approx(b["optim/grad_norm"], rel=1e-5)  # the same global gradient
+    wa = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max().item() < 1e-6, name
+
+
 @needs_torchrun
 def test_prompts_must_split_evenly(tmp_path):
     proc = torchrun(2, [*ARGS, "--rollout.prompts_per_step", "3", "--output_dir", str(tmp_path / "r")])

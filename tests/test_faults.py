@@ -140,6 +140,19 @@ def _all_checkpoints_damaged(t: Path) -> list[str]:
     return train_args(t / "run", "--steps", "3", "--resume", str(t / "run"))
 
 
+def _long_rows(t: Path, answer: str = "1") -> Path:
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    rows[2] = {"prompt": "1+" * 5_000_000 + "1=", "answer": answer}  # a 10 MB line
+    data = t / "long.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+def _long_row(t: Path) -> list[str]:
+    return train_args(t / "run", "--task.name", f"jsonl:{_long_rows(t)}", "--task.train_size", "6",
+                      "--task.eval_size", "2")  # fmt: skip
+
+
 BAD_INPUT = [
     Case("finished run's folder", _finished_run, ["already holds a run", "summary.json", "--overwrite true"]),
     Case("output_dir is a file", _output_is_a_file, ["output_dir", "notes.txt", "it is a file"]),
@@ -150,6 +163,21 @@ BAD_INPUT = [
     Case("truncated model.safetensors", _truncated_weights, ["model.safetensors"]),
     Case("every checkpoint damaged", _all_checkpoints_damaged, ["no checkpoint", "reads back whole", "trainer_state"]),
     Case("K > E", lambda t: train_args(t / "run", "--model.top_k", "16"), ["model.top_k", "16"]),
+    Case(
+        "a 10 MB JSONL row",
+        _long_row,
+        [
+            "rollout.max_new_tokens",
+            "long.jsonl:3",
+            "exceeds the model's context of 512",
+            "task.max_prompt_tokens <= 508",
+        ],
+    ),  # fmt: skip
+    Case(
+        "max_new_tokens past the context",
+        lambda t: train_args(t / "run", "--rollout.max_new_tokens", "100000"),
+        ["rollout.max_new_tokens 100000", "exceeds the model's context of 512", "lower rollout.max_new_tokens"],
+    ),
 ]
 
 
@@ -327,6 +355,40 @@ def test_non_ascii_prompts_train(tmp_path):
         cli(*train_args(out, "--task.name", f"jsonl:{data}", "--task.train_size", "12", "--task.eval_size", "4")) == 0
     )
     assert json.loads((out / "summary.json").read_text())["accuracy_end"] >= 0.0
+
+
+def test_max_prompt_tokens_cuts_long_prompts_and_counts_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _long_row(tmp_path)
+    assert cli(*args, "--task.max_prompt_tokens", "64") == 0
+    assert (
+        "task.max_prompt_tokens: cut 1 of 6 train and 0 of 2 held-out prompts to 64 tokens" in capsys.readouterr().out
+    )
+    assert json.loads((out / "summary.json").read_text())["prompts_truncated"] == 1
+
+
+def test_sft_refuses_an_answer_that_does_not_fit(tmp_path, capsys):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    rows[1]["answer"] = "9" * 600
+    data = tmp_path / "answers.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code = cli("sft", "--model.preset", "tiny", "--task.name", f"jsonl:{data}", "--task.train_size", "6",
+               "--task.eval_size", "2", "--output_dir", str(tmp_path / "run"))  # fmt: skip
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"task.max_prompt_tokens: {data}:2: the prompt + answer (4 + 600 tokens) = 604 tokens exceeds" in err
+    assert err.rstrip().endswith("shorten or drop that row")
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_off_is_silent(tmp_path):
+    """Issue 13: non-TTY logs got 1,850-character carriage-return lines, and Hugging Face's bars ignored the switch."""
+    args = [sys.executable, "-m", "expertrl", "train", *tiny_args(**{"progress": True}), "--save_every", "1"]
+    shown = subprocess.run([*args, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, env=ENV)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "\r" not in shown.stderr and "rl: 2/2" in shown.stderr and "sft: 3/3" in shown.stderr
+    quiet = subprocess.run([*args, "--progress", "false", "--output_dir", str(tmp_path / "b")], capture_output=True,
+                           text=True, env=ENV)  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr[-2000:]
 
 
 # ----- interrupted: exit 75 after a checkpoint, and --resume ends where an undisturbed run ends -----------------------

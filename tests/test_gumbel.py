@@ -75,3 +75,19 @@ def test_expert_weights_are_the_native_routers(tiny_moe):
     expected = torch.softmax(masked, -1).gather(1, chosen)
     torch.testing.assert_close(expert_weights(masked, chosen, renormalize=False), expected)
     assert (chosen != 0).all()
+
+
+def test_layer_keys_wrap_like_int64_for_every_layer_of_a_real_model():
+    """A 48-layer model: layer l's key l * c + 1 overflows int64 from l = 2 on, so it must wrap exactly as the
+    vectorised int64 arithmetic of the engine's first version did (regression: the hf rollout crashed at layer 2)."""
+    from expertrl.moe.gumbel import _LAYER, _shift_right, layer_uniform, mix64
+
+    seeds = torch.tensor([0, 1, -5, 2**62 + 3], dtype=torch.int64)
+    positions = torch.tensor([0, 7, 3, 1000], dtype=torch.int64)
+    L, E = 48, 128
+    layers = torch.arange(L, dtype=torch.int64) * _LAYER + 1  # int64 tensor arithmetic wraps
+    row = mix64(mix64(seeds[:, None] ^ layers[None, :]) ^ positions[:, None])
+    z = mix64(row[..., None] ^ mix64(torch.arange(E, dtype=torch.int64)))
+    expected = (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # (N, L, E)
+    for layer in range(L):
+        assert torch.equal(layer_uniform(seeds, positions, layer, E), expected[:, layer])

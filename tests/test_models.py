@@ -64,6 +64,15 @@ def test_config_field_names_per_family():
     assert eager._experts_implementation == "eager" and eager.router_aux_loss_coef == 0.0
 
 
+def test_shape_presets_belong_to_one_family_and_vocabulary():
+    assert build_moe_config("qwen3_moe", "qwen3moe-30b-shape").vocab_size == 151_936  # the preset's vocabulary
+    assert build_moe_config("olmoe", "olmoe-shape").norm_topk_prob is False
+    with pytest.raises(ValueError, match="router shape of olmoe, not of mixtral"):
+        build_moe_config("mixtral", "olmoe-shape")
+    with pytest.raises(ValueError, match="vocabulary of 151936, not 357"):
+        build_moe_config("qwen3_moe", "qwen3moe-30b-shape", 357)
+
+
 def test_bad_names_fail_loudly(tmp_path):
     with pytest.raises(ValueError, match="num_expert"):
         build_moe_config("qwen3_moe", "tiny", 101, num_expert=3)

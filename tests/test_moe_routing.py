@@ -13,7 +13,7 @@ from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, Replay, TopK, replay_policy_for
 from expertrl.moe.setprob import set_logprob
 from expertrl.tokenizer import PAD_ID
-from expertrl.types import UNROUTED
+from expertrl.types import UNROUTED, RoutingTrace, expert_id_dtype
 
 IDS = torch.tensor([[PAD_ID, PAD_ID, 20, 21, 22, 23], [30, 31, 32, 33, 34, 35]])  # (B=2, S=6), row 0 left-padded
 MASK = (IDS != PAD_ID).long()
@@ -53,6 +53,28 @@ def test_find_routers_one_site_per_moe_layer(family):
             assert s.renormalize is True
         else:
             assert s.renormalize is bool(model.config.norm_topk_prob)
+
+
+ID_DTYPES = [(8, torch.int8), (128, torch.int8), (129, torch.int16), (256, torch.int16)]
+
+
+@pytest.mark.parametrize("num_experts, dtype", ID_DTYPES)
+def test_trace_ids_take_one_byte_up_to_128_experts_and_keep_unrouted(num_experts, dtype):
+    ids = torch.tensor([[[[num_experts - 1, 0], [UNROUTED, UNROUTED]]]])  # (L=1, B=1, S=2, K=2) int64: the widest id
+    trace = RoutingTrace(experts=ids, set_logp=torch.zeros(1, 1, 2), layers=(0,), num_experts=num_experts)
+    assert trace.experts.dtype == dtype == expert_id_dtype(num_experts)
+    assert torch.equal(trace.experts.long(), ids)  # ids and UNROUTED (-1) survive the narrowing
+    assert trace.nbytes() == 4 * dtype.itemsize + 2 * 4  # L·S·K ids + L·S float32 set log-probs
+
+
+def test_routed_trace_bytes_per_token_at_qwen3_30b_shape():
+    """48 layers, K = 8 of E = 128: 8 one-byte ids + one float32 set log-prob per layer = 576 bytes per token."""
+    model = build_tiny_moe("qwen3_moe", "tiny", num_experts=128, top_k=8)
+    with torch.no_grad(), route(model, Multinomial(), generator=torch.Generator().manual_seed(0)) as rec:
+        _forward(model)
+    trace = rec.trace(B)
+    assert trace.experts.dtype == torch.int8 and trace.experts.long().max() < 128
+    assert trace.nbytes() / (B * S) == 2 * (8 + 4)  # L = 2 here; 48 layers: 48 * 12 = 576 bytes per token
 
 
 @pytest.mark.parametrize("family", NORM_FLAG_FAMILIES)
@@ -104,7 +126,7 @@ def test_topk_route_reproduces_native_logits_bit_exactly(family, norm):
             routed = _forward(model)
     assert torch.equal(routed, native)
     trace = rec.trace(B)
-    assert trace.experts.shape == (2, B, S, 2) and trace.experts.dtype == torch.int16
+    assert trace.experts.shape == (2, B, S, 2) and trace.experts.dtype == torch.int8  # 1 byte per id (E <= 128)
     assert trace.layers == (0, 1) and trace.num_experts == 4
     assert ((trace.experts >= 0) & (trace.experts < 4)).all()
     assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # K distinct experts
@@ -397,12 +419,26 @@ def test_deepseek_unrouted_replay_falls_back_to_native_choice():
     torch.testing.assert_close(replayed, native)
 
 
-def test_route_refuses_gradient_checkpointing_in_training(tiny_moe):
+def test_route_takes_over_checkpointing_in_training_and_eval_mode(tiny_moe, monkeypatch):
+    """Inside the block every flagged decoder layer is checkpointed once, by expertrl (never nested in transformers'
+    own checkpoint, whatever the mode); outside it transformers' flag is back. Gradients: test_checkpointing.py."""
+    from expertrl.moe import recompute
+
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     tiny_moe.gradient_checkpointing_enable()
-    tiny_moe.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    layers = recompute.checkpointing_layers(tiny_moe)
+    assert len(layers) == 2  # the decoder layers, not the base model that carries the legacy flag too
+    for training in (True, False):
+        tiny_moe.train(training)
+        calls.clear()
         with route(tiny_moe, TopK()):
-            pass
-    tiny_moe.eval()  # no recompute without training mode: allowed
-    with route(tiny_moe, TopK()):
+            assert not any(layer.gradient_checkpointing for layer in layers)
+            _forward(tiny_moe).sum().backward()
+        assert len(calls) == 2 and all(layer.gradient_checkpointing for layer in layers)
+        assert all("forward" not in layer.__dict__ for layer in layers)  # the class forward is back
+    with torch.no_grad(), route(tiny_moe, TopK()):  # nothing to recompute without grad
+        calls.clear()
         _forward(tiny_moe)
+    assert not calls

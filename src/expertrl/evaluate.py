@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from expertrl.config import ConfigError
+from expertrl.logging import progress_bar, quiet_hf_progress
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
 from expertrl.rollout import generate_rollout
@@ -122,7 +122,8 @@ def evaluate(
     model.eval()
     scores, cats, examples = [], [], []
     stats = RoutingStats(tokenizer) if routing else None
-    for start in tqdm(range(0, len(items), batch_size), desc="eval greedy", disable=not progress, leave=False):
+    steps = range(0, len(items), batch_size)
+    for start in progress_bar(steps, desc="eval greedy", total=len(steps), enabled=progress, leave=False):
         chunk = items[start : start + batch_size]
         rollout = _rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, routing=routing)
         if stats is not None:
@@ -158,7 +159,8 @@ def _sampled_pass_at_k(
     n = num_samples
     per_call = max(1, batch_size // n)  # prompts per generate call
     correct, sample_scores, cats = [], [], []
-    for start in tqdm(range(0, len(items), per_call), desc=f"eval pass@k (n={n})", disable=not progress, leave=False):
+    steps = range(0, len(items), per_call)
+    for start in progress_bar(steps, desc=f"eval pass@k (n={n})", total=len(steps), enabled=progress, leave=False):
         chunk = items[start : start + per_call]
         sampling = Sampling(do_sample=True, token_temperature=temperature)
         texts = _rollout(
@@ -226,7 +228,8 @@ def routing_statistics_pass(
     was_training = model.training
     model.eval()
     stats = RoutingStats(tokenizer, tokens=tokens, max_positions=max_positions)
-    for start in tqdm(range(0, len(items), batch_size), desc="eval routing", disable=not progress, leave=False):
+    steps = range(0, len(items), batch_size)
+    for start in progress_bar(steps, desc="eval routing", total=len(steps), enabled=progress, leave=False):
         chunk = items[start : start + batch_size]
         stats.add(chunk, _rollout(model, tokenizer, chunk, max_new_tokens=max_new_tokens, routing=True))
     model.train(was_training)
@@ -247,8 +250,10 @@ def run_eval(cfg) -> dict:
             "base model of an adapter given by --model.adapter.path)"
         )
     seed_everything(cfg.seed)
+    quiet_hf_progress(cfg.progress)  # Hugging Face's loading bar follows the switch too
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task, tokenizer)
+    task = task_from_config(cfg.task, tokenizer, model=model, new_tokens=cfg.max_new_tokens,
+                            new_tokens_field="max_new_tokens")  # fmt: skip
     result = evaluate(
         model, tokenizer, task.eval, task.score, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
         progress=cfg.progress, num_samples=cfg.num_samples, temperature=cfg.temperature, pass_k=cfg.pass_k,

@@ -24,8 +24,35 @@ PRESETS: dict[str, dict] = {
     "5M": dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, moe_intermediate=256, experts=8, top_k=2),
     # PLATFORM.md §1: 48.0M parameters (16.15M active) at vocab 4096 (Qwen3-MoE).
     "50M": dict(hidden=384, layers=6, heads=6, kv_heads=2, head_dim=64, moe_intermediate=768, experts=8, top_k=2),
-}
-"""Size presets of the in-process models, in family-neutral names (``Family.tiny_fields`` translates them)."""
+    # Real routers at reduced width and depth: E, K, renormalisation, shared expert and vocabulary of the checkpoint
+    # each is named after (config.json values from the model cards; the expert width keeps the real ratio to hidden).
+    # Head size 32 (vLLM's CPU attention has no 8 or 16). Each is one family's shape: model.family must be it (a
+    # dense base for LoRA-MoE or upcycling takes only the width).
+    "olmoe-shape": dict(hidden=64, layers=2, heads=2, kv_heads=2, head_dim=32, moe_intermediate=32, experts=64,
+                        top_k=8, family="olmoe", norm_topk_prob=False),  # OLMoE-1B-7B: 1024/2048, top-8 of 64
+    "qwen3moe-30b-shape": dict(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, moe_intermediate=24,
+                               experts=128, top_k=8, family="qwen3_moe", norm_topk_prob=True,
+                               vocab=151_936),  # Qwen3-30B-A3B: 768/2048, top-8 of 128, renormalised, vocab 151,936
+    "qwen2moe-shape": dict(hidden=64, layers=2, heads=2, kv_heads=2, head_dim=32, moe_intermediate=44, experts=60,
+                           top_k=4, family="qwen2_moe", norm_topk_prob=False,
+                           shared_expert=176),  # Qwen1.5-MoE-A2.7B: 1408/2048, top-4 of 60, shared expert 4x wide
+    "mixtral-shape": dict(hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, moe_intermediate=224, experts=8,
+                          top_k=2, family="mixtral"),  # Mixtral-8x7B: 14336/4096, top-2 of 8, always renormalised
+}  # fmt: skip
+"""Presets of the in-process models, in family-neutral names (``Family.tiny_fields`` translates them): sizes, and
+real router shapes (``*-shape``). Read through ``preset_fields`` (which fills ``PRESET_DEFAULTS``)."""
+
+PRESET_DEFAULTS = dict(family=None, norm_topk_prob=True, shared_expert=None, vocab=None)
+"""Fields a size preset leaves out: any MoE family; renormalised top-K weights (as real Qwen3-MoE checkpoints); a
+shared expert (Qwen2-MoE) as wide as a routed one; the tokenizer's vocabulary."""
+SHAPE_PRESETS = tuple(name for name, p in PRESETS.items() if "family" in p)
+"""The real-router-shape presets."""
+
+
+def preset_fields(name: str) -> dict:
+    """The fields of preset ``name``, ``PRESET_DEFAULTS`` filled in (``shared_expert`` None = ``moe_intermediate``)."""
+    p = PRESET_DEFAULTS | PRESETS[name]
+    return p | {"shared_expert": p["shared_expert"] or p["moe_intermediate"]}
 
 
 @dataclass(frozen=True)
@@ -88,20 +115,21 @@ def _qwen3_moe(p: dict) -> dict:
     # norm_topk_prob defaults to False in the config class, but real Qwen3-MoE checkpoints ship True.
     return dict(head_dim=p["head_dim"], moe_intermediate_size=p["moe_intermediate"],
                 intermediate_size=p["moe_intermediate"], num_experts=p["experts"], num_key_value_heads=p["kv_heads"],
-                norm_topk_prob=True)  # fmt: skip
+                norm_topk_prob=p["norm_topk_prob"])  # fmt: skip
 
 
 def _qwen2_moe(p: dict) -> dict:
-    # One always-on shared expert as wide as a routed one (gated by shared_expert_gate).
+    # One always-on shared expert (gated by shared_expert_gate), as wide as a routed one unless the preset says.
     return dict(head_dim=p["head_dim"], moe_intermediate_size=p["moe_intermediate"],
-                shared_expert_intermediate_size=p["moe_intermediate"], intermediate_size=p["moe_intermediate"],
-                num_experts=p["experts"], num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
+                shared_expert_intermediate_size=p["shared_expert"], intermediate_size=p["moe_intermediate"],
+                num_experts=p["experts"], num_key_value_heads=p["kv_heads"],
+                norm_topk_prob=p["norm_topk_prob"])  # fmt: skip
 
 
 def _olmoe(p: dict) -> dict:
     # OLMoE's experts are sized by intermediate_size (it has no moe_intermediate_size).
     return dict(head_dim=p["head_dim"], intermediate_size=p["moe_intermediate"], num_experts=p["experts"],
-                num_key_value_heads=p["kv_heads"], norm_topk_prob=True)  # fmt: skip
+                num_key_value_heads=p["kv_heads"], norm_topk_prob=p["norm_topk_prob"])  # fmt: skip
 
 
 def _mixtral(p: dict) -> dict:

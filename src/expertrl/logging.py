@@ -12,6 +12,7 @@ Hugging Face's own bars (loading and writing weights) follow the same switch (``
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -61,11 +62,14 @@ class PlainProgress:
         pass
 
 
-def progress_bar(iterable: Iterable, *, desc: str, total: int, initial: int = 0, enabled: bool = True):
-    """A tqdm bar on a terminal, ``PlainProgress`` lines otherwise, a silent tqdm when ``enabled`` is false."""
+def progress_bar(
+    iterable: Iterable, *, desc: str, total: int, initial: int = 0, enabled: bool = True, leave: bool = True
+):
+    """A tqdm bar on a terminal (``leave=False``: erased when done), ``PlainProgress`` lines otherwise, a silent tqdm
+    when ``enabled`` is false."""
     if enabled and not sys.stderr.isatty():
         return PlainProgress(iterable, desc=desc, total=total, initial=initial)
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled, leave=leave)
 
 
 def quiet_hf_progress(enabled: bool) -> None:
@@ -92,6 +96,9 @@ def mean_metrics(records: list[dict]) -> dict:
             out[key] = torch.stack([v.detach().float() for v in vals]).mean(0)
         else:
             out[key] = sum(vals) / len(vals)
+    loads = [v for k, v in out.items() if k.startswith("router/load/") and isinstance(v, list)]
+    if loads and "router/usage_entropy" in out:  # the entropy of the global loads, not the mean of the ranks'
+        out["router/usage_entropy"] = sum(-sum(p * math.log(p) for p in load if p > 0) for load in loads) / len(loads)
     return out
 
 
@@ -127,15 +134,20 @@ class MetricsLogger:
             tracker.close()
 
 
-SUMMED_ACROSS_RANKS = ("rollout/num_tokens", "time/tokens_per_s")
+SUMMED_ACROSS_RANKS = ("rollout/num_tokens", "time/tokens_per_s", "rollout/trace_bytes")
+WEIGHTED_ACROSS_RANKS = {"router/load/": "rollout/completion_length"}
+"""key prefix -> the key whose per-rank value weighs the mean: a rank's expert loads are fractions of its completion
+tokens, and every rank has the same number of rows, so weighing by mean completion length gives the global loads."""
 
 
 def reduce_across_ranks(records: list[dict]) -> dict:
     """One step's record from the per-rank records (plain numbers or lists, as ``to_number`` gives them).
 
-    Counts and throughputs (``SUMMED_ACROSS_RANKS``) are summed, ``time/*`` is the slowest rank's, everything else
-    is the mean over the ranks that logged the key (lists element-wise): with equal per-rank batches the mean of
-    per-rank means is the global mean. A rank whose batch dynamic sampling emptied logs no loss metrics.
+    Counts and throughputs (``SUMMED_ACROSS_RANKS``) are summed, ``time/*`` is the slowest rank's, expert loads are
+    weighted by each rank's completion tokens (``WEIGHTED_ACROSS_RANKS``), everything else is the mean over the ranks
+    that logged the key (lists element-wise): with equal per-rank batches the mean of per-rank means is the global
+    mean. A rank whose batch dynamic sampling emptied logs no loss metrics. ``router/usage_entropy`` is recomputed
+    from the global loads.
     """
     out = {}
     for key in dict.fromkeys(k for r in records for k in r):
@@ -145,11 +157,17 @@ def reduce_across_ranks(records: list[dict]) -> dict:
         elif all(v == vals[0] for v in vals):  # lr, step counters, a synced grad norm: keep the value as is
             out[key] = vals[0] if key not in SUMMED_ACROSS_RANKS else vals[0] * len(vals)
         elif isinstance(vals[0], list):
-            out[key] = [round(sum(col) / len(col), 6) for col in zip(*vals, strict=True)]
+            by = next((w for prefix, w in WEIGHTED_ACROSS_RANKS.items() if key.startswith(prefix)), None)
+            weights = [r.get(by, 1.0) for r in records if key in r and r[key] is not None] if by else [1.0] * len(vals)
+            total = sum(weights) or 1.0
+            out[key] = [round(sum(w * c for w, c in zip(weights, col)) / total, 6) for col in zip(*vals, strict=True)]
         elif key in SUMMED_ACROSS_RANKS:
             out[key] = sum(vals)
         elif key.startswith("time/"):
             out[key] = max(vals)
         else:
             out[key] = sum(vals) / len(vals)
+    loads = [v for k, v in out.items() if k.startswith("router/load/") and isinstance(v, list)]
+    if loads and "router/usage_entropy" in out:  # the entropy of the global loads, not the mean of the ranks'
+        out["router/usage_entropy"] = sum(-sum(p * math.log(p) for p in load if p > 0) for load in loads) / len(loads)
     return out

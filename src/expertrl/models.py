@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from expertrl.families import DENSE, FAMILIES, PRESETS, TINY_DENSE, TINY_MOE
+from expertrl.families import DENSE, FAMILIES, PRESETS, TINY_DENSE, TINY_MOE, preset_fields
 from expertrl.io import weights_problem
 from expertrl.moe import experts  # registers experts_implementation="expertrl_grouped_mm"
 from expertrl.ops import check_finite
@@ -64,7 +64,7 @@ def seeded_from_config(build, *, seed: int) -> PreTrainedModel:
 def build_moe_config(
     family: str,
     preset: str,
-    vocab_size: int,
+    vocab_size: int | None = None,
     *,
     num_experts: int | None = None,
     top_k: int | None = None,
@@ -75,8 +75,9 @@ def build_moe_config(
 
     Args:
         family: one of ``families.TINY_MOE`` (the transformers ``model_type``).
-        preset: a key of ``PRESETS``.
-        vocab_size: V.
+        preset: a key of ``PRESETS``: a size, or a real router's shape (``families.SHAPE_PRESETS``, of one family).
+        vocab_size: V; None = the preset's vocabulary, else the character tokenizer's. A shape preset with a
+            vocabulary (``qwen3moe-30b-shape``: 151,936) takes no other.
         num_experts: E, replacing the preset's.
         top_k: K, replacing the preset's.
         experts_implementation: ``"expertrl_grouped_mm"`` (``expertrl.moe.experts``: transformers' ``grouped_mm`` with
@@ -88,7 +89,12 @@ def build_moe_config(
         raise ValueError(f"unknown MoE family {family!r}; choose from {list(TINY_MOE)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = dict(PRESETS[preset])
+    p = preset_fields(preset)
+    if p["family"] not in (None, family):
+        raise ValueError(f"preset {preset!r} is the router shape of {p['family']}, not of {family}")
+    if p["vocab"] is not None and vocab_size not in (None, p["vocab"]):
+        raise ValueError(f"preset {preset!r} has a vocabulary of {p['vocab']}, not {vocab_size}")
+    vocab_size = vocab_size or p["vocab"] or CHAR_VOCAB_SIZE
     p["experts"] = p["experts"] if num_experts is None else num_experts
     p["top_k"] = p["top_k"] if top_k is None else top_k
     assert p["hidden"] == p["heads"] * p["head_dim"], p
@@ -105,7 +111,7 @@ def build_moe_config(
 def build_tiny_moe(
     family: str = "qwen3_moe",
     preset: str = "tiny",
-    vocab_size: int = CHAR_VOCAB_SIZE,
+    vocab_size: int | None = None,
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -114,7 +120,8 @@ def build_tiny_moe(
     top_k: int | None = None,
     **overrides,
 ) -> PreTrainedModel:
-    """A randomly initialised MoE causal LM; the same arguments give bit-identical weights.
+    """A randomly initialised MoE causal LM (arguments as ``build_moe_config``); the same arguments give bit-identical
+    weights.
 
     ``from_config`` runs each family's ``_init_weights``, which draws router weights from
     normal(0, initializer_range); the router constructors alone would leave them at zero (uniform routing, and
@@ -135,7 +142,7 @@ def build_tiny_moe(
 def build_tiny_dense(
     family: str = "qwen3",
     preset: str = "tiny",
-    vocab_size: int = CHAR_VOCAB_SIZE,
+    vocab_size: int | None = None,
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -145,15 +152,16 @@ def build_tiny_dense(
 
     Args:
         family: one of ``families.TINY_DENSE`` (the transformers ``model_type``).
-        preset: a key of ``PRESETS`` (the MoE fields are ignored).
+        preset: a key of ``PRESETS`` (the MoE fields are ignored: a shape preset gives a base of its width).
+        vocab_size: V; None = the preset's vocabulary, else the character tokenizer's.
         **overrides: config fields in the family's own names, applied last.
     """
     if family not in TINY_DENSE:
         raise ValueError(f"unknown dense family {family!r}; choose from {list(TINY_DENSE)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    fields = _common_fields(p, vocab_size) | FAMILIES[family].tiny_fields(p)
+    p = preset_fields(preset)
+    fields = _common_fields(p, vocab_size or p["vocab"] or CHAR_VOCAB_SIZE) | FAMILIES[family].tiny_fields(p)
     known = AutoConfig.for_model(family)
     unknown = sorted(k for k in overrides if k not in fields and not hasattr(known, k))
     if unknown:

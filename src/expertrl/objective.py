@@ -58,6 +58,20 @@ class Denominators:
     num_seqs: float
     num_tokens: float | Tensor | None = None
     num_gate_tokens: float | Tensor | None = None
+    lb_dispatch: Tensor | None = None
+    """(L, E) the step's global dispatch fraction of the routes it replays (``losses.routing.routing_aux_loss``)"""
+    num_lb_tokens: float | Tensor | None = None
+    """tokens the router losses count in the step's batch (with ``lb_dispatch``)"""
+
+
+def routed_positions(attention_mask: Tensor) -> Tensor:
+    """(B, S) float: the positions whose routes count in the router losses: every attended position but each row's
+    last (it predicts nothing that is scored, and a sequence's final token was never routed by the rollout), so the
+    losses do not depend on how wide the batch happens to be padded."""
+    mask = attention_mask.clone().float()
+    last = attention_mask.long().cumsum(-1).argmax(-1)  # (B,)
+    mask[torch.arange(mask.shape[0], device=mask.device), last] = 0
+    return mask
 
 
 class ObjectiveOut(NamedTuple):
@@ -233,16 +247,13 @@ class Objective:
         fraction of tokens whose expert set differs in at least one layer (the R3 paper's statistic): how far sampled
         routes stray from top-K under MoE-GRPO, or how much an engine's routes disagree with the trainer's."""
         B = micro.batch_size
-        lb_mask = micro.attention_mask.clone().float()  # (B, S)
-        # Each row's last attended token predicts nothing that is scored (and a sequence's final token was never routed
-        # by the rollout): drop it per row, so the loss does not depend on how wide the batch happens to be padded.
-        last = micro.attention_mask.long().cumsum(-1).argmax(-1)  # (B,)
-        lb_mask[torch.arange(B, device=lb_mask.device), last] = 0
         aux, metrics = routing_aux_loss(
-            lb_mask, probs=fwd.probs, experts=fwd.routing.experts, lb_coef=self.lb_coef, logits=fwd.logits,
-            z_coef=self.z_coef, soft_dispatch=self.soft_dispatch,
+            routed_positions(micro.attention_mask), probs=fwd.probs, experts=fwd.routing.experts,
+            lb_coef=self.lb_coef, logits=fwd.logits, z_coef=self.z_coef, soft_dispatch=self.soft_dispatch,
+            dispatch=dens.lb_dispatch, num_tokens=dens.num_lb_tokens,
         )  # fmt: skip
-        aux = aux * (B / dens.num_seqs)
+        if dens.lb_dispatch is None or self.soft_dispatch:  # this forward's own losses, weighted by its share
+            aux = aux * (B / dens.num_seqs)
         with torch.no_grad():
             probs_c = fwd.probs[:, :, comp]  # (L, B, C, E)
             k = micro.routing.experts.shape[-1]

@@ -23,6 +23,7 @@ from expertrl.mm import mm_forward_kwargs
 from expertrl.moe.guidance import GuidanceMask
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Replay, TopK, replay_policy_for
+from expertrl.moe.recompute import checkpointing_layers
 from expertrl.ops import linear_token_logp
 from expertrl.types import ExpertMask, Rollout, RoutingTrace, Sampling
 
@@ -181,11 +182,14 @@ def forward_sequences(
         mm: the prompts' vision kwargs (``Rollout.mm_inputs``; ``mm_token_type_ids`` (B, P)) for a VLM: passed with
             ``mm_token_type_ids`` extended to S and ``position_ids=None`` (the model recomputes M-RoPE positions,
             exactly as ``generate`` did).
-        share_prompts: compute each distinct prompt once (``shared_prompt_forward``); text models, one process.
+        share_prompts: compute each distinct prompt once (``shared_prompt_forward``); text models, one process. Not
+            with grad under activation checkpointing: a checkpointed layer drops the cache the prompt's keys and
+            values would be shared through (``moe.recompute``).
     """
     B, S = input_ids.shape
     C = S - prompt_width
-    if share_prompts and mm is None and expert_mask is None:
+    checkpointed = torch.is_grad_enabled() and bool(checkpointing_layers(model))
+    if share_prompts and mm is None and expert_mask is None and not checkpointed:
         rows, inverse = distinct_prompts(input_ids, attention_mask, prompt_width, routes, score)
         if len(rows) < B:  # some rows share a prompt
             return shared_prompt_forward(

@@ -16,9 +16,16 @@ rendered prompt replaces ``item["prompt"]`` and the question is kept as ``item["
     False           plain text: the question as it is, after ``system_prompt + "\\n"`` when a system prompt is set.
 
 Multimodal (``mm:``) tasks are rendered by the processor itself (``expertrl.vlm``) and pass through unchanged.
+
+Lengths (``fit_prompts``): a prompt plus the tokens generated after it must fit the model's context
+(``max_position_embeddings``). A prompt that does not is refused, naming its row (``file:line`` for a data file) and
+both numbers, unless ``task.max_prompt_tokens`` asks for longer prompts to be cut to that many tokens (their *end*
+is kept, where the question and the assistant turn are, as TRL's left truncation does); cut prompts are counted.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -85,3 +92,77 @@ def render_items(
         question = it.get("question", it["prompt"])
         out.append({**it, "question": question, "prompt": render_prompt(tokenizer, question, **options)})
     return out
+
+
+CHARS_PER_TOKEN = 64
+"""Longer than this many characters per token of context, a prompt's tail alone is counted (``fit_prompts``)."""
+
+
+class Fitted(NamedTuple):
+    """``fit_prompts``' result: the items (cut prompts replaced), how many were cut, and the longest prompt."""
+
+    items: list[dict]
+    truncated: int
+    longest: int
+
+
+def _where(item: dict) -> str:
+    return item.get("where") or f"item {item.get('id', '?')!r}"
+
+
+def fit_prompts(
+    items: list[dict],
+    tokenizer,
+    *,
+    max_positions: int | None,
+    new_tokens: int,
+    new_tokens_field: str = "rollout.max_new_tokens",
+    max_prompt_tokens: int | None = None,
+    answers: bool = False,
+) -> Fitted:
+    """Cut prompts longer than ``max_prompt_tokens`` (keeping their end), then check that every prompt plus
+    ``new_tokens`` (plus the item's answer, with ``answers``: supervised training) fits ``max_positions``.
+
+    Raises:
+        ValueError: a prompt that does not fit, naming its row, its length, ``new_tokens_field`` and the context.
+    """
+    if not items:
+        return Fitted(items, 0, 0)
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # A 10 MB row would take minutes and GBs to tokenize: count only the tail of a text longer than CHARS_PER_TOKEN
+    # characters per position; past that the tail alone does not fit (and cutting keeps the end anyway).
+    cap = CHARS_PER_TOKEN * (max_positions or max_prompt_tokens or 1 << 16)
+    ids = encode([it["prompt"][-cap:] for it in items])
+    for i, it in enumerate(items):  # a long text whose tail fits after all (tokens of > CHARS_PER_TOKEN chars)
+        if len(it["prompt"]) > cap and len(ids[i]) <= (max_positions or 0):
+            ids[i] = encode([it["prompt"]])[0]
+    out, truncated = list(items), 0
+    if max_prompt_tokens is not None:
+        for i, row in enumerate(ids):
+            if len(row) > max_prompt_tokens:
+                keep = row[-max_prompt_tokens:]  # of the tail: enough, the end is what is kept
+                text = tokenizer.decode(keep)
+                while len(encode([text])[0]) > max_prompt_tokens and keep:  # re-encoding may merge differently
+                    keep = keep[1:]
+                    text = tokenizer.decode(keep)
+                out[i] = {**out[i], "prompt": text}
+                ids[i] = encode([text])[0]
+                truncated += 1
+    extra = encode([it["answer"][-cap:] for it in out]) if answers else [[] for _ in out]
+    lengths = [len(p) + len(a) for p, a in zip(ids, extra, strict=True)]
+    worst = max(range(len(out)), key=lengths.__getitem__)
+    if max_positions is not None and lengths[worst] + new_tokens > max_positions:
+        n_prompt, n_answer = len(ids[worst]), len(extra[worst])
+        what = f"prompt + answer ({n_prompt} + {n_answer} tokens)" if answers else f"prompt ({n_prompt} tokens)"
+        room = max_positions - new_tokens - n_answer  # the longest prompt that would fit
+        fixes = [f"lower {new_tokens_field}"] if new_tokens else []
+        if room > 0:
+            fixes.append(f"set task.max_prompt_tokens <= {room} to cut longer prompts (their end is kept)")
+        fixes.append("shorten or drop that row")
+        field = new_tokens_field if new_tokens else "task.max_prompt_tokens"
+        plus = f" + {new_tokens_field} {new_tokens}" if new_tokens else ""
+        raise ValueError(
+            f"{field}: {_where(out[worst])}: the {what}{plus} = {lengths[worst] + new_tokens} tokens exceeds the "
+            f"model's context of {max_positions} (max_position_embeddings); {', or '.join(fixes)}"
+        )
+    return Fitted(out, truncated, max(len(p) for p in ids))

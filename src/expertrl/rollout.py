@@ -38,6 +38,7 @@ from expertrl.decoding import (
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.capture import capture_experts
+from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
 from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask, with_old_policy
@@ -119,6 +120,7 @@ def generate_rollout(
     keep_probs: bool = False,
     routes: str = "full",
     share_prompts: bool = True,
+    route_seeds: Tensor | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -144,6 +146,9 @@ def generate_rollout(
         share_prompts: on those native paths, prefill each distinct prompt once (``_shared_prefill``). The prefill is
             one more forward where prompts repeat: pass False where the ranks of a sharded model, which must run the
             same forwards, have different prompts (``collect``).
+        route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``, B = len(items) * G): a stochastic
+            policy then draws from counter-based noise per (row seed, layer, position) instead of ``generator``
+            (``gumbel.RouteSeeds``), the same noise as the vLLM engine's.
     """
     assert old_routing in ("rollout", "live", None), old_routing
     assert routes in ("full", "experts", "none"), routes
@@ -158,6 +163,9 @@ def generate_rollout(
     tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
+    if route_seeds is not None:
+        assert route_seeds.shape == (B,), (route_seeds.shape, B)
+        generator = RouteSeeds(route_seeds, prompt_mask)
     native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs  # the native routers suffice
     cache = rollout_cache(model, P + max_new_tokens)
     prefix = None  # (L, B, P-1, K) experts of a shared prefill
@@ -198,15 +206,50 @@ def generate_rollout(
         layers=trace.layers,
         num_experts=trace.num_experts,
     )
+    rollout = assemble_rollout(
+        tokenizer, items, group_size, sequences, prompt_mask, trace, sampling, guide,
+        sample_logp=tokens.sample_logp(sequences), mm=mm,
+    )  # fmt: skip
+    if old_routing is None:
+        if not keep_generation_probs or not rec.sites:
+            return rollout
+        return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
+    old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
+    return replace(with_old_policy(rollout, old), route_probs=old.probs)
+
+
+def assemble_rollout(
+    tokenizer,
+    items: list[dict],
+    group_size: int,
+    sequences: Tensor,
+    prompt_mask: Tensor,
+    trace: RoutingTrace,
+    sampling: Sampling,
+    guide: Guide | None,
+    *,
+    sample_logp: Tensor,
+    mm: dict | None = None,
+) -> Rollout:
+    """A rollout engine's output as a ``Rollout`` (shared by the hf and vLLM engines): completion mask up to and
+    including the first EOS, attention mask, the guidance mask when it applies in the loss, decoded completions.
+
+    Args:
+        sequences: (B, S) left-padded prompts (width P = ``prompt_mask.shape[1]``) then right-padded completions.
+        trace: (L, B, S, K) routes, ``UNROUTED`` where none was used.
+        sample_logp: (B, C) the engine's log-prob of each generated token.
+    """
+    P = prompt_mask.shape[1]
     completion = sequences[:, P:]  # (B, C)
     tok = text_tokenizer(tokenizer)
     mask = completion_mask(completion, tok.eos_token_id)  # (B, C)
-    attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, S) pads after EOS are not attended
+    attention_mask = torch.cat([prompt_mask.to(mask.device), mask.long()], dim=1)  # pads after EOS are not attended
     expert_mask = None
     if guide is not None and guide.in_loss:  # METHODS ambiguity 10: the same masked softmax in every forward
-        expert_mask = ExpertMask(guide.allowed.to(device), guide.groups(sequences, attention_mask, P))
+        allowed = guide.allowed.to(sequences.device)
+        expert_mask = ExpertMask(allowed, guide.groups(sequences, attention_mask, P))
     texts = [tok.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
-    rollout = Rollout(
+    return Rollout(
         input_ids=sequences,
         attention_mask=attention_mask,
         prompt_width=P,
@@ -217,15 +260,9 @@ def generate_rollout(
         items=[it for it in items for _ in range(group_size)],
         sampling=sampling,
         expert_mask=expert_mask,
-        sample_logp=tokens.sample_logp(sequences),
+        sample_logp=sample_logp,
         mm_inputs=mm,
     )
-    if old_routing is None:
-        if not keep_generation_probs or not rec.sites:
-            return rollout
-        return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
-    old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
-    return replace(with_old_policy(rollout, old), route_probs=old.probs)
 
 
 def _shared_prefill(

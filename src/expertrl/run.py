@@ -68,7 +68,14 @@ from expertrl.rewards import get_reward
 from expertrl.rewards.routing import RoutingRewarder
 from expertrl.rollout import generate_rollout
 from expertrl.rundir import RunDir, claim_run_dir
-from expertrl.runtime import derive_seed, model_and_tokenizer, optimizer_and_schedule, seed_everything, task_from_config
+from expertrl.runtime import (
+    check_answer_lengths,
+    derive_seed,
+    model_and_tokenizer,
+    optimizer_and_schedule,
+    seed_everything,
+    task_from_config,
+)
 from expertrl.sft import supervised_train
 from expertrl.tasks import Task, sample_items
 from expertrl.trackers import check_installed, make_trackers
@@ -263,6 +270,7 @@ def build_run(cfg: TrainConfig) -> Run:
     if accelerator.is_main_process:
         check_installed(cfg.report_to)  # a missing tracker stops the run now, before any model is loaded
     check_reward_options(cfg)
+    quiet_hf_progress(cfg.progress and accelerator.is_main_process)  # before the weights load: HF's own bars
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     rundir = None
@@ -293,7 +301,9 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
         load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
     model.to(accelerator.device)
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
-    task = task_from_config(cfg.task, tokenizer)
+    task = task_from_config(cfg.task, tokenizer, model=model, new_tokens=cfg.rollout.max_new_tokens)
+    if cfg.sft.steps > 0:  # the warm-up trains on prompt + answer
+        check_answer_lengths(task, tokenizer, model)
     check_model(cfg, sites, task, tokenizer)
     check_engine(cfg, model)
     state = load_trainer_state(resume_from) if resume_from is not None else None
@@ -310,13 +320,13 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
         sampling=sampling_of(cfg), objective=objective_for(cfg, sites, accelerator.num_processes),
         logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process, trackers=trackers),
         rewarder=_rewarder(cfg),
-        summary={"output_dir": str(out)}, rundir=rundir,
+        summary={"output_dir": str(out)} | ({"prompts_truncated": task.truncated} if task.truncated else {}),
+        rundir=rundir,
     )  # fmt: skip
     if run.sharded:
         check_shardable(model, tokenizer)
     if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind
         save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
-    quiet_hf_progress(cfg.progress and run.is_main)
     _print_header(run)
     run.resume_from = run.healthy_checkpoint = resume_from
     run.resume_state = state

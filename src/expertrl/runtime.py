@@ -15,14 +15,15 @@ from transformers import AutoTokenizer
 
 from expertrl.config import ConfigError, ModelConfig, OptimConfig, TaskConfig
 from expertrl.decoding import is_processor
-from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE
+from expertrl.families import DENSE, MOE, TINY_DENSE, VISION, VISION_MOE, preset_fields
 from expertrl.models import DTYPES, build_tiny_dense, build_tiny_moe, load_model
+from expertrl.moe.adapters import ROUTER_DTYPES, set_router_dtype
 from expertrl.moe.lora import attach_lora, load_lora
 from expertrl.moe.lora_moe import attach_lora_moe, load_adapter
 from expertrl.moe.upcycle import upcycle
-from expertrl.prompts import render_items
+from expertrl.prompts import fit_prompts, render_items
 from expertrl.tasks import Task, load_task
-from expertrl.tokenizer import build_char_tokenizer
+from expertrl.tokenizer import CHAR_VOCAB_SIZE, build_char_tokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -51,7 +52,7 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     elif cfg.family in VISION_MOE:
         model, tokenizer = _tiny_vlm(cfg, seed, dtype)
     else:
-        tokenizer = build_char_tokenizer()
+        tokenizer = build_char_tokenizer(preset_fields(cfg.preset)["vocab"] or CHAR_VOCAB_SIZE)  # 151,936 rows: unused
         if cfg.family in TINY_DENSE:
             model = build_tiny_dense(cfg.family, cfg.preset, len(tokenizer), seed=seed, dtype=dtype)
         else:
@@ -65,7 +66,16 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
                 num_experts=cfg.num_experts,
                 top_k=cfg.top_k,
             )
-    return with_adapters(model, cfg, seed), tokenizer
+    model = with_adapters(model, cfg, seed)
+    set_router_dtype(model, ROUTER_DTYPES[cfg.router_dtype])
+    if cfg.gradient_checkpointing:  # non-reentrant (route() checkpoints the layers itself: expertrl.moe.recompute)
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"model.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
+                "(its modelling code has no GradientCheckpointingLayer); set model.gradient_checkpointing=false"
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
 
 
 def with_adapters(model: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
@@ -168,10 +178,22 @@ def clip_grad(model: nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
-def task_from_config(cfg: TaskConfig, tokenizer=None) -> Task:
+def task_from_config(
+    cfg: TaskConfig,
+    tokenizer=None,
+    *,
+    model=None,
+    new_tokens: int = 0,
+    new_tokens_field: str = "rollout.max_new_tokens",
+    answers: bool = False,
+) -> Task:
     """The task a ``TaskConfig`` describes (train and held-out splits, scorer), its prompts rendered for ``tokenizer``
     (``prompts.render_items``: the chat template and system prompt) when one is given; a VLM's processor renders its
-    own prompts, so a processor leaves them as they are."""
+    own prompts, so a processor leaves them as they are.
+
+    With ``model``, every prompt must fit its context with ``new_tokens`` generated after it (and, with ``answers``,
+    the item's answer: supervised training): longer prompts are cut to ``task.max_prompt_tokens`` if set (counted in
+    ``Task.truncated`` and printed), else refused naming the row (``prompts.fit_prompts``)."""
     task = load_task(
         cfg.name, train_size=cfg.train_size, eval_size=cfg.eval_size, seed=cfg.seed, verifier=cfg.verifier,
         completion_extractor=cfg.completion_extractor, files=cfg.file_options, **cfg.kwargs,
@@ -181,7 +203,34 @@ def task_from_config(cfg: TaskConfig, tokenizer=None) -> Task:
     render = dict(chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
                   template_kwargs=cfg.chat_template_kwargs)  # fmt: skip
     try:
-        return replace(task, train=render_items(task.train, tokenizer, **render),
+        task = replace(task, train=render_items(task.train, tokenizer, **render),
                        eval=render_items(task.eval, tokenizer, **render))  # fmt: skip
-    except ValueError as e:  # a tokenizer without a template asked for one: a bad setting
+        if model is None:
+            return task
+        limits = dict(max_positions=context_length(model), new_tokens=new_tokens, new_tokens_field=new_tokens_field,
+                      max_prompt_tokens=cfg.max_prompt_tokens, answers=answers)  # fmt: skip
+        train, evald = fit_prompts(task.train, tokenizer, **limits), fit_prompts(task.eval, tokenizer, **limits)
+    except ValueError as e:  # a tokenizer without a template asked for one, a prompt too long: a bad setting or row
         raise ConfigError(str(e)) from None
+    if train.truncated or evald.truncated:
+        print(
+            f"task.max_prompt_tokens: cut {train.truncated} of {len(task.train)} train and {evald.truncated} of "
+            f"{len(task.eval)} held-out prompts to {cfg.max_prompt_tokens} tokens (their end kept)"
+        )
+    return replace(task, train=train.items, eval=evald.items, truncated=train.truncated + evald.truncated)
+
+
+def check_answer_lengths(task: Task, tokenizer, model) -> None:
+    """Every training prompt + its answer fits the model's context (the supervised warm-up trains on both)."""
+    if tokenizer is None or is_processor(tokenizer) or task.multimodal:
+        return
+    try:
+        fit_prompts(task.train, tokenizer, max_positions=context_length(model), new_tokens=0, answers=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def context_length(model) -> int | None:
+    """The model's context (``max_position_embeddings`` of its text config), or None when it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)

@@ -37,7 +37,7 @@ from expertrl.config import ConfigError, RunFailed, SFTConfig, SFTJobConfig
 from expertrl.configio import save_yaml
 from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.evaluate import evaluate
-from expertrl.logging import MetricsLogger, progress_bar
+from expertrl.logging import MetricsLogger, progress_bar, quiet_hf_progress
 from expertrl.losses.routing import routing_aux_loss
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers
@@ -236,6 +236,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
     a checkpoint is written every ``sft.save_every`` steps and on Ctrl-C/SIGTERM (the summary then has
     ``interrupted``), and ``resume`` continues from the latest complete one exactly as an uninterrupted run."""
     seed_everything(cfg.seed)
+    quiet_hf_progress(cfg.progress)  # Hugging Face's loading and saving bars follow the switch too
     out = Path(cfg.output_dir)
     resume_from = find_resume_checkpoint(cfg) if cfg.resume is not None else None
     rundir = claim_run_dir(out, resume=resume_from is not None, overwrite=cfg.overwrite)
@@ -248,7 +249,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
 
 def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    task = task_from_config(cfg.task, tokenizer)
+    task = task_from_config(cfg.task, tokenizer, model=model, answers=True)  # prompt + answer fit the context
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
     start_step, resume = 0, None

@@ -49,6 +49,8 @@ class Task:
     """``score(completion, item)`` in [0, 1]."""
     multimodal: bool = False
     """items carry ``images`` or ``video`` (``mm:`` tasks): the model must be a vision-language model"""
+    truncated: int = 0
+    """prompts cut to ``task.max_prompt_tokens`` (``prompts.fit_prompts``)"""
 
 
 def sample_items(items: list[dict], n: int, rng: random.Random) -> list[dict]:

@@ -56,7 +56,7 @@ def row_to_item(
             f"{shown!r}; choose the extractor of the data's convention ({sorted(EXTRACTORS)}: gsm8k reads '#### 42', "
             "boxed reads \\boxed{42}, text takes the field as it is) or fix that row"
         )
-    item = dict(prompt=prompt, answer=gold, id=item_id)
+    item = dict(prompt=prompt, answer=gold, id=item_id, where=where)
     if category_field is not None and row.get(category_field) is not None:
         item["category"] = str(row[category_field])
     return item

@@ -124,8 +124,9 @@ def _digit_pools(seed: int, train_size: int, eval_size: int, task: str) -> tuple
     images, _ = _digits()
     if eval_size + train_size > len(images):
         raise ValueError(
-            f"{task} has {len(images)} distinct digit images; train_size + eval_size = {train_size + eval_size} "
-            "would repeat eval images in train; lower the sizes"
+            f"task.train_size: mm:{task} has {len(images)} distinct digit images; train_size + eval_size = "
+            f"{train_size + eval_size} would repeat held-out images in training; set --task.train_size "
+            f"{len(images) - eval_size} or lower (or lower task.eval_size)"
         )
     order = np.random.default_rng([seed, 0]).permutation(len(images))
     return order[eval_size : eval_size + train_size], order[:eval_size]

@@ -24,6 +24,14 @@ UNROUTED = -1
 """Expert id stored for a position whose route was not recorded (the last position of a generated sequence)."""
 
 
+def expert_id_dtype(num_experts: int) -> torch.dtype:
+    """The smallest signed integer dtype that holds expert ids 0..E-1 and ``UNROUTED``: int8 (1 byte) up to E = 128,
+    which covers Mixtral (8), Qwen2-MoE (60), OLMoE (64) and Qwen3-MoE-30B/235B (128); int16 above (DeepSeek-V3's
+    256: one byte has no value left for ``UNROUTED``). Signed, so ``UNROUTED`` stays -1 and nothing that reads a trace
+    needs to decode it."""
+    return torch.int8 if num_experts <= 128 else torch.int16
+
+
 @dataclass(frozen=True)
 class Sampling:
     """The distributions a rollout drew its actions from. The one definition every forward that scores the rollout
@@ -93,8 +101,9 @@ class RoutingTrace:
     """The experts each MoE layer chose for each token, and the log-probability of each chosen set.
 
     Attributes:
-        experts: (L, B, S, K) int16 expert ids in draw order (the order matters for the Plackett-Luce set
-            probability); ``UNROUTED`` (-1) where nothing was recorded.
+        experts: (L, B, S, K) expert ids in draw order (the order matters for the Plackett-Luce set
+            probability); ``UNROUTED`` (-1) where nothing was recorded. Stored as ``expert_id_dtype(num_experts)``
+            (int8 up to E = 128, else int16); a trace built from wider integers is narrowed on construction.
         set_logp: (L, B, S) float32 log-probability, under the distribution the routes were drawn from (masked,
             tempered router softmax; ``Sampling``), of the expert set chosen at each position, computed inside the
             router call from all E scores (``expertrl.moe.setprob``). 0 where ``experts`` is ``UNROUTED`` and where
@@ -111,6 +120,10 @@ class RoutingTrace:
     def __post_init__(self) -> None:
         assert self.experts.shape[:3] == self.set_logp.shape, (self.experts.shape, self.set_logp.shape)
         assert self.experts.dim() == 4 and self.experts.shape[0] == len(self.layers), self.experts.shape
+        assert not self.experts.is_floating_point(), self.experts.dtype
+        compact = expert_id_dtype(self.num_experts)
+        if self.experts.dtype != compact:
+            self.experts = self.experts.to(compact)  # (L, B, S, K) 1 byte per id up to E = 128
 
     @property
     def shape(self) -> torch.Size:
@@ -119,7 +132,7 @@ class RoutingTrace:
     @classmethod
     def empty(cls, batch_size: int, seq_len: int, device: torch.device | str = "cpu") -> RoutingTrace:
         """The trace of a model with no router (L = 0): every routing quantity is an empty (0, B, S, ·) tensor."""
-        experts = torch.zeros(0, batch_size, seq_len, 1, dtype=torch.int16, device=device)
+        experts = torch.zeros(0, batch_size, seq_len, 1, dtype=expert_id_dtype(0), device=device)
         return cls(experts=experts, set_logp=torch.zeros(experts.shape[:3], device=device), layers=(), num_experts=0)
 
     def index_batch(self, index: Tensor | slice) -> RoutingTrace:
@@ -134,6 +147,7 @@ class RoutingTrace:
         return replace(self, experts=self.experts.to(device), set_logp=self.set_logp.to(device))
 
     def nbytes(self) -> int:
+        """Bytes of the trace: L·K ids (1 byte each up to E = 128) + L float32 set log-probs per position."""
         e, s = self.experts, self.set_logp
         return e.numel() * e.element_size() + s.numel() * s.element_size()
 

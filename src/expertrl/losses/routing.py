@@ -86,9 +86,20 @@ def routing_aux_loss(
     logits: Tensor | None = None,
     z_coef: float = 0.0,
     soft_dispatch: bool = False,
+    dispatch: Tensor | None = None,
+    num_tokens: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted router losses of one forward, shared by RL (``objective.Objective``) and SFT (``sft``):
     ``lb_coef · switch_load_balancing + z_coef · router_z_loss``.
+
+    Two scopes. Without ``dispatch``, both losses are this forward's own (SFT). With ``dispatch`` (RL), they are the
+    micro-batch's share of the *step's* losses over the global batch, all micro-batches of all ranks: the Switch
+    loss ``E · Σ_e f_e P_e`` with ``f = dispatch`` (the global dispatch fraction of the routes the step replays,
+    computed once per step) and ``P``'s sum over this micro-batch's tokens divided by ``num_tokens`` (the step's
+    token count / world size: DDP averages the ranks' gradients), the z-loss likewise summed over tokens / that
+    count. Summed over a step's micro-batches (and averaged over ranks) that is the global loss exactly, so it does
+    not depend on how the batch is split into micro-batches or processes. The logged ``loss/lb`` and ``loss/z`` are
+    each micro-batch's own values (with the global ``f``), as the other loss metrics are.
 
     Args:
         mask: (B, S) 1 = position counts (the caller decides which: every attended position in SFT; in RL each row's
@@ -97,26 +108,50 @@ def routing_aux_loss(
             the Switch load balancing is computed and logged (``loss/lb``), whatever ``lb_coef``. None = skip it.
         lb_coef: its weight in the returned loss.
         logits: (L, B, S, E) raw router logits, needed when ``z_coef > 0`` (``loss/z``).
-        soft_dispatch: the routers are dense mixtures (K = E), see ``switch_load_balancing``.
+        soft_dispatch: the routers are dense mixtures (K = E), see ``switch_load_balancing`` (this forward's scope).
+        dispatch: (L, E) the step's global dispatch fraction (``dispatch_fraction``), or None.
+        num_tokens: with ``dispatch``, the step's counted tokens / world size.
     Returns:
         the weighted loss (0-d) and the detached metrics.
     """
     loss = torch.zeros((), device=mask.device)
     metrics: dict[str, Tensor] = {}
     flat_mask = mask.reshape(-1).float()  # (B*S,)
+    step_scope = dispatch is not None and not soft_dispatch
     if probs is not None:
         L, B, S, E = probs.shape
-        lb = switch_load_balancing(
-            probs.reshape(L, B * S, E), experts.long().reshape(L, B * S, -1), flat_mask.to(probs.dtype),
-            soft_dispatch=soft_dispatch,
-        )  # fmt: skip
-        metrics["loss/lb"] = lb.detach()
+        flat_probs, flat_experts = probs.reshape(L, B * S, E), experts.long().reshape(L, B * S, -1)
+        if step_scope:
+            token_mask = ((flat_experts >= 0).any(-1) & (flat_mask[None] > 0)).to(probs.dtype)  # (L, N)
+            p_sum = (flat_probs * token_mask[..., None]).sum(1)  # (L, E) gradient
+            f = dispatch.to(probs.dtype)
+            lb = (E * (f * p_sum).sum(-1)).mean() / num_tokens  # this micro-batch's share of the step's loss
+            with torch.no_grad():
+                own = p_sum / token_mask.sum(1, keepdim=True).clamp(min=1)  # (L, E) this micro-batch's P
+                metrics["loss/lb"] = (E * (f * own).sum(-1)).mean()
+        else:
+            lb = switch_load_balancing(flat_probs, flat_experts, flat_mask.to(probs.dtype), soft_dispatch=soft_dispatch)
+            metrics["loss/lb"] = lb.detach()
         if lb_coef > 0:
             loss = loss + lb_coef * lb
     if z_coef > 0:
         assert logits is not None, "routing_aux_loss: z_coef > 0 needs the raw router logits"
         L, B, S, E = logits.shape
         z = router_z_loss(logits.reshape(L, B * S, E), flat_mask)
-        loss = loss + z_coef * z
         metrics["loss/z"] = z.detach()
+        if step_scope:
+            z = torch.logsumexp(logits.reshape(L, B * S, E).float(), dim=-1).square()  # (L, N)
+            z = (z * flat_mask[None]).sum(1).mean() / num_tokens
+        loss = loss + z_coef * z
     return loss, metrics
+
+
+def dispatch_counts(experts: Tensor, mask: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Expert slot counts (L, E) of the routes ``experts`` (L, B, S, K; -1 = unrouted) at the positions where
+    ``mask`` (B, S) is 1, and the number of those tokens with a routed slot (0-d). Summed over ranks,
+    ``counts / counts.sum(-1)`` is the step's global dispatch fraction (``routing_aux_loss``'s ``dispatch``)."""
+    L = experts.shape[0]
+    routed = (experts >= 0) & (mask[None, :, :, None] > 0)  # (L, B, S, K)
+    counts = torch.zeros(L, num_experts, device=experts.device, dtype=torch.float64)
+    counts.scatter_add_(1, experts.long().clamp(min=0).flatten(1), routed.flatten(1).double())
+    return counts, routed[0].any(-1).sum().double()

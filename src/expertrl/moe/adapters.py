@@ -10,6 +10,12 @@ is not a layer index).
 LoRA-MoE adapters (``expertrl.moe.lora_moe``) make a dense model routable whatever its ``model_type``: each adapted
 linear layer holds a ``LoraMoeRouter`` with the same contract as the native routers. ``find_routers`` returns those
 (``families.LORA_MOE``) when a model has them, one site per adapted module, so several sites share a decoder layer.
+
+Router precision (``model.router_dtype``, NeMo-RL's ``moe_router_dtype``): ``set_router_dtype`` marks every router of a
+model once, at build time; each ``RouterSite`` carries it (``RouterSite.dtype``, float32 unless marked) and
+``moe.hooks.route`` computes that router's logits, softmax, set log-probs and router log-probs in it, or in the
+model's dtype if that is wider (a float64 model stays float64). Every ``route`` block on the model (rollout, training
+forwards, SFT, evaluation, the frozen reference copy) therefore routes at one precision.
 """
 
 from __future__ import annotations
@@ -17,11 +23,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from expertrl.families import DENSE, LORA_MOE, Family, family_of
+from expertrl.families import DENSE, FAMILIES, LORA_MOE, Family, family_of
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""``model.router_dtype`` names: the precision routers compute in (at least)."""
+_ROUTER_DTYPE_ATTR = "expertrl_router_dtype"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class RouterSite:
         top_k: K.
         renormalize: whether top-K weights are divided by their sum (the family's ``norm_topk_prob`` semantics).
         family: the family row.
+        dtype: the router's precision (``set_router_dtype``; float32 unless set): logits, softmax and log-probs are
+            computed in ``promote_types(model dtype, dtype)``.
     """
 
     layer: int
@@ -45,6 +58,7 @@ class RouterSite:
     top_k: int
     renormalize: bool
     family: Family
+    dtype: torch.dtype = torch.float32
 
     @property
     def weight(self) -> nn.Parameter:
@@ -66,7 +80,21 @@ def _site(name: str, module: nn.Module, fam: Family) -> RouterSite:
         top_k=int(module.top_k),
         renormalize=renorm,
         family=fam,
+        dtype=module.__dict__.get(_ROUTER_DTYPE_ATTR, torch.float32),
     )
+
+
+def set_router_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Route every router of ``model`` in ``dtype`` (float32 or float64) or the model's dtype if wider, from now on.
+
+    The mark is an attribute of each router module, so it survives wrapping (DDP, FSDP2, PEFT) and ``deepcopy`` (the
+    frozen KL reference). A model with no router (dense, plain LoRA) has nothing to mark."""
+    if dtype not in ROUTER_DTYPES.values():
+        raise ValueError(f"router dtype {dtype} is not one of {list(ROUTER_DTYPES)}")
+    classes = {f.router_class for f in FAMILIES.values() if f.router_class} | {LORA_MOE.router_class}
+    for module in model.modules():
+        if type(module).__name__ in classes:
+            setattr(module, _ROUTER_DTYPE_ATTR, dtype)
 
 
 def is_routerless(model: nn.Module) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
-from expertrl.types import RoutingTrace
+from expertrl.types import RoutingTrace, expert_id_dtype
 
 
 class ExpertCapture:
@@ -52,10 +52,11 @@ def capture_experts(model: nn.Module, sites: list[RouterSite] | None = None) -> 
     cap = ExpertCapture(sites)
     handles = []
     try:
+        dtype = expert_id_dtype(sites[0].num_experts) if sites else torch.int16  # one byte per id up to E = 128
         for pos, site in enumerate(sites):
 
             def keep(module, args, out, pos=pos):
-                cap.chunks[pos].append(out[2].to(torch.int16))  # (N, K) indices
+                cap.chunks[pos].append(out[2].to(dtype))  # (N, K) indices
 
             handles.append(site.module.register_forward_hook(keep))
         yield cap

@@ -12,6 +12,10 @@ replacement from ``softmax(s / T)`` (the Plackett-Luce model), and ``topk``'s de
 So the engine samples the same distribution as ``policies.Multinomial`` over the same tempered, masked router
 softmax, and ``setprob.set_logprob`` of the returned ids (in that order) is their probability.
 
+The hf engine uses the same noise (``RouteSeeds``): a rollout row's routing seed derives from (run seed, step,
+global row index), so sampled routes are the same whatever the number of processes the batch is split over, and the
+hf and vLLM engines draw the same experts from the same router scores.
+
 Pure functions of tensors (int64 wrap-around arithmetic for the hash, float64 for the noise); ``torch`` only.
 """
 
@@ -59,11 +63,53 @@ def counter_uniform(seeds: Tensor, positions: Tensor, num_layers: int, num_exper
     Returns:
         (N, L, E) float64 in the open interval (0, 1).
     """
-    layers = torch.arange(num_layers, dtype=torch.int64, device=seeds.device) * _LAYER + 1  # (L,)
-    row = mix64(mix64(seeds[:, None] ^ layers[None, :]) ^ positions[:, None])  # (N, L)
+    return torch.stack([layer_uniform(seeds, positions, l, num_experts) for l in range(num_layers)], dim=1)
+
+
+def layer_uniform(seeds: Tensor, positions: Tensor, layer: int, num_experts: int) -> Tensor:
+    """(N, E) float64 uniforms of MoE layer ``layer``: the one definition ``counter_uniform`` stacks over layers."""
+    key = torch.full_like(seeds, _signed(layer * _LAYER + 1))  # 64-bit wrap-around, as int64 arithmetic would
+    row = mix64(mix64(seeds ^ key) ^ positions)  # (N,)
     experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
-    z = mix64(row[..., None] ^ experts)  # (N, L, E)
+    z = mix64(row[:, None] ^ experts)  # (N, E)
     return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # 53 random bits, never 0 or 1
+
+
+def row_seeds(base: int, rows: Tensor) -> Tensor:
+    """(B,) int64 routing seeds of rollout rows ``rows`` (global indices) under the step's ``base`` seed."""
+    return mix64(mix64(rows.to(torch.int64)) ^ _signed(base))
+
+
+class RouteSeeds:
+    """Counter-based routing noise of one ``generate`` call: row b draws its experts with the uniforms of
+    (``seeds[b]``, layer, position, expert), position = the token's index in its own sequence (left padding does
+    not count). ``hooks.route`` asks ``uniform(layer, n)`` at every router call: the first call of a layer is the
+    prefill (n = B * P tokens), each later one a decode step (n = B, the token just generated).
+
+    Args:
+        seeds: (B,) int64 (``row_seeds``).
+        prompt_mask: (B, P) attention mask of the left-padded prompts.
+    """
+
+    def __init__(self, seeds: Tensor, prompt_mask: Tensor) -> None:
+        self.seeds = seeds.to(torch.int64)
+        self.lengths = prompt_mask.long().sum(-1)  # (B,) prompt tokens per row
+        self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) pads: 0, never used
+        self.calls: dict[int, int] = {}
+
+    def uniform(self, layer: int, n_tokens: int, num_experts: int) -> Tensor:
+        """(n_tokens, E) float64 uniforms of this router call (see the class docstring)."""
+        call = self.calls.get(layer, 0)
+        self.calls[layer] = call + 1
+        B, P = self.prompt_positions.shape
+        device = self.seeds.device
+        if call == 0:
+            assert n_tokens == B * P, f"prefill of {n_tokens} tokens for {B} prompts of width {P}"
+            seeds, positions = self.seeds.repeat_interleave(P), self.prompt_positions.reshape(-1)
+        else:
+            assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
+            seeds, positions = self.seeds, self.lengths + (call - 1)
+        return layer_uniform(seeds.to(device), positions.to(device), layer, num_experts)
 
 
 def gumbel_noise(seeds: Tensor, positions: Tensor, num_layers: int, num_experts: int) -> Tensor:

@@ -11,18 +11,22 @@
 The context manager patches each router module's ``forward`` on the instance (the class is untouched, HF's own
 output-recording hooks keep firing) and restores the previous ``forward`` on exit, also on error. Inside, each
 router call:
-1. computes logits (N, E) exactly as the native router does, in float32 at least (float64 stays float64), and the
-   routing distribution ``softmax(mask(logits) / T)`` that the policy chooses from (``T``, the mask: ``Sampling``,
-   ``ExpertMask``; the same for the rollout that samples and for every forward that scores it);
+1. computes logits (N, E) as the native router does, but in the router's precision (``RouterSite.dtype``,
+   ``model.router_dtype``: float32 by default, float64 on request, the model's dtype if wider; a bf16 model's router
+   casts its input and weight up, as NeMo-RL / Megatron's ``moe_router_dtype`` does), and the routing distribution
+   ``softmax(mask(logits) / T)`` that the policy chooses from (``T``, the mask: ``Sampling``, ``ExpertMask``; the
+   same for the rollout that samples and for every forward that scores it);
 2. asks the policy (or the replayed trace) for the experts (N, K) in draw order;
 3. computes the expert weights from the live, *untempered* masked softmax gathered at those experts (so the router
    gets gradient through the weights, as in R3), renormalised per the family's ``norm_topk_prob`` semantics;
-4. records experts (int16); the log-probability of the chosen *set* under the routing distribution, computed here
-   from all E scores (``setprob.set_logprob``: exact however peaked the router; differentiable when grad is on);
+4. records experts (``types.expert_id_dtype``: int8 up to E = 128); the log-probability of the chosen *set* under
+   the routing distribution, computed here from all E scores (``setprob.set_logprob``: exact however peaked the
+   router; differentiable when grad is on);
    the untempered masked softmax's log-probs of the chosen experts (RSPO's router shift; detached); and, if asked,
    the full probabilities (N, E) for the load-balancing loss and diagnostics, and the raw logits (N, E) for the
    router z-loss (``keep_logits``).
-With ``TopK`` and no mask this reproduces the native router bit for bit (tested).
+With ``TopK`` and no mask this reproduces the native router bit for bit on a float32 model (tested); on a bf16 model
+it is the native router computed in float32.
 
 Variable expert counts (``ExpertChoice``, ``policy.fixed_k = False``): the policy returns (N, K') with ``UNROUTED``
 in unused slots. Those slots reach the experts module as the token's top-1 expert with weight exactly 0 (the fused
@@ -42,8 +46,9 @@ Sigmoid-scored routers (DeepSeek-V3) support ``TopK`` (the native group-limited 
 distribution for sigmoid scores is decided. Their recorded router log-probs are log of the scores normalised over
 E (experimental, not a softmax); their set log-prob is 0 (undefined).
 
-Gradient checkpointing re-runs routers in backward; a recorder would see the recompute twice, so keep
-checkpointing off inside ``route`` (sampled routes must be replayed, never resampled, in a recompute).
+Activation checkpointing (``model.gradient_checkpointing_enable()``, ``model.gradient_checkpointing``): inside the
+block every checkpointed layer is recomputed in backward with the experts and expert mask its forward used, with
+nothing recorded twice and no route drawn again, in training and eval mode (``expertrl.moe.recompute``).
 """
 
 from __future__ import annotations
@@ -58,9 +63,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertrl.moe.adapters import RouterSite, find_routers
+from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.policies import Policy, Replay, TopK
+from expertrl.moe.recompute import Recompute, checkpointed_layers
 from expertrl.moe.setprob import SET_LOGPROBS, set_logprob
-from expertrl.types import UNROUTED, RoutingTrace
+from expertrl.types import UNROUTED, RoutingTrace, expert_id_dtype
 
 AllowedFn = Callable[[int, int], Tensor | None]
 """``allowed(layer_pos, n_tokens) -> (N, E) bool`` experts a token may use at that layer, or None for all."""
@@ -88,6 +95,7 @@ class RoutingRecorder:
     raw_logits: list[list[Tensor]] = field(default_factory=list)
     scored_logp: list[list[Tensor]] = field(default_factory=list)
     generating: int = 0
+    recompute: Recompute = field(default_factory=Recompute)
 
     def __post_init__(self) -> None:
         n = len(self.sites)
@@ -170,8 +178,10 @@ def _record(
     probs: Tensor,
     logits: Tensor,
 ) -> None:
+    if rec.recompute.replaying:  # activation checkpointing's backward recompute: recorded in the forward already
+        return
     grad = torch.is_grad_enabled()
-    rec.experts[pos].append(experts.to(torch.int16))
+    rec.experts[pos].append(experts.to(expert_id_dtype(rec.num_experts)))
     at_least_32 = torch.promote_types(set_logp.dtype, torch.float32)  # a float64 model keeps float64
     rec.set_lp[pos].append((set_logp if grad else set_logp.detach()).to(at_least_32)[:, None])  # (N, 1)
     rec.router_lp[pos].append(router_logp.detach().to(at_least_32))
@@ -181,9 +191,13 @@ def _record(
         rec.raw_logits[pos].append(logits if grad else logits.detach())
 
 
-def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | None) -> Tensor:
+def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Generator | RouteSeeds | None) -> Tensor:
     if isinstance(policy, Replay):
         return policy.select_layer(logp, k, pos)
+    if isinstance(generator, RouteSeeds) and policy.stochastic:
+        if not hasattr(policy, "select_keyed"):
+            raise ValueError(f"{type(policy).__name__} routing cannot draw from counter-based seeds (RouteSeeds)")
+        return policy.select_keyed(logp, k, generator.uniform(pos, logp.shape[0], logp.shape[1]))
     return policy.select(logp, k, generator)
 
 
@@ -208,23 +222,32 @@ def _softmax_forward(
     policy: Policy,
     temperature: float,
     allowed: AllowedFn | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | RouteSeeds | None,
     set_kind: str,
     rec: RoutingRecorder,
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
+    dtype = torch.promote_types(hidden_states.dtype, site.dtype)  # float32 or better (model.router_dtype)
     h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
-    logits = F.linear(h, router.weight)  # (N, E), the native router's logits
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E) float32 like every native router
-    mask = allowed(pos, scores.shape[0]) if allowed is not None else None
+    logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E) the native router's logits, at router precision
+    scores = logits  # (N, E) a bf16 model's router still computes in float32 (NeMo-RL's moe_router_dtype)
+    replay = rec.recompute.replayed(pos) if rec.recompute.replaying else None  # a recompute: the forward's choice
+    if replay is not None:
+        mask = replay[1]
+    else:
+        mask = allowed(pos, scores.shape[0]) if allowed is not None else None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # disallowed experts get probability 0
     route_scores = scores / temperature if temperature != 1.0 else scores  # (N, E) the routing distribution's
     if rec.generating and not policy.causal:
         policy = TopK()  # non-causal routing cannot run token by token: generate routes top-K (module docstring)
-    with torch.no_grad():
-        experts = _choose(policy, torch.log_softmax(route_scores, dim=-1), site.top_k, pos, generator)  # (N, K)
+    if replay is not None:
+        experts = replay[0]  # (N, K) never drawn again in a recompute
+    else:
+        with torch.no_grad():
+            experts = _choose(policy, torch.log_softmax(route_scores, dim=-1), site.top_k, pos, generator)  # (N, K)
+        rec.recompute.remember(pos, experts, mask)  # for a checkpointed layer's recompute
     probs = torch.softmax(scores, dim=-1)  # (N, E) untempered: expert weights always use the model's router
     with torch.no_grad():
         router_logp = torch.log_softmax(scores, dim=-1)  # (N, E) RSPO's r (no gradient: γ is a stop-gradient)
@@ -244,12 +267,12 @@ def _softmax_forward(
         chosen_logp = torch.where(used, router_logp.gather(1, experts), torch.zeros_like(weights))  # (N, K')
         no_set = torch.zeros(experts.shape[0], device=experts.device)  # a variable-K choice has no set probability
         _record(rec, pos, torch.where(used, experts, UNROUTED), no_set, chosen_logp, probs, logits)
-    if rec.score_experts is not None:
+    if rec.score_experts is not None and replay is None:
         ref = rec.score_experts[pos].to(device=experts.device, dtype=torch.long)  # (N, K)
         ref_ok = ref >= 0
         rec.scored_logp[pos].append((router_logp.gather(1, ref.clamp(min=0)) * ref_ok).float())  # unrouted: 0
-    weights = weights if site.family.weights_float32 else weights.to(logits.dtype)
-    return logits, weights, experts
+    native = torch.promote_types(hidden_states.dtype, torch.float32) if site.family.weights_float32 else None
+    return logits, weights.to(native or hidden_states.dtype), experts  # weights in the dtype the native router gives
 
 
 def _sigmoid_forward(
@@ -261,18 +284,30 @@ def _sigmoid_forward(
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     router = site.module
+    dtype = torch.promote_types(site.dtype, torch.float32)  # DeepSeek-V3 scores in float32 natively
+    replay = rec.recompute.replayed(pos) if rec.recompute.replaying else None  # a recompute: the forward's choice
     if isinstance(policy, TopK):
-        logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection
+        logits, weights, experts = native(hidden_states)  # native group-limited, bias-corrected selection (float32)
+        if replay is not None and not torch.equal(experts, replay[0]):
+            raise RuntimeError(
+                f"activation checkpointing: the recompute of {site.name}'s native top-K chose other experts than its "
+                "forward (non-deterministic kernels?); turn model.gradient_checkpointing off for this model"
+            )
     else:  # Replay
         h = hidden_states.reshape(-1, router.weight.shape[1])  # (N, H)
-        logits = F.linear(h.float(), router.weight.float())  # (N, E) DeepSeek-V3 scores in float32
-        with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
-            experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
+        logits = F.linear(h.to(dtype), router.weight.to(dtype))  # (N, E)
+        if replay is not None:
+            experts = replay[0]
+        else:
+            with torch.no_grad():  # unrouted rows fall back to the native group-limited, bias-corrected choice
+                experts = policy.select_layer(logits, site.top_k, pos, fallback=lambda: native(hidden_states)[2])
         weights = logits.sigmoid().gather(1, experts)  # (N, K)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * router.routed_scaling_factor
-    scores = logits.float().sigmoid()  # (N, E)
+    if replay is None:
+        rec.recompute.remember(pos, experts, None)  # for a checkpointed layer's recompute
+    scores = logits.to(dtype).sigmoid()  # (N, E)
     logp_norm = (scores / scores.sum(-1, keepdim=True)).log()  # experimental "distribution" of a sigmoid router
     no_set = torch.zeros(experts.shape[0], device=experts.device)  # no set probability for sigmoid scores
     _record(rec, pos, experts, no_set, logp_norm.gather(1, experts), scores / scores.sum(-1, keepdim=True), logits)
@@ -286,7 +321,7 @@ def route(
     *,
     temperature: float = 1.0,
     allowed: AllowedFn | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RouteSeeds | None = None,
     keep_probs: bool = False,
     keep_logits: bool = False,
     score_experts: Tensor | None = None,
@@ -302,7 +337,9 @@ def route(
         temperature: temperature of the distribution the policy chooses from and the set log-probs are taken
             under (``Sampling.routing_temperature``); expert weights always use T=1.
         allowed: optional per-layer, per-token mask of allowed experts (modality guidance).
-        generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume).
+        generator: RNG of stochastic policies (keeps routing randomness off the global RNG, for exact resume), or a
+            ``gumbel.RouteSeeds``: counter-based noise per (row seed, layer, position) of one ``generate`` call
+            (the trainer's rollouts: routes that do not depend on the number of processes or on batching).
         keep_probs: also record full (N, E) probabilities (load-balancing loss, entropy metrics).
         keep_logits: also record the raw router logits (N, E) (``rec.logits``: router z-loss).
         score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
@@ -313,12 +350,6 @@ def route(
     if set_logprob not in SET_LOGPROBS:
         raise ValueError(f"unknown set_logprob {set_logprob!r}; choose from {sorted(SET_LOGPROBS)}")
     custom = not isinstance(policy, (TopK, Replay))
-    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        raise ValueError(
-            "gradient checkpointing is on: its recompute re-runs every router during backward, so the recorder would "
-            "see each call twice and a sampled route could be redrawn. Turn it off inside route() "
-            "(model.gradient_checkpointing_disable()), or route in eval mode"
-        )
     if sites is None:  # top-K or replay of a dense model is the identity; anything else needs real routers
         sites = find_routers(model, allow_dense=not custom and allowed is None and score_experts is None)
     if not sites and (custom or allowed is not None):  # a temperature only changes routing, so it is moot here
@@ -340,7 +371,7 @@ def route(
         keep_logits=keep_logits,
         score_experts=score_experts,
     )
-    saved = []
+    saved, patches = [], []
     try:
         if not policy.causal:  # generate routes top-K (module docstring); restored like the router forwards
             saved.append((model, "generate", model.__dict__.get("generate")))
@@ -355,10 +386,29 @@ def route(
             else:
                 fwd = functools.partial(_sigmoid_forward, site, pos, policy, module.forward, rec)
             module.forward = fwd
-        yield rec
+            patches.append((module, fwd))
+        rec.recompute.install = functools.partial(_patched, patches)  # a recompute runs after the block exits
+        with checkpointed_layers(model, rec.recompute):
+            yield rec
     finally:
-        for module, attr, previous in saved:
-            if previous is None:
-                delattr(module, attr)
-            else:
-                setattr(module, attr, previous)
+        _restore(saved)
+
+
+def _restore(saved: list[tuple[object, str, object]]) -> None:
+    for module, attr, previous in saved:
+        if previous is None:
+            delattr(module, attr)
+        else:
+            setattr(module, attr, previous)
+
+
+@contextmanager
+def _patched(patches: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """The block's router forwards on the routers again, for an activation-checkpointing recompute."""
+    saved = [(module, "forward", module.__dict__.get("forward")) for module, _ in patches]
+    try:
+        for module, fwd in patches:
+            module.forward = fwd
+        yield
+    finally:
+        _restore(saved)

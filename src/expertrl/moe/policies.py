@@ -60,6 +60,11 @@ class Multinomial:
         probs = logp.float().exp()  # (N, E); masked experts have probability 0
         return torch.multinomial(probs, k, replacement=False, generator=generator)  # (N, K) in draw order
 
+    def select_keyed(self, logp: Tensor, k: int, uniform: Tensor) -> Tensor:
+        """The same distribution from counter-based uniforms (N, E) (``gumbel.RouteSeeds``): Gumbel-top-k, whose
+        descending order is the draw order (``gumbel`` module docstring)."""
+        return (logp.double() - torch.log(-torch.log(uniform))).topk(k, dim=-1).indices  # (N, K)
+
 
 @dataclass(frozen=True)
 class NoisyTopK:
@@ -80,6 +85,12 @@ class NoisyTopK:
         std = self.noise_std if self.noise_std is not None else 1.0 / logp.shape[-1]
         noise = torch.randn(logp.shape, generator=generator, device=logp.device, dtype=torch.float32)
         return (logp.float() + std * noise).topk(k, dim=-1).indices  # (N, K); -inf stays masked
+
+    def select_keyed(self, logp: Tensor, k: int, uniform: Tensor) -> Tensor:
+        """The same policy with standard normal noise from counter-based uniforms (N, E) (inverse CDF)."""
+        std = self.noise_std if self.noise_std is not None else 1.0 / logp.shape[-1]
+        noise = (torch.special.erfinv(2 * uniform - 1) * 2**0.5).float()  # (N, E) standard normal
+        return (logp.float() + std * noise).topk(k, dim=-1).indices
 
 
 @dataclass(frozen=True)
