@@ -13,7 +13,7 @@ MASK = (IDS != PAD_ID).long()
 def test_builds_forwards_and_generates(family):
     model = build_tiny_moe(family, "tiny")
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == "expertrl_grouped_mm"
     logits = model(IDS, attention_mask=MASK).logits
     assert logits.shape == (2, 5, model.config.vocab_size)
     assert torch.isfinite(logits).all()
@@ -26,7 +26,7 @@ def test_builds_forwards_and_generates(family):
 def test_save_load_round_trip_gives_identical_logits(family, tmp_path):
     model = build_tiny_moe(family, "tiny").eval()
     model.save_pretrained(tmp_path)
-    loaded = load_model(tmp_path, dtype=torch.float32, experts_implementation="grouped_mm").eval()
+    loaded = load_model(tmp_path, dtype=torch.float32, experts_implementation="expertrl_grouped_mm").eval()
     assert type(loaded) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS, attention_mask=MASK).logits, model(IDS, attention_mask=MASK).logits)

@@ -458,10 +458,12 @@ def saving_stops(out: Path, what: str, command: str):
 @contextlib.contextmanager
 def failures_stop_the_run(out: Path, where, command: str):
     """Past start-up, a ``ValueError`` or ``FileNotFoundError`` (a reward function's, a data row's, a bug's) is not a
-    bad setting: it stops the run (``RunFailed``: exit 1, not 2) naming ``where()`` (e.g. the step), the error and
-    the last complete checkpoint. ``EXPERTRL_DEBUG=1`` shows the traceback."""
+    bad setting (a ``ConfigError`` still is): it stops the run (``RunFailed``: exit 1, not 2) naming ``where()``
+    (e.g. the step), the error and the last complete checkpoint. ``EXPERTRL_DEBUG=1`` shows the traceback."""
     try:
         yield
+    except ConfigError:  # a setting checked where it is first used: still a bad setting (exit 2)
+        raise
     except (ValueError, FileNotFoundError) as e:
         raise RunFailed(
             f"{where()}: {type(e).__name__}: {e}; {_then(out, command, 'fix the cause')} (EXPERTRL_DEBUG=1 shows the "

@@ -63,13 +63,14 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
             run.policy_model, run.tokenizer, items,
             group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
             sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
-            keep_probs=run.rewarder is not None, route_seeds=seeds,
+            keep_probs=run.rewarder is not None, routes="experts", route_seeds=seeds,
+            share_prompts=cfg.share_prompts and not run.sharded,
         )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
     ref_logp = None
     if run.ref_model is not None:
         with torch.no_grad():
             routes = None if cfg.routing.replay == "none" else rollout.routing
-            ref_logp = policy_forward(run.ref_model, rollout, routes).logp  # the same distributions: KL starts at 0
+            ref_logp = policy_forward(run.ref_model, rollout, routes, share_prompts=cfg.share_prompts).logp  # KL at 0
     rewards, parts = compute_rewards(  # reward_funcs weighted by reward_weights (TRL's names)
         cfg.reward_set, rollout.completions, rollout.items, run.task, options=cfg.reward_kwargs
     )

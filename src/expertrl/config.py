@@ -130,8 +130,9 @@ class ModelConfig:
     """override the preset's number of experts E"""
     top_k: int | None = None
     """override the preset's experts per token K"""
-    experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
-    """transformers experts kernel; grouped_mm is fastest on CPU, never use batched_mm there"""
+    experts_implementation: Literal["expertrl_grouped_mm", "grouped_mm", "eager"] = "expertrl_grouped_mm"
+    """experts kernel: expertrl_grouped_mm (transformers' grouped_mm whose row gathers have gather backwards,
+    expertrl.moe.experts), grouped_mm or eager (transformers'); never batched_mm on CPU"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """parameter and activation dtype (bfloat16: weights, activations, gradients and AdamW state in bf16; routers,
     set log-probs and token log-probs are still computed in float32 or better, model.router_dtype)"""
@@ -571,6 +572,10 @@ class TrainConfig:
     """mu: optimiser passes over each rollout batch, so ratios really leave 1"""
     micro_batch_size: int = 32
     """sequences per forward/backward; gradients accumulate to one optimiser step per inner update"""
+    share_prompts: bool = True
+    """compute a prompt once for the rows that share it and its routes (a group's completions under top-K routing):
+    in the rollout's prefill and in each micro-batch's forward (one process; the forward not with
+    model.gradient_checkpointing); the same values up to float rounding"""
     seed: int = 0
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"

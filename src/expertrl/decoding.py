@@ -13,6 +13,8 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from expertrl.types import GREEDY, Sampling
 from expertrl.vlm import vision_special_ids
@@ -70,6 +72,62 @@ class TokenDistribution:
             return torch.zeros(sequences.shape[0], 0, device=sequences.device)
         picked = self._picked + [self._last.gather(1, sequences[:, -1:])]
         return torch.cat(picked, dim=1)  # (B, C)
+
+
+class _FilledLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes into a buffer of ``capacity`` positions and hands attention views of the filled
+    part. ``DynamicLayer`` concatenates the whole cache at every decode step (a copy of every key and value, per
+    layer and step); here each step writes only its own position. Attention reads the same values in the same order:
+    outputs are bit-identical (``tests/test_generation_speed.py``)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, H, _, _ = key_states.shape
+        self._keys = key_states.new_empty(B, H, self.capacity, key_states.shape[-1])  # (B, H, capacity, D)
+        self._values = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
+        self.length = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        assert self.length + n <= self.capacity, f"the cache holds {self.capacity} positions; {self.length + n} asked"
+        self._keys[:, :, self.length : self.length + n] = key_states
+        self._values[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self.keys = self._keys[:, :, : self.length]  # (B, H, length, D) a view
+        self.values = self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the rollout cache only grows (no assisted decoding or beam search)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the rollout cache only grows (no assisted decoding or beam search)")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Rows ``indices`` of the cache (repeats allowed: a prompt computed once, copied to the rows that share it)."""
+        self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+
+def rollout_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
+    """A KV cache for one ``generate`` call of at most ``capacity`` positions (prompt + new tokens) that writes in
+    place (``_FilledLayer``); None (``generate``'s own cache) for a model with sliding-window or other layer kinds."""
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [_FilledLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 NEUTRAL_GENERATION = dict(

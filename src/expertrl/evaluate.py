@@ -46,8 +46,8 @@ def _rollout(
     completion that keeps the full router probabilities (``route_probs``) and its routes (``routing``)."""
     return generate_rollout(
         model, tokenizer, items, group_size=group_size, max_new_tokens=max_new_tokens, policy=TopK(),
-        sampling=sampling, old_routing="live" if routing else None, keep_probs=routing,
-    )  # fmt: skip
+        sampling=sampling, old_routing="live" if routing else None, keep_probs=routing, routes="none",
+    )  # fmt: skip  # generation's own routes are never read: plain generate
 
 
 def generate_greedy(model: nn.Module, tokenizer, prompts: list[str] | list[dict], *, max_new_tokens: int) -> list[str]:

@@ -40,7 +40,7 @@ from expertrl.losses.routing import routing_aux_loss
 from expertrl.losses.rspo import after_clip_weight, apply_router_shift, router_shift
 from expertrl.ops import entropy, masked_mean
 from expertrl.policy import ForwardOut, policy_forward, with_old_policy
-from expertrl.types import Rollout, RoutingTrace
+from expertrl.types import UNROUTED, Rollout, RoutingTrace
 
 REPLAYS = ("rollout", "first_forward", "none")
 
@@ -99,6 +99,7 @@ class Objective:
         mismatch: engine/trainer correction of the token loss (``losses.mismatch``: ``tis``, ``mis``, ``icepop``,
             ``none``) from the old log-probs over the rollout engine's (``Rollout.sample_logp``); ``mismatch_cap`` is
             C of TIS/MIS, ``icepop_low`` and ``icepop_high`` IcePop's α and β.
+        share_prompts: rows sharing a prompt and its routes compute it once (``policy.shared_prompt_forward``).
     """
 
     token_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
@@ -120,6 +121,7 @@ class Objective:
     mismatch_cap: float = 2.0
     icepop_low: float = 0.5
     icepop_high: float = 5.0
+    share_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAYS:
@@ -137,7 +139,10 @@ class Objective:
             routes, score = micro.routing, None  # R2: replay the first update's routes
         else:
             routes, score = None, micro.routing  # live top-K, the old-activated experts scored (RSPO's shift)
-        return policy_forward(model, micro, routes, keep_probs=True, score=score, keep_logits=self.z_coef > 0)
+        return policy_forward(
+            model, micro, routes, keep_probs=True, score=score, keep_logits=self.z_coef > 0,
+            share_prompts=self.share_prompts,
+        )  # fmt: skip
 
     def __call__(self, model: nn.Module, micro: Rollout, dens: Denominators, *, first_update: bool) -> ObjectiveOut:
         """Loss, metrics and (at the first update) the old policy of one micro-batch.
@@ -274,15 +279,26 @@ class Objective:
 
 
 class BehaviourStore:
-    """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order)."""
+    """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order).
 
-    def __init__(self, batch_size: int) -> None:
+    A micro-batch may be narrower than the batch (``Rollout.trimmed``: no columns past its longest row); its values
+    are right-padded to the batch's widths as ``rollout.concat_rollouts`` pads: log-probs 0, experts ``UNROUTED``
+    (positions no row of that micro-batch attends, out of every mask).
+    """
+
+    def __init__(self, batch_size: int, seq_width: int, completion_width: int) -> None:
         self.batch_size = batch_size
+        self.widths = {"seq": seq_width, "completion": completion_width}
         self._parts: dict[str, Tensor] = {}
         self._trace: RoutingTrace | None = None
         self._filled = 0
 
-    def _put(self, name: str, rows: Tensor, value: Tensor, dim: int) -> None:
+    def _put(self, name: str, rows: Tensor, value: Tensor, dim: int, width: str, pad: float = 0.0) -> None:
+        missing = self.widths[width] - value.shape[dim + 1]  # the sequence dim follows the batch dim
+        if missing:
+            shape = list(value.shape)
+            shape[dim + 1] = missing
+            value = torch.cat([value, value.new_full(shape, pad)], dim=dim + 1)
         if name not in self._parts:
             shape = list(value.shape)
             shape[dim] = self.batch_size
@@ -291,11 +307,11 @@ class BehaviourStore:
 
     def store(self, rows: Tensor, behaviour: ForwardOut) -> None:
         """Keep the micro-batch ``rows``' old policy (its first-update forward)."""
-        self._put("logp", rows, behaviour.logp.detach(), 0)
-        self._put("set_logp", rows, behaviour.set_logp.detach(), 1)
-        self._put("router_logp", rows, behaviour.router_logp.detach(), 1)
-        self._put("experts", rows, behaviour.routing.experts, 1)
-        self._put("routing_set_logp", rows, behaviour.routing.set_logp, 1)
+        self._put("logp", rows, behaviour.logp.detach(), 0, "completion")
+        self._put("set_logp", rows, behaviour.set_logp.detach(), 1, "seq")
+        self._put("router_logp", rows, behaviour.router_logp.detach(), 1, "seq")
+        self._put("experts", rows, behaviour.routing.experts, 1, "seq", pad=UNROUTED)
+        self._put("routing_set_logp", rows, behaviour.routing.set_logp, 1, "seq")
         self._trace = behaviour.routing
         self._filled += len(rows)
 

@@ -9,17 +9,22 @@ the log-prob of each replayed expert set (L, B, S) and the untempered router log
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import DynamicCache
 
 from expertrl.mm import mm_forward_kwargs
 from expertrl.moe.guidance import GuidanceMask
 from expertrl.moe.hooks import AllowedFn, route
-from expertrl.moe.policies import TopK, replay_policy_for
-from expertrl.ops import token_logp
+from expertrl.moe.policies import Replay, TopK, replay_policy_for
+from expertrl.moe.recompute import checkpointing_layers
+from expertrl.ops import linear_token_logp
 from expertrl.types import ExpertMask, Rollout, RoutingTrace, Sampling
 
 
@@ -50,6 +55,63 @@ class ForwardOut(NamedTuple):
     logits: Tensor | None = None
 
 
+def output_head(model: nn.Module) -> nn.Linear:
+    """The LM head of ``model`` (through a DDP wrapper and PEFT's); it must be a plain ``nn.Linear``."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"the LM head of {type(inner).__name__} is a {type(head).__name__}, not an nn.Linear: token log-probs are "
+            "computed from its weight in chunks; leave lm_head out of model.adapter.targets"
+        )
+    return head
+
+
+@contextmanager
+def _patched_head(model: nn.Module, forward) -> Iterator[nn.Linear]:
+    """The LM head's ``forward`` replaced on the instance inside the block (as ``route`` patches routers), restored on
+    exit, also on error."""
+    head = output_head(model)
+    previous = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        yield head
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+@contextmanager
+def token_logp_head(model: nn.Module, tokens: Tensor, sampling: Sampling) -> Iterator[None]:
+    """Inside the block the LM head returns, in place of logits, the log-prob of ``tokens`` under ``sampling``'s token
+    distribution (``ops.linear_token_logp``): no (B, C, V) logits are ever made, forward or backward.
+
+    Computing inside the head's own call keeps DDP, FSDP2 (which gathers the weight for that call) and PEFT wrappers
+    working unchanged.
+
+    Args:
+        tokens: (B, C) the completion tokens; the model is called with ``logits_to_keep=C + 1``, so the head sees the
+            hidden states of positions P-1 .. S-1 and position s predicts token s+1 (the last predicts nothing).
+    """
+    head = output_head(model)
+
+    def forward(hidden: Tensor) -> Tensor:  # (B, C+1, H) -> (B, C)
+        return head_token_logp(head, hidden[:, :-1], tokens, sampling)
+
+    with _patched_head(model, forward):
+        yield
+
+
+def head_token_logp(head: nn.Linear, hidden: Tensor, tokens: Tensor, sampling: Sampling) -> Tensor:
+    """(B, T, H) hidden states -> (B, T) log-probs of ``tokens`` under ``sampling``'s token distribution."""
+    return linear_token_logp(
+        hidden, head.weight, tokens, bias=head.bias, temperature=sampling.score_temperature,
+        suppress=sampling.suppress_tokens,
+    )  # fmt: skip
+
+
 def mask_for_sequences(expert_mask: ExpertMask | None) -> AllowedFn | None:
     """The ``route(allowed=...)`` callable of one forward over the batch whose positions ``expert_mask`` labels."""
     if expert_mask is None:
@@ -65,6 +127,7 @@ def policy_forward(
     keep_probs: bool = False,
     score: RoutingTrace | None = None,
     keep_logits: bool = False,
+    share_prompts: bool = False,
 ) -> ForwardOut:
     """Forward over a rollout batch's prompt + completion under the distributions the batch was sampled from.
 
@@ -79,6 +142,8 @@ def policy_forward(
         score: with live routing, a trace whose experts' live router log-probs become ``router_logp`` (RSPO's router
             shift of the old-activated experts).
         keep_logits: also return the raw router logits (L, B, S, E) (router z-loss).
+        share_prompts: rows with the same prompt and the same prompt routes (a group's G completions under
+            deterministic routing) share one computation of it (``shared_prompt_forward``).
     """
     return forward_sequences(
         model,
@@ -92,6 +157,7 @@ def policy_forward(
         keep_probs=keep_probs,
         score=score,
         keep_logits=keep_logits,
+        share_prompts=share_prompts,
     )
 
 
@@ -108,6 +174,7 @@ def forward_sequences(
     keep_probs: bool = False,
     score: RoutingTrace | None = None,
     keep_logits: bool = False,
+    share_prompts: bool = False,
 ) -> ForwardOut:
     """``policy_forward`` on loose tensors (evaluation's routing pass, which has no rollout).
 
@@ -115,33 +182,46 @@ def forward_sequences(
         mm: the prompts' vision kwargs (``Rollout.mm_inputs``; ``mm_token_type_ids`` (B, P)) for a VLM: passed with
             ``mm_token_type_ids`` extended to S and ``position_ids=None`` (the model recomputes M-RoPE positions,
             exactly as ``generate`` did).
+        share_prompts: compute each distinct prompt once (``shared_prompt_forward``); text models, one process. Not
+            with grad under activation checkpointing: a checkpointed layer drops the cache the prompt's keys and
+            values would be shared through (``moe.recompute``).
     """
     B, S = input_ids.shape
     C = S - prompt_width
+    checkpointed = torch.is_grad_enabled() and bool(checkpointing_layers(model))
+    if share_prompts and mm is None and expert_mask is None and not checkpointed:
+        rows, inverse = distinct_prompts(input_ids, attention_mask, prompt_width, routes, score)
+        if len(rows) < B:  # some rows share a prompt
+            return shared_prompt_forward(
+                model, input_ids, attention_mask, prompt_width, routes, rows, inverse, sampling=sampling,
+                keep_probs=keep_probs, score=score, keep_logits=keep_logits,
+            )  # fmt: skip
     policy = TopK() if routes is None else replay_policy_for(routes)
     score_experts = None if score is None else score.experts.flatten(1, 2)  # (L, B*S, K)
     if mm is None:
         inputs = {"position_ids": position_ids_from_mask(attention_mask)}
     else:
         inputs = {"position_ids": None, **mm_forward_kwargs(mm, S)}  # 3-D positions: vision tokens share them
-    with route(
-        model,
-        policy,
-        temperature=sampling.routing_temperature,
-        allowed=mask_for_sequences(expert_mask),
-        keep_probs=keep_probs,
-        keep_logits=keep_logits,
-        score_experts=score_experts,
-        set_logprob=sampling.set_logprob,
-    ) as rec:
-        out = model(
+    with (
+        route(
+            model,
+            policy,
+            temperature=sampling.routing_temperature,
+            allowed=mask_for_sequences(expert_mask),
+            keep_probs=keep_probs,
+            keep_logits=keep_logits,
+            score_experts=score_experts,
+            set_logprob=sampling.set_logprob,
+        ) as rec,
+        token_logp_head(model, input_ids[:, prompt_width:], sampling),
+    ):
+        logp = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             **inputs,
             logits_to_keep=C + 1,  # positions P-1 .. S-1; position s predicts token s+1
             use_cache=False,
-        )
-    logp = token_logp(sampling.token_scores(out.logits[:, :-1]), input_ids[:, prompt_width:])  # (B, C)
+        ).logits  # (B, C) token log-probs: the head computes them in chunks (token_logp_head)
     if not rec.sites:  # a model with no router (plain-LoRA baseline): L = 0 everywhere
         empty = RoutingTrace.empty(B, S, input_ids.device)
         nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
@@ -152,6 +232,110 @@ def forward_sequences(
     router_logp = rec.scored(B) if score is not None else rec.router_logp(B)
     logits = rec.logits(B) if keep_logits else None
     return ForwardOut(logp, rec.set_logp(B), router_logp, probs, used, logits)
+
+
+def distinct_prompts(
+    input_ids: Tensor, attention_mask: Tensor, prompt_width: int, *traces: RoutingTrace | None
+) -> tuple[Tensor, Tensor]:
+    """Rows whose prompt computation is the same: equal prompt tokens and padding and, for each given trace, equal
+    experts at the prompt positions (the routes a replay forces there, or the experts a score reads).
+
+    Returns:
+        rows: (U,) the first row of each distinct prompt, in row order.
+        inverse: (B,) for each row, the position in ``rows`` of its prompt.
+    """
+    B, P = input_ids.shape[0], prompt_width
+    parts = [input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)]
+    parts += [t.experts[:, :, :P].transpose(0, 1).reshape(B, -1).to(input_ids.dtype) for t in traces if t is not None]
+    _, label = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)  # (B,) one label per distinct key
+    first = torch.full((B,), B, device=label.device).scatter_reduce(
+        0, label, torch.arange(B, device=label.device), "amin"
+    )
+    rows = first[first < B].sort().values  # (U,) first row of each label, in row order
+    inverse = torch.searchsorted(rows, first[label])  # (B,)
+    return rows, inverse
+
+
+def shared_prompt_forward(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_width: int,
+    routes: RoutingTrace | None,
+    rows: Tensor,
+    inverse: Tensor,
+    *,
+    sampling: Sampling,
+    keep_probs: bool = False,
+    score: RoutingTrace | None = None,
+    keep_logits: bool = False,
+) -> ForwardOut:
+    """``forward_sequences`` computing each distinct prompt once: the G completions of a prompt sampled under
+    deterministic routing see identical prompt states, so the prompt runs once per distinct (prompt, prompt routes)
+    (``distinct_prompts``) and its keys and values are copied to every row that shares it; the completions then run
+    on all rows against that cache. The copies are an ``index_select``, so every gradient reaching a shared prompt is
+    the sum of its rows' gradients, as in the forward over every row; values differ from it by float rounding only
+    (``tests/test_shared_prompts.py``). Under sampled routes (MoE-GRPO) every row has its own prompt routes: nothing
+    is shared.
+    """
+    B, S = input_ids.shape
+    P, C, U = prompt_width, S - prompt_width, len(rows)
+    positions = position_ids_from_mask(attention_mask)  # (B, S)
+    kwargs = dict(temperature=sampling.routing_temperature, keep_probs=keep_probs, keep_logits=keep_logits,
+                  set_logprob=sampling.set_logprob)  # fmt: skip
+
+    def policy(span: slice, sel: Tensor | None):  # the routes of one of the two forwards
+        if routes is None:
+            return TopK()
+        part = routes.experts[:, :, span] if sel is None else routes.experts[:, sel, span]
+        return Replay(part.flatten(1, 2))
+
+    def scored(span: slice, sel: Tensor | None) -> Tensor | None:
+        if score is None:
+            return None
+        return (score.experts[:, :, span] if sel is None else score.experts[:, sel, span]).flatten(1, 2)
+
+    cache = DynamicCache(config=model.config)
+    prompt = slice(0, P)
+    with (
+        route(model, policy(prompt, rows), score_experts=scored(prompt, rows), **kwargs) as first,
+        _patched_head(model, lambda hidden: hidden) as head,  # the last prompt state, not logits
+    ):
+        last = model(
+            input_ids=input_ids[rows, :P], attention_mask=attention_mask[rows, :P], position_ids=positions[rows, :P],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits  # fmt: skip  # (U, 1, H) the state at P-1, which predicts completion token 0
+    for layer in cache.layers:  # every row's copy of its prompt's keys and values (gradients add up over copies)
+        layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
+    completion = slice(P, S)
+    with (
+        route(model, policy(completion, None), score_experts=scored(completion, None), **kwargs) as rest,
+        token_logp_head(model, input_ids[:, P + 1 :], sampling),
+    ):
+        later = model(
+            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
+            past_key_values=cache, use_cache=True, logits_to_keep=C,
+        ).logits  # fmt: skip  # (B, C-1) tokens 1 .. C-1
+    token0 = head_token_logp(head, last.index_select(0, inverse), input_ids[:, P : P + 1], sampling)  # (B, 1)
+    logp = torch.cat([token0, later], dim=1)  # (B, C)
+    if not first.sites:  # no router (plain-LoRA baseline)
+        empty = RoutingTrace.empty(B, S, input_ids.device)
+        nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
+        return ForwardOut(logp, empty.set_logp, nothing, nothing if keep_probs else None, empty,
+                          nothing if keep_logits else None)  # fmt: skip
+
+    def joined(get) -> Tensor:  # (L, U, P, ...) and (L, B, C, ...) -> (L, B, S, ...)
+        return torch.cat([get(first, U).index_select(1, inverse), get(rest, B)], dim=2)
+
+    used = routes
+    if routes is None:
+        experts = joined(lambda rec, n: rec.trace(n).experts)
+        set_logp = joined(lambda rec, n: rec.set_logp(n)).detach()
+        used = RoutingTrace(experts, set_logp, tuple(site.layer for site in first.sites), first.num_experts)
+    router_logp = joined(lambda rec, n: rec.scored(n) if score is not None else rec.router_logp(n))
+    probs = joined(lambda rec, n: rec.probs(n)) if keep_probs else None
+    logits = joined(lambda rec, n: rec.logits(n)) if keep_logits else None
+    return ForwardOut(logp, joined(lambda rec, n: rec.set_logp(n)), router_logp, probs, used, logits)
 
 
 def with_old_policy(batch: Rollout, old: ForwardOut) -> Rollout:

@@ -20,18 +20,28 @@ the one place that tells them apart; a multimodal batch carries its vision kwarg
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from expertrl.decoding import TokenDistribution, decoding_kwargs, is_processor, suppressed_tokens, text_tokenizer
+from expertrl.decoding import (
+    TokenDistribution,
+    decoding_kwargs,
+    is_processor,
+    rollout_cache,
+    suppressed_tokens,
+    text_tokenizer,
+)
 from expertrl.mm import VISION_KWARGS
+from expertrl.moe.adapters import find_routers
+from expertrl.moe.capture import capture_experts
 from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
-from expertrl.policy import policy_forward, with_old_policy
+from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask, with_old_policy
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
 from expertrl.vlm import encode_mm_batch
 
@@ -108,6 +118,8 @@ def generate_rollout(
     guide: Guide | None = None,
     old_routing: str | None = "rollout",
     keep_probs: bool = False,
+    routes: str = "full",
+    share_prompts: bool = True,
     route_seeds: Tensor | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
@@ -127,11 +139,20 @@ def generate_rollout(
         keep_probs: keep routing probabilities (L, B, S, E) as ``rollout.route_probs``: the old forward's if one runs,
             else those generation sampled with (the last position, never routed, is 0). Routing rewards and
             evaluation's routing statistics read them.
+        routes: what the caller reads of generation's routing trace: ``full`` (expert ids and set log-probs),
+            ``experts`` (ids only) or ``none`` (nothing: ``rollout.routing`` is then an empty L = 0 trace). Top-K
+            routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
+            (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
+        share_prompts: on those native paths, prefill each distinct prompt once (``_shared_prefill``). The prefill is
+            one more forward where prompts repeat: pass False where the ranks of a sharded model, which must run the
+            same forwards, have different prompts (``collect``).
         route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``, B = len(items) * G): a stochastic
             policy then draws from counter-based noise per (row seed, layer, position) instead of ``generator``
             (``gumbel.RouteSeeds``), the same noise as the vLLM engine's.
     """
     assert old_routing in ("rollout", "live", None), old_routing
+    assert routes in ("full", "experts", "none"), routes
+    assert routes != "none" or old_routing != "rollout", "replaying generation's routes needs them recorded"
     device = next(model.parameters()).device
     prompt_ids, prompt_mask, mm = encode_prompts(tokenizer, items, group_size)
     prompt_ids, prompt_mask, mm = prompt_ids.to(device), prompt_mask.to(device), mm_to(mm, device)  # (B, P)
@@ -145,24 +166,39 @@ def generate_rollout(
     if route_seeds is not None:
         assert route_seeds.shape == (B,), (route_seeds.shape, B)
         generator = RouteSeeds(route_seeds, prompt_mask)
-    with route(
-        model,
-        policy,
-        temperature=sampling.routing_temperature,
-        allowed=allowed,
-        generator=generator,
-        set_logprob=sampling.set_logprob,
-        keep_probs=keep_generation_probs,
-    ) as rec:
+    native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs  # the native routers suffice
+    cache = rollout_cache(model, P + max_new_tokens)
+    prefix = None  # (L, B, P-1, K) experts of a shared prefill
+    if share_prompts and native and routes != "full" and mm is None and cache is not None and P > 1:
+        prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, capture=routes == "experts")
+    if native and routes == "none":
+        recorder = contextlib.nullcontext(None)  # nobody reads the trace: plain generate
+    elif native and routes == "experts":
+        recorder = capture_experts(model, find_routers(model, allow_dense=True))  # ids only, from a hook
+    else:
+        recorder = route(
+            model,
+            policy,
+            temperature=sampling.routing_temperature,
+            allowed=allowed,
+            generator=generator,
+            set_logprob=sampling.set_logprob,
+            keep_probs=keep_generation_probs,
+        )
+    with recorder as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
+            past_key_values=cache,
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling, processor=tokens),
             **(mm or {}),
         )  # (B, S)
     S = sequences.shape[1]
     # (L, B, S-1, K): the last token is generated but never fed back
-    trace = rec.trace(B) if rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
+    trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
+    if prefix is not None and trace.experts.shape[0]:  # the shared prefill's routes, then generate's own
+        experts = torch.cat([prefix, trace.experts], dim=2)  # (L, B, S-1, K)
+        trace = replace(trace, experts=experts, set_logp=experts.new_zeros(experts.shape[:3], dtype=torch.float32))
     assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
         experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
@@ -227,6 +263,28 @@ def assemble_rollout(
         sample_logp=sample_logp,
         mm_inputs=mm,
     )
+
+
+def _shared_prefill(
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, *, capture: bool
+) -> Tensor | None:
+    """Prefill ``cache`` with the first P-1 prompt positions, computing each distinct prompt once (top-K routing is
+    deterministic: a group's G copies of a prompt are the same computation) and copying its keys and values to every
+    row of it; ``generate`` then starts at position P-1 on every row. Returns the prefill's (L, B, P-1, K) expert
+    ids if ``capture``, else None. The keys and values equal the per-row prefill's up to float rounding."""
+    B, P = prompt_ids.shape
+    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P)
+    if len(rows) == B:
+        return None
+    positions = position_ids_from_mask(prompt_mask)
+    sites = find_routers(model, allow_dense=True)
+    with capture_experts(model, sites) if capture and sites else contextlib.nullcontext(None) as cap:
+        model(
+            input_ids=prompt_ids[rows, : P - 1], attention_mask=prompt_mask[rows, : P - 1],
+            position_ids=positions[rows, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+    cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...): every row's copy of its prompt
+    return None if cap is None else cap.trace(len(rows)).experts.index_select(1, inverse)  # (L, B, P-1, K)
 
 
 def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:

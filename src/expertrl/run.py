@@ -217,8 +217,9 @@ def sampling_of(cfg: TrainConfig) -> Sampling:
     )
 
 
-def objective_for(cfg: TrainConfig, sites: list[RouterSite] = ()) -> Objective:
-    """The RL objective ``cfg`` describes, bound once (misspelled loss kwargs fail here, not at step 500)."""
+def objective_for(cfg: TrainConfig, sites: list[RouterSite] = (), processes: int = 1) -> Objective:
+    """The RL objective ``cfg`` describes, bound once (misspelled loss kwargs fail here, not at step 500). Prompts are
+    shared in one process only (a DDP wrapper expects one forward per backward)."""
     lc, rs = cfg.loss, cfg.rspo
     return Objective(
         token_loss=get_loss(lc.name, **lc.kwargs), agg=lc.agg, replay=cfg.routing.replay,
@@ -227,6 +228,7 @@ def objective_for(cfg: TrainConfig, sites: list[RouterSite] = ()) -> Objective:
         kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, lb_coef=lc.lb_coef, z_coef=lc.z_coef,
         soft_dispatch=bool(sites) and all(s.top_k == s.num_experts for s in sites), mismatch=lc.mismatch,
         mismatch_cap=lc.mismatch_cap, icepop_low=lc.icepop_bounds[0], icepop_high=lc.icepop_bounds[1],
+        share_prompts=cfg.share_prompts and processes == 1,
     )  # fmt: skip
 
 
@@ -318,7 +320,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     run = Run(
         cfg=cfg, out=out, accelerator=accelerator, model=model, policy_model=model, tokenizer=tokenizer, task=task,
         sites=sites, policy=make_policy(cfg.routing.policy, noise_std=cfg.routing.noise_std),
-        sampling=sampling_of(cfg), objective=objective_for(cfg, sites),
+        sampling=sampling_of(cfg), objective=objective_for(cfg, sites, accelerator.num_processes),
         logger=MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process, trackers=trackers),
         rewarder=_rewarder(cfg),
         summary={"output_dir": str(out)} | ({"prompts_truncated": task.truncated} if task.truncated else {}),
@@ -490,7 +492,9 @@ def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
     """AdamW + schedule over the trainable parameters (restored on resume), then DDP wrapping."""
     cfg, model = run.cfg, run.policy_model
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run.optimizer, run.schedule = optimizer_and_schedule(trainable, cfg.optim, cfg.steps * cfg.inner_updates)
+    run.optimizer, run.schedule = optimizer_and_schedule(
+        trainable, cfg.optim, cfg.steps * cfg.inner_updates, fused=not run.sharded
+    )
     if state is not None:
         saved = load_optimizer_state(resume_from)
         if run.sharded:
@@ -524,6 +528,7 @@ def calibrate(run: Run, step: int) -> GuidanceState:
             max_new_tokens=cfg.rollout.max_new_tokens,
             policy=TopK(),
             old_routing=None,
+            routes="experts",
         )  # fmt: skip
         for _ in range(cfg.guidance.calibration_batches)
     ]

@@ -153,10 +153,15 @@ def _load_local(cfg: ModelConfig, dtype: torch.dtype, allow_dense: bool) -> tupl
 
 
 def optimizer_and_schedule(
-    params, cfg: OptimConfig, total_steps: int
+    params, cfg: OptimConfig, total_steps: int, *, fused: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr`` over ``total_steps`` optimiser steps."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr`` over ``total_steps`` optimiser steps.
+
+    ``fused``: torch's fused kernel (one pass per parameter; on CPU ~3.4x faster than the per-tensor loop at 60M
+    parameters, the same update up to float rounding: ``tests/test_experts.py``). FSDP2-sharded parameters keep the
+    loop (``fused=False``): fused steps on the shards drift from a one-process run by ~1e-5 within two steps.
+    """
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

@@ -55,15 +55,20 @@ class Sampling:
     routing_temperature: float = 1.0
     set_logprob: str = "plackett_luce"
 
+    @property
+    def score_temperature(self) -> float:
+        """The temperature token scores are divided by: ``token_temperature`` when sampling, 1 for greedy tokens."""
+        return self.token_temperature if self.do_sample else 1.0
+
     def token_scores(self, logits: Tensor) -> Tensor:
         """(..., V) logits -> scores (float32, or float64 for a float64 model) whose softmax is the token
-        distribution that was sampled from."""
+        distribution that was sampled from (``ops.linear_token_logp`` computes the same from hidden states)."""
         scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.suppress_tokens:
             banned = torch.tensor(self.suppress_tokens, device=scores.device)
             scores = scores.index_fill(-1, banned, float("-inf"))
-        if self.do_sample and self.token_temperature != 1.0:
-            scores = scores / self.token_temperature
+        if self.score_temperature != 1.0:
+            scores = scores / self.score_temperature
         return scores
 
 
@@ -85,6 +90,10 @@ class ExpertMask:
 
     def index_batch(self, index: Tensor | slice) -> ExpertMask:
         return replace(self, groups=self.groups[index])
+
+    def columns(self, width: int) -> ExpertMask:
+        """The mask of the first ``width`` positions."""
+        return replace(self, groups=self.groups[:, :width])
 
 
 @dataclass
@@ -207,6 +216,34 @@ class Rollout:
     @property
     def completion_width(self) -> int:
         return self.input_ids.shape[1] - self.prompt_width
+
+    def trimmed(self) -> Rollout:
+        """The batch without the completion columns past its longest row's end (padding that no row attends), so a
+        forward does not spend time on them. Nothing a loss reads changes: those positions are unattended by every
+        row (causal attention never looks ahead) and out of every mask. Widths: C' = the longest completion."""
+        P = self.prompt_width
+        C = max(int(self.attention_mask[:, P:].sum(-1).max()), 1) if self.batch_size else self.completion_width
+        if C == self.completion_width:
+            return self
+        S = P + C
+
+        def cols(x: Tensor | None, width: int, dim: int = 1) -> Tensor | None:
+            return None if x is None else x.narrow(dim, 0, width)
+
+        return replace(
+            self,
+            input_ids=self.input_ids[:, :S],
+            attention_mask=self.attention_mask[:, :S],
+            mask=self.mask[:, :C],
+            routing=self.routing.positions(0, S),
+            expert_mask=None if self.expert_mask is None else self.expert_mask.columns(S),
+            sample_logp=cols(self.sample_logp, C),
+            old_logp=cols(self.old_logp, C),
+            old_set_logp=cols(self.old_set_logp, S, 2),
+            old_router_logp=cols(self.old_router_logp, S, 2),
+            ref_logp=cols(self.ref_logp, C),
+            route_probs=cols(self.route_probs, S, 2),
+        )
 
     def index_batch(self, index: Tensor) -> Rollout:
         """A micro-batch made of the sequences ``index`` (a 1-D LongTensor)."""

@@ -2,7 +2,8 @@
 
 The first inner update runs at the rollout's weights, so its forwards are the old policy: ``Objective`` returns
 their log-probs (detached) and they are kept for the later updates (``BehaviourStore``). No separate old-log-prob
-forward is run, and the first update's ratios are exactly 1.
+forward is run, and the first update's ratios are exactly 1. Each micro-batch is trimmed to its longest row
+(``Rollout.trimmed``): no forward or backward over padding columns that no row of it attends.
 
 Guards: under DDP every rank runs the same number of backward passes (a rank that dynamic sampling left with fewer
 micro-batches pads with zero-weight passes over real rows); an update whose loss or gradient norm is NaN/Inf is
@@ -72,7 +73,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
     skipped, applied = False, 0
     for inner in range(cfg.inner_updates if b_max > 0 else 0):
         first = inner == 0
-        store = BehaviourStore(B) if first else None
+        store = BehaviourStore(B, batch.input_ids.shape[1], batch.completion_width) if first else None
         order = torch.randperm(
             B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, 3, inner, *by_rank))
         )
@@ -80,7 +81,7 @@ def update(run, batch: Rollout, spare: Rollout, step: int) -> dict:
         losses, pass_metrics = [], []
         passes = [(batch, idx, 1.0) for idx in order.split(cfg.micro_batch_size)] + [(spare, pad_idx, 0.0)] * n_pad
         for src, idx, weight in passes:
-            micro = src.index_batch(idx.to(src.input_ids.device))
+            micro = src.index_batch(idx.to(src.input_ids.device)).trimmed()  # no forward over columns past its rows
             out = objective(model, micro, dens, first_update=first)
             run.accelerator.backward(out.loss * weight if weight != 1.0 else out.loss)
             if weight:

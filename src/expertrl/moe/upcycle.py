@@ -50,6 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from expertrl.families import MOE, UPCYCLE_SOURCES, UpcycleTarget
 from expertrl.io import atomic_save_dir
+from expertrl.moe import experts  # registers experts_implementation="expertrl_grouped_mm"
 
 # Bookkeeping keys of ``PretrainedConfig.to_dict`` that describe the file, not the network.
 _META_FIELDS = frozenset({"architectures", "model_type", "transformers_version", "_name_or_path"})
@@ -259,7 +260,7 @@ def upcycle(
     router_init_std: float = 0.02,
     norm_topk_prob: bool = True,
     seed: int = 0,
-    experts_implementation: str = "grouped_mm",
+    experts_implementation: str = experts.NAME,
 ) -> PreTrainedModel:
     """A new MoE model of ``dense_model``'s family whose E experts per layer copy the dense FFN (module docstring).
 
@@ -276,7 +277,8 @@ def upcycle(
         norm_topk_prob: renormalise top-K weights to sum 1 (exact dense function at init); False = MoE-GRPO Eq. 2
             softmax weights (qwen families only).
         seed: seeds routers and noise.
-        experts_implementation: transformers experts kernel: ``"grouped_mm"``, ``"eager"`` or ``"batched_mm"``.
+        experts_implementation: experts kernel: ``"expertrl_grouped_mm"`` (``moe.experts``), or transformers'
+            ``"grouped_mm"``, ``"eager"`` or ``"batched_mm"``.
     """
     _check_args(num_experts, top_k, noise_std, router_init_std)
     dense_cfg = dense_model.config.to_dict()
