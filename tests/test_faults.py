@@ -29,7 +29,7 @@ import torch
 from conftest import tiny_args
 from safetensors.torch import load_file, save_file
 
-from expertrl import checkpoint as checkpoint_module
+from expertrl import stops as stops_module
 from expertrl import train as train_module
 from expertrl.checkpoint import checkpoint_path, checkpoint_problem, prune_checkpoints, save_model
 from expertrl.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, main
@@ -322,14 +322,14 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_the_run_goes_on(smal
 def _fill_before_the_final_save(monkeypatch, disk: Path) -> dict:
     """The disk fills up (another job's file) between the last checkpoint and the final model."""
     ballast = {}
-    real = checkpoint_module.save_model
+    real = stops_module.save_model
 
     def save_model_on_a_full_disk(*args, **kwargs):
         if not ballast:
             ballast["file"] = fill(disk, leave_bytes=100_000)  # the final model needs ~240 kB
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module, "save_model", save_model_on_a_full_disk)
+    monkeypatch.setattr(stops_module, "save_model", save_model_on_a_full_disk)
     return ballast
 
 
@@ -353,7 +353,7 @@ def test_a_full_disk_at_the_final_save_waits_for_space(small_disk, monkeypatch, 
     """Without a checkpoint the final weights exist only in memory: the save is retried until space is freed."""
     out = small_disk / "run"
     ballast = _fill_before_the_final_save(monkeypatch, small_disk)
-    monkeypatch.setattr(checkpoint_module, "RETRY_S", 0.2)
+    monkeypatch.setattr(stops_module, "RETRY_S", 0.2)
     timer = threading.Timer(1.0, lambda: ballast["file"].unlink())
     timer.start()
     try:

@@ -43,7 +43,9 @@ LAYERS = [
         "parallel",
         "logging",
         "trackers",
+        "stops",
         "run",
+        "start",
     },
     # 5: the entry points
     {"train", "cli", "report", "__main__"},

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import expertrl.collect as collect_module
-import expertrl.run as run_module
+import expertrl.start as start_module
 from expertrl.checkpoint import checkpoint_path
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
@@ -162,7 +162,7 @@ def test_resume_restores_guidance_and_continues_the_same_run(image_run, vlm_dir,
     def no_recalibration(*args, **kwargs):
         raise AssertionError("a resumed run must restore the guidance counts, not recount")
 
-    monkeypatch.setattr(run_module, "calibrate", no_recalibration)
+    monkeypatch.setattr(start_module, "calibrate", no_recalibration)
     cfg = dataclasses.replace(config(vlm_dir, out, *IMAGE_RUN), resume=str(out))
     train(cfg)
     assert (out / "guidance.json").read_text() == (done / "guidance.json").read_text()

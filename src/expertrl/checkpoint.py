@@ -8,30 +8,25 @@ the previous complete checkpoint or the new complete one, never a half-written d
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from expertrl.config import ConfigError, ModelConfig, RunFailed, SFTJobConfig, TrainConfig
+from expertrl.config import ConfigError, ModelConfig, SFTJobConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
-from expertrl.io import DiskFullError, atomic_save_dir, read_jsonl, weights_problem
+from expertrl.io import atomic_save_dir, read_jsonl, weights_problem
 from expertrl.models import DTYPES, load_model
 from expertrl.moe.lora import load_adapter_weights, save_adapter_weights
 from expertrl.moe.lora_moe import adapter_settings
-from expertrl.ops import NonFiniteError, check_finite
+from expertrl.ops import check_finite
 
 
 def _write_policy(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
@@ -387,85 +382,3 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)  # a kill now leaves the old log or the new one, never a cut one
-
-
-@contextlib.contextmanager
-def stop_requests(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Within the block, Ctrl-C / SIGTERM only set ``stop["signal"]`` so the loop can finish its step and save;
-    a second one aborts at once. The previous handlers come back on exit."""
-    stop: dict = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        tqdm.write(f"\n{stop['signal']}: stopping after this step and saving a checkpoint (send it again to abort now)")
-
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# ----------------------------------------------------------------------------------------- what stops a running job
-
-RETRY_S = 10.0
-"""Seconds between attempts to write the final model on a full disk."""
-
-
-def save_final_model(model: nn.Module, tokenizer, path: Path, *, wait_s: float, state_dict: dict | None = None) -> Path:
-    """The final model (``save_model``); on a full disk retried every ``RETRY_S`` seconds for ``wait_s`` seconds (the
-    weights of the last steps may exist only in memory), each failure printed with the space needed."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return save_model(model, tokenizer, path, state_dict=state_dict)
-        except DiskFullError as e:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            print(
-                f"could not write the final model: {e}. The trained weights are only in memory: free space; retrying "
-                f"every {RETRY_S:g} s for {left:.0f} s more (final_save_wait_s)",
-                flush=True,
-            )
-            time.sleep(min(RETRY_S, left))
-
-
-def _then(out: Path, command: str, cause: str) -> str:
-    last = latest_checkpoint(out)
-    if last is None:
-        return "no checkpoint had been written yet"
-    return f"the last complete checkpoint {last} is intact: {cause}, then continue with {command}"
-
-
-@contextlib.contextmanager
-def saving_stops(out: Path, what: str, command: str):
-    """A full disk, or weights gone NaN/Inf, while writing ``what`` stops the run (``RunFailed``: exit 1) with one
-    message: the cause (for a full disk the space needed), the last complete checkpoint (untouched) and ``command``,
-    which continues from it."""
-    try:
-        yield
-    except (DiskFullError, NonFiniteError) as e:
-        raise RunFailed(f"could not write {what}: {e}; {_then(out, command, 'free space')}") from e
-
-
-@contextlib.contextmanager
-def failures_stop_the_run(out: Path, where, command: str):
-    """Past start-up, a ``ValueError`` or ``FileNotFoundError`` (a reward function's, a data row's, a bug's) is not a
-    bad setting (a ``ConfigError`` still is): it stops the run (``RunFailed``: exit 1, not 2) naming ``where()``
-    (e.g. the step), the error and the last complete checkpoint. ``EXPERTRL_DEBUG=1`` shows the traceback."""
-    try:
-        yield
-    except ConfigError:  # a setting checked where it is first used: still a bad setting (exit 2)
-        raise
-    except (ValueError, FileNotFoundError) as e:
-        raise RunFailed(
-            f"{where()}: {type(e).__name__}: {e}; {_then(out, command, 'fix the cause')} (EXPERTRL_DEBUG=1 shows the "
-            "traceback)"
-        ) from e

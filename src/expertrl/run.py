@@ -2,9 +2,9 @@
 
 ``build_run`` makes every object from the config (model, tokenizer, task with its prompts rendered, routing policy,
 sampling distributions, objective, routing rewarder, experiment trackers), runs every start-up check that needs the
-model, restores a resumed run's state, runs the supervised warm-up and the start evaluation of a new run, calibrates
-router guidance, builds the frozen reference model and the optimiser, and wraps the model for several processes (DDP
-or FSDP2). What is left is the loop of ``train.py``: ``collect -> update -> record``.
+model and reads a resumed run's state; ``start.start`` then runs what comes before the first RL step (warm-up,
+guidance, reference, engine, optimiser, DDP/FSDP2). What is left is the loop of ``train.py``:
+``collect -> update -> record``.
 
 Several processes (``torchrun`` / ``accelerate launch``): each rank draws the same global prompts as a 1-process run
 and rolls out its own contiguous slice of them (whole groups); losses are normalised by global counts; rank 0 alone
@@ -16,9 +16,7 @@ result) and saving gathers the full state on all ranks (rank 0 writes it).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +27,12 @@ from torch import nn
 
 from expertrl.checkpoint import (
     checkpoint_path,
-    failures_stop_the_run,
     find_resume_checkpoint,
-    load_optimizer_state,
     load_trainer_state,
     load_weights,
     prune_checkpoints,
-    remove_partial_checkpoints,
     save_checkpoint,
-    save_sft_checkpoint,
-    saving_stops,
     set_aside_newer,
-    set_rng_state,
-    truncate_metrics,
 )
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import save_yaml, to_dict
@@ -52,38 +43,29 @@ from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, quiet_hf_progress
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import RouterSite, find_routers, site_labels
-from expertrl.moe.guidance import GuidanceState
-from expertrl.moe.guide import Guide, calibrate_guide
+from expertrl.moe.guide import Guide
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
-from expertrl.moe.policies import TopK, make_policy
+from expertrl.moe.policies import make_policy
 from expertrl.moe.setprob import MAX_UNORDERED_K
 from expertrl.objective import Objective
 from expertrl.parallel import (
-    broadcast_weights,
     check_shardable,
     gather_full_state,
     is_sharded,
-    load_full_optimizer_state,
     refuse_accelerate_fsdp,
-    shard_model,
 )
 from expertrl.rewards import get_reward
 from expertrl.rewards.routing import RoutingRewarder
-from expertrl.rollout import generate_rollout
 from expertrl.rundir import RunDir, claim_run_dir
 from expertrl.runtime import (
     check_answer_lengths,
-    derive_seed,
     model_and_tokenizer,
-    optimizer_and_schedule,
     seed_everything,
     task_from_config,
 )
-from expertrl.sft import supervised_train
-from expertrl.tasks import Task, sample_items
+from expertrl.tasks import Task
 from expertrl.trackers import check_installed, make_trackers
 from expertrl.types import Sampling
-from expertrl.vlm import vision_token_ids
 
 
 @dataclass
@@ -339,57 +321,6 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     return run
 
 
-def start(run: Run, stop: dict) -> bool:
-    """What a run does before its first RL step, after ``build_run``: the supervised warm-up of a new run (resumable:
-    it checkpoints every ``sft.save_every`` steps and on Ctrl-C/SIGTERM) and the start evaluation, or the restored
-    state of a resumed run; then the frozen KL reference, router guidance and the optimiser, and DDP/FSDP2 wrapping.
-
-    Returns:
-        False when a stop request ended the warm-up (a checkpoint was written), True when RL can start.
-    """
-    cfg, out, model, state, resume_from = run.cfg, run.out, run.policy_model, run.resume_state, run.resume_from
-    if state is None or state.get("phase") == "sft":
-        if not _warm_up(run, stop):
-            return False
-        state = resume_from = None  # RL starts from step 0 on the warmed-up weights
-    else:
-        run.summary |= state["summary"] | {"output_dir": str(out)}  # a moved run names its new place
-        if run.is_main:
-            truncate_metrics(out / "metrics.jsonl", state["step"])
-            remove_partial_checkpoints(out)
-        run.accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
-    if run.sharded:  # every rank shards its own copy: start from rank 0's, as DDP does
-        broadcast_weights(model)
-    if cfg.routing.freeze_router:
-        for site in run.sites:
-            site.weight.requires_grad_(False)
-    if cfg.loss.kl_coef > 0:  # frozen copy of the RL start model (after the warm-up); a full copy per rank
-        run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if resume_from is not None:
-            load_weights(run.ref_model, resume_from / "reference", cfg.model)
-    if cfg.guidance.enabled:
-        saved = None if state is None else state.get("guidance")
-        run.guide = make_guide(run, GuidanceState.from_state_dict(saved) if saved else calibrate(run, step=-1))
-    if cfg.rollout.engine == "vllm":
-        run.engine = start_engine(run)
-    if run.sharded:
-        shard_model(model)  # before the optimizer, which then holds the sharded parameters
-    _optimizer(run, state, resume_from)
-    return True
-
-
-def start_engine(run: Run) -> VllmEngine:
-    """The vLLM rollout engine on the policy's current weights (after the warm-up or the resumed checkpoint)."""
-    cfg = run.cfg
-    try:
-        return VllmEngine.start(
-            run.policy_model, run.tokenizer, workdir=run.out / "engine", seed=cfg.seed,
-            max_model_len=cfg.rollout.engine_max_len, kv_cache_mb=cfg.rollout.engine_kv_cache_mb,
-        )  # fmt: skip
-    except ValueError as err:  # what the engine cannot run, found once it is built: one line
-        raise ConfigError(str(err)) from None
-
-
 def check_engine(cfg: TrainConfig, model: nn.Module, task: Task, world: int) -> None:
     """Before any work: one process, a model the vLLM engine can run, vLLM installed, and the longest prompt plus
     ``rollout.max_new_tokens`` within the engine's sequence length (each a one-line error)."""
@@ -435,119 +366,4 @@ def _print_header(run: Run) -> None:
         run.accelerator.print(f"  {describe_trainable(model)}")
 
 
-def _warm_up(run: Run, stop: dict) -> bool:
-    """A new run (or one resumed inside its warm-up): the supervised warm-up (every rank warms up its own copy; DDP
-    then broadcasts rank 0's weights), and the held-out accuracy before it and before RL. False when a stop request
-    ended the warm-up after writing a checkpoint."""
-    cfg, state = run.cfg, run.resume_state
-    if cfg.sft.steps > 0:
-        sft_log = MetricsLogger(run.out / "sft_metrics.jsonl", enabled=run.is_main)
-        start_step, resume = 0, None
-        if state is None:
-            before = run.evaluate()
-            if before is not None:
-                run.summary["accuracy_init"] = before["accuracy"]
-        else:  # resumed inside the warm-up: its weights are loaded, restore the optimiser and continue
-            start_step, run.summary = state["step"], state["summary"] | {"output_dir": str(run.out)}
-            resume = {"optimizer": load_optimizer_state(run.resume_from), "scheduler": state["scheduler"]}
-            set_rng_state(state["rng"])
-            if run.is_main:
-                truncate_metrics(run.out / "sft_metrics.jsonl", start_step)
-                remove_partial_checkpoints(run.out)
-            run.accelerator.print(
-                f"resuming the warm-up from {run.resume_from} ({start_step} of {cfg.sft.steps} steps)"
-            )
-
-        command = f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
-
-        def checkpoint(steps_done: int, optimizer, schedule) -> None:
-            if run.is_main:
-                with saving_stops(run.out, f"the warm-up checkpoint after step {steps_done}", command):
-                    save_sft_checkpoint(run.out, steps_done, run.policy_model, run.tokenizer, optimizer, schedule,
-                                        dataclasses.replace(cfg, resume=None, overwrite=False), run.summary,
-                                        keep=cfg.keep_checkpoints)  # fmt: skip
-
-        with failures_stop_the_run(run.out, lambda: "the warm-up", command):
-            outcome = supervised_train(
-                run.policy_model, run.tokenizer, run.task.train, cfg.sft, seed=cfg.seed,
-                progress=cfg.progress and run.is_main, log=lambda m, s: sft_log.log(m, s), start_step=start_step,
-                resume=resume, checkpoint=checkpoint, stop=stop,
-            )  # fmt: skip
-        if outcome.interrupted:
-            run.accelerator.print(
-                f"{outcome.interrupted}: stopped the warm-up (checkpoint written). Resume with:\n"
-                f"  expertrl train --config {run.out}/config.yaml --resume {run.out}"
-            )
-            run.summary |= {"interrupted": outcome.interrupted}
-            return False
-    start = run.evaluate()
-    if start is not None:
-        run.logger.log({"eval/accuracy": start["accuracy"]}, step=-1)
-        run.summary["accuracy_start"] = start["accuracy"]
-        print(f"held-out accuracy before RL: {start['accuracy']:.3f} ({start['n']} prompts)")
-    return True
-
-
-def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
-    """AdamW + schedule over the trainable parameters (restored on resume), then DDP wrapping."""
-    cfg, model = run.cfg, run.policy_model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    run.optimizer, run.schedule = optimizer_and_schedule(
-        trainable, cfg.optim, cfg.steps * cfg.inner_updates, fused=not run.sharded
-    )
-    if state is not None:
-        saved = load_optimizer_state(resume_from)
-        if run.sharded:
-            load_full_optimizer_state(model, run.optimizer, saved)
-        else:
-            run.optimizer.load_state_dict(saved)
-        run.schedule.load_state_dict(state["scheduler"])
-        run.start_step, run.skipped, run.elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
-        set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
-        if run.rewarder is not None and state.get("routing_reward") is not None:
-            run.rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history
-    if not run.sharded:
-        run.model, run.optimizer = run.accelerator.prepare(model, run.optimizer)
-    if not hasattr(run.model, "config"):  # a DDP wrapper: routing hooks find the routers through model.config
-        run.model.config = model.config
-    run.model.eval()  # no dropout/jitter: rollout and updates share one deterministic forward
-
-
-def calibrate(run: Run, step: int) -> GuidanceState:
-    """Router guidance counts on the current policy: deterministic top-K routes of ``guidance.calibration_batches``
-    batches of training prompts, labelled by the guide's token groups (MoE-GRPO Eq. 7). Prompts derive from
-    (seed, step), so every rank and a resumed run count the same (step -1 = before RL)."""
-    cfg = run.cfg
-    rng = random.Random(derive_seed(cfg.seed, step + 1, 5))
-    rollouts = [
-        generate_rollout(
-            run.policy_model,
-            run.tokenizer,
-            sample_items(run.task.train, cfg.rollout.prompts_per_step, rng),
-            group_size=1,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            policy=TopK(),
-            old_routing=None,
-            routes="experts",
-        )  # fmt: skip
-        for _ in range(cfg.guidance.calibration_batches)
-    ]
-    return calibrate_guide(
-        run.policy_model, rollouts, groups=cfg.guidance.groups, percent=cfg.guidance.percent, vision_ids=_vision(run)
-    )
-
-
-def make_guide(run: Run, state: GuidanceState) -> Guide:
-    """The rollouts' ``Guide`` for ``state`` (saved as ``guidance.json``)."""
-    if run.is_main:
-        state.save(run.out / "guidance.json")
-    g = run.cfg.guidance
-    return Guide.for_groups(state, groups=g.groups, vision_ids=_vision(run), in_loss=g.in_loss)
-
-
-def _vision(run: Run) -> frozenset[int]:
-    """The vision placeholder ids of a VLM (modality guidance labels them), none for a text model."""
-    return frozenset(vision_token_ids(run.policy_model)) if is_processor(run.tokenizer) else frozenset()
-
-
-__all__ = ["Run", "build_run", "calibrate", "make_guide", "objective_for", "sampling_of"]
+__all__ = ["Run", "build_run", "check_engine", "check_model", "objective_for", "sampling_of"]

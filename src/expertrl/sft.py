@@ -22,18 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expertrl.checkpoint import (
-    failures_stop_the_run,
     find_resume_checkpoint,
     load_optimizer_state,
     load_trainer_state,
     load_weights,
     remove_partial_checkpoints,
-    save_final_model,
     save_sft_checkpoint,
-    saving_stops,
     set_aside_newer,
     set_rng_state,
-    stop_requests,
     truncate_metrics,
 )
 from expertrl.config import ConfigError, RunFailed, SFTConfig, SFTJobConfig
@@ -56,6 +52,7 @@ from expertrl.runtime import (
     seed_everything,
     task_from_config,
 )
+from expertrl.stops import failures_stop_the_run, save_final_model, saving_stops, stop_requests
 from expertrl.tasks import sample_items
 from expertrl.vlm import encode_mm_batch
 
@@ -151,7 +148,7 @@ def supervised_train(
         resume: ``{"optimizer": state_dict, "scheduler": state_dict}`` of the checkpoint to continue from.
         checkpoint: ``checkpoint(steps_done, optimizer, scheduler)`` writes a resumable checkpoint; called every
             ``cfg.save_every`` steps and when ``stop`` asks.
-        stop: a ``checkpoint.stop_requests`` dict: after Ctrl-C/SIGTERM the step finishes, a checkpoint is written and
+        stop: a ``stops.stop_requests`` dict: after Ctrl-C/SIGTERM the step finishes, a checkpoint is written and
             the loop returns with ``interrupted`` set.
     """
     device = next(model.parameters()).device

@@ -1,7 +1,7 @@
 """`expertrl train`: optional supervised warm-up, then MoE-GRPO (or any preset). The whole loop is ``train`` below.
 
     run = build_run(cfg)                     # every object, every start-up check, resume state  (run.py)
-    start(run, stop)                         # the warm-up (resumable), reference model, guidance, optimiser
+    start(run, stop)                         # the warm-up (resumable), reference model, guidance, optimiser  (start.py)
     for step in range(run.start_step, cfg.steps):
         batch, metrics, spare = collect(run, step)     # rollout -> rewards -> advantages (-> DAPO refill)  (collect.py)
         metrics |= update(run, batch, spare, step)     # μ inner updates, NaN guard, DDP padding  (update.py)
@@ -19,20 +19,16 @@ import time
 
 from accelerate.utils import gather_object
 
-from expertrl.checkpoint import (
-    failures_stop_the_run,
-    latest_checkpoint,
-    save_final_model,
-    saving_stops,
-    stop_requests,
-)
+from expertrl.checkpoint import latest_checkpoint
 from expertrl.collect import collect
 from expertrl.config import RunFailed, TrainConfig
 from expertrl.io import read_jsonl
 from expertrl.logging import progress_bar, reduce_across_ranks, to_number
 from expertrl.parallel import gather_full_state
 from expertrl.plots import figure_images
-from expertrl.run import Run, build_run, calibrate, make_guide, start
+from expertrl.run import Run, build_run
+from expertrl.start import calibrate, make_guide, start
+from expertrl.stops import failures_stop_the_run, save_final_model, saving_stops, stop_requests
 from expertrl.update import update
 
 
