@@ -144,7 +144,8 @@ def expertrl_child(a: argparse.Namespace) -> dict:
     from expertrl.config import TrainConfig
     from expertrl.configio import load_config
     from expertrl.presets import preset_overrides
-    from expertrl.run import build_run, start
+    from expertrl.run import build_run
+    from expertrl.start import start
     from expertrl.update import update
 
     n_items = PROMPTS * (a.warmup + a.steps)
