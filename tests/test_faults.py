@@ -235,6 +235,17 @@ def test_an_sft_overwrite_that_cannot_start_keeps_the_earlier_run(tmp_path, caps
     assert tree(tmp_path) == before
 
 
+def test_overwrite_keeps_the_new_runs_tracker_files(tmp_path):
+    """The earlier run's tensorboard events go; the new run's, opened at start-up, stay and grow."""
+    pytest.importorskip("torch.utils.tensorboard")
+    out = tmp_path / "run"
+    assert cli(*train_args(out, "--steps", "1", "--report_to", "[tensorboard]")) == 0
+    old = {p.name for p in (out / "runs").iterdir()}
+    assert cli(*train_args(out, "--steps", "1", "--report_to", "[tensorboard]", "--overwrite", "true")) == 0
+    new = {p.name for p in (out / "runs").iterdir()}
+    assert new and not new & old, (old, new)
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, capsys):
     """A live run holds the folder's lock (released when it ends, even by kill -9)."""
     out = tmp_path / "run"
@@ -505,12 +516,12 @@ def test_sigterm_during_the_warm_up_of_train_checkpoints_and_resumes_exactly(tmp
         ({"optim/grad_norm": 1e-9, "reward/frac_zero_std": 0.5}, {}, False),
         # DAPO: the groups with an advantage may all be cut completions, which mask_truncated gives no loss
         (
-            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "rollout/truncated_frac": 0.5},
+            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "reward/frac_informative_in_loss": 0.0},
             {"rollout.mask_truncated": True, "loss.lb_coef": 0.0},
             False,
         ),  # fmt: skip
         (
-            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "rollout/truncated_frac": 0.0},
+            {"optim/grad_norm": 0.0, "reward/frac_zero_std": 0.5, "reward/frac_informative_in_loss": 0.25},
             {"rollout.mask_truncated": True},
             True,
         ),  # fmt: skip

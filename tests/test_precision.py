@@ -23,7 +23,7 @@ from expertrl.config import AdapterConfig, ModelConfig, TrainConfig
 from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers, set_router_dtype
 from expertrl.moe.hooks import route
-from expertrl.moe.policies import Multinomial
+from expertrl.moe.policies import Multinomial, TopK
 from expertrl.moe.setprob import set_logprob
 from expertrl.objective import Denominators
 from expertrl.policy import policy_forward, with_old_policy
@@ -135,3 +135,19 @@ def test_model_router_dtype_marks_every_router_and_survives_a_copy(family):
         sites = find_routers(m)
         assert sites and all(s.dtype == torch.float64 for s in sites)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_bf16_models_top_k_rollout_routes_where_training_routes():
+    """The fast path (the model's own routers with a capture hook) would compute bf16 router logits; on a bf16 model
+    whose routers compute in float32 it is not taken, so the rollout's experts and tokens are those of ``route``."""
+    model = _model(torch.bfloat16, E=64, K=8, preset="tiny")
+    set_router_dtype(model, torch.float32)
+    runs = {}
+    for routes in ("full", "experts"):
+        torch.manual_seed(0)
+        runs[routes] = generate_rollout(
+            model, build_char_tokenizer(), ITEMS * 2, group_size=1, max_new_tokens=6, policy=TopK(),
+            sampling=Sampling(), generator=torch.Generator().manual_seed(0), old_routing=None, routes=routes,
+        )  # fmt: skip
+    assert torch.equal(runs["experts"].input_ids, runs["full"].input_ids)
+    assert torch.equal(runs["experts"].routing.experts, runs["full"].routing.experts)

@@ -164,6 +164,10 @@ def collect(run, step: int) -> Collected:
         batch = batch.index_batch(torch.arange(min(batch.batch_size, target)))
         metrics["rollout/refill_rounds"] = float(rounds)
         metrics["rollout/batch_fill"] = batch.batch_size / target
+    if cfg.rollout.mask_truncated:  # groups with an advantage on a row that still has loss tokens (train.collapse)
+        in_loss = (batch.advantages != 0) & (batch.mask.sum(-1) > 0)  # (B,)
+        groups = in_loss.view(-1, batch.group_size).any(-1) if in_loss.numel() else in_loss.new_zeros(1)
+        metrics["reward/frac_informative_in_loss"] = groups.float().mean()
     return Collected(batch, metrics, rollout)
 
 

@@ -41,6 +41,10 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "reward/mean": ("mean reward of the step's first rollout", "reward"),
     "reward/std": ("std of those rewards over the batch", "reward_std"),
     "reward/group_std": ("mean within-group reward std (MoE-GRPO Fig. 3)", ""),
+    "reward/frac_informative_in_loss": (
+        "with rollout.mask_truncated: share of groups with a non-zero advantage on a row that keeps loss tokens",
+        "",
+    ),
     "reward/frac_zero_std": ("share of groups whose rewards are all equal (advantage 0)", "frac_reward_zero_std"),
     "reward/task": ("mean task (verifier) reward, unweighted", "rewards/<fn>/mean"),
     "reward/format": ("share of completions in the answer format (reward_funcs: format)", "rewards/<fn>/mean"),

@@ -36,7 +36,7 @@ from expertrl.decoding import (
     text_tokenizer,
 )
 from expertrl.mm import VISION_KWARGS
-from expertrl.moe.adapters import find_routers
+from expertrl.moe.adapters import find_routers, native_precision
 from expertrl.moe.capture import capture_experts
 from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.hooks import AllowedFn, route
@@ -166,7 +166,8 @@ def generate_rollout(
     if route_seeds is not None:
         assert route_seeds.shape == (B,), (route_seeds.shape, B)
         generator = RouteSeeds(route_seeds, prompt_mask)
-    native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs  # the native routers suffice
+    # the native routers suffice: top-K, no mask, nothing but ids kept, and routers computing in route's precision
+    native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs and native_precision(model)
     cache = rollout_cache(model, P + max_new_tokens)
     prefix = None  # (L, B, P-1, K) experts of a shared prefill
     if share_prompts and native and routes != "full" and mm is None and cache is not None and P > 1:

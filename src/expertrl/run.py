@@ -54,6 +54,7 @@ from expertrl.parallel import (
     is_sharded,
     refuse_accelerate_fsdp,
 )
+from expertrl.policy import output_head
 from expertrl.rewards import get_reward
 from expertrl.rewards.routing import RoutingRewarder
 from expertrl.rundir import RunDir, claim_run_dir
@@ -169,23 +170,28 @@ class Run:
             model_state, optimizer_state = gather_full_state(self.model, self.optimizer)
             if not self.is_main:
                 return None
+        path = checkpoint_path(self.out, step_done)
+        healthy = path if self.collapsed_in_row == 0 else self.healthy_checkpoint  # what a collapse stop points to
         trainer_state = {
             "phase": "rl",
             "step": step_done,
             "scheduler": self.schedule.state_dict(),
             "summary": self.summary,
             "skipped_steps": self.skipped,
+            "bad_in_row": self.bad_in_row,  # a run resumed inside a NaN or collapse streak goes on counting it
+            "collapsed_in_row": self.collapsed_in_row,
+            "healthy_checkpoint": healthy.name if healthy is not None else None,
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.t_start,
             "routing_reward": self.rewarder.state_dict() if self.rewarder is not None else None,
             "guidance": self.guide.state.state_dict() if self.guide is not None else None,
         }
-        path = save_checkpoint(
-            checkpoint_path(self.out, step_done),
+        save_checkpoint(
+            path,
             model=self.policy_model, tokenizer=self.tokenizer, optimizer=self.optimizer, trainer_state=trainer_state,
             config=dataclasses.replace(self.cfg, resume=None, overwrite=False), reference=self.ref_model,
             model_state=model_state, optimizer_state=optimizer_state,
         )  # fmt: skip
-        prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=self.healthy_checkpoint)
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints, protect=healthy)
         return path
 
 
@@ -290,11 +296,21 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     if cfg.sft.steps > 0:  # the warm-up trains on prompt + answer
         check_answer_lengths(task, tokenizer, model)
     check_model(cfg, sites, task, tokenizer)
+    try:  # the loss reads token log-probs from the LM head's weight in chunks (ops.linear_token_logp)
+        output_head(model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     check_engine(cfg, model, task, accelerator.num_processes)
     state = load_trainer_state(resume_from) if resume_from is not None else None
+    if cfg.parallel == "fsdp2" and accelerator.num_processes > 1:
+        check_shardable(model, tokenizer)
     trackers = []
-    if accelerator.is_main_process:
-        trackers = make_trackers(
+    if accelerator.is_main_process:  # every start-up check passed: now the folder changes
+        rundir.clear_previous()  # --overwrite: the earlier run goes only now (a run that cannot start keeps it)
+        if resume_from is not None:  # newer checkpoints that do not read back whole: out of the way, not deleted
+            set_aside_newer(out, resume_from)
+        save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
+        trackers = make_trackers(  # after clear_previous, which would remove their files (runs/, wandb/)
             cfg.report_to, out=out, run_name=cfg.run_name or out.resolve().name, project=cfg.project,
             config=to_dict(dataclasses.replace(cfg, resume=None, overwrite=False)),
             resume_step=state["step"] if state and state.get("phase", "rl") == "rl" else None,
@@ -308,13 +324,6 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
         summary={"output_dir": str(out)} | ({"prompts_truncated": task.truncated} if task.truncated else {}),
         rundir=rundir,
     )  # fmt: skip
-    if run.sharded:
-        check_shardable(model, tokenizer)
-    if run.is_main:  # after every start-up check: a run that cannot start leaves nothing behind (and, with
-        rundir.clear_previous()  # --overwrite, the earlier run as it was)
-        if resume_from is not None:  # newer checkpoints that do not read back whole: out of the way, not deleted
-            set_aside_newer(out, resume_from)
-        save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
     _print_header(run)
     run.resume_from = run.healthy_checkpoint = resume_from
     run.resume_state = state

@@ -52,7 +52,7 @@ from expertrl.runtime import (
     seed_everything,
     task_from_config,
 )
-from expertrl.stops import failures_stop_the_run, save_final_model, saving_stops, stop_requests
+from expertrl.stops import failures_stop_the_run, resume_command, save_final_model, saving_stops, stop_requests
 from expertrl.tasks import sample_items
 from expertrl.vlm import encode_mm_batch
 
@@ -270,7 +270,7 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict,
         print(f"resuming supervised fine-tuning from {resume_from} ({start_step} of {cfg.sft.steps} steps)")
     logger = MetricsLogger(out / "metrics.jsonl")
 
-    command = f"expertrl sft --config {out}/config.yaml --resume {out}"
+    command = resume_command("sft", out)
 
     def checkpoint(steps_done: int, optimizer, schedule) -> None:
         config = dataclasses.replace(cfg, resume=None, overwrite=False)
@@ -284,10 +284,7 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict,
             log=lambda m, s: logger.log(m, s), start_step=start_step, resume=resume, checkpoint=checkpoint, stop=stop,
         )  # fmt: skip
     if outcome.interrupted:
-        print(
-            f"{outcome.interrupted}: stopped supervised fine-tuning (checkpoint written). Resume with:\n"
-            f"  expertrl sft --config {out}/config.yaml --resume {out}"
-        )
+        print(f"{outcome.interrupted}: stopped supervised fine-tuning (checkpoint written). Resume with:\n  {command}")
         return summary | {"interrupted": outcome.interrupted}
     after = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=max_new)
     with saving_stops(out, "the final model (all steps are done)", command):

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 from expertrl.checkpoint import (
+    checkpoint_path,
     load_optimizer_state,
     load_weights,
     remove_partial_checkpoints,
@@ -34,7 +35,7 @@ from expertrl.rollout import generate_rollout
 from expertrl.run import Run
 from expertrl.runtime import derive_seed, optimizer_and_schedule
 from expertrl.sft import supervised_train
-from expertrl.stops import failures_stop_the_run, saving_stops
+from expertrl.stops import failures_stop_the_run, resume_command, saving_stops
 from expertrl.tasks import sample_items
 from expertrl.vlm import vision_token_ids
 
@@ -113,7 +114,7 @@ def _warm_up(run: Run, stop: dict) -> bool:
                 f"resuming the warm-up from {run.resume_from} ({start_step} of {cfg.sft.steps} steps)"
             )
 
-        command = f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
+        command = resume_command("train", run.out)
 
         def checkpoint(steps_done: int, optimizer, schedule) -> None:
             if run.is_main:
@@ -130,8 +131,7 @@ def _warm_up(run: Run, stop: dict) -> bool:
             )  # fmt: skip
         if outcome.interrupted:
             run.accelerator.print(
-                f"{outcome.interrupted}: stopped the warm-up (checkpoint written). Resume with:\n"
-                f"  expertrl train --config {run.out}/config.yaml --resume {run.out}"
+                f"{outcome.interrupted}: stopped the warm-up (checkpoint written). Resume with:\n  {command}"
             )
             run.summary |= {"interrupted": outcome.interrupted}
             return False
@@ -158,6 +158,9 @@ def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
             run.optimizer.load_state_dict(saved)
         run.schedule.load_state_dict(state["scheduler"])
         run.start_step, run.skipped, run.elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
+        run.bad_in_row, run.collapsed_in_row = state.get("bad_in_row", 0), state.get("collapsed_in_row", 0)
+        healthy = state.get("healthy_checkpoint", resume_from.name)  # the streak's start, if it was inside one
+        run.healthy_checkpoint = checkpoint_path(run.out, 0).parent / healthy if healthy is not None else None
         set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
         if run.rewarder is not None and state.get("routing_reward") is not None:
             run.rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history

@@ -50,6 +50,11 @@ def stop_requests(signals=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, h)
 
 
+def resume_command(command: str, out: Path) -> str:
+    """The command that continues the run in ``out`` (``command``: ``train`` or ``sft``)."""
+    return f"expertrl {command} --config {out}/config.yaml --resume {out}"
+
+
 RETRY_S = 10.0
 """Seconds between attempts to write the final model on a full disk."""
 

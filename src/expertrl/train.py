@@ -28,7 +28,7 @@ from expertrl.parallel import gather_full_state
 from expertrl.plots import figure_images
 from expertrl.run import Run, build_run
 from expertrl.start import calibrate, make_guide, start
-from expertrl.stops import failures_stop_the_run, save_final_model, saving_stops, stop_requests
+from expertrl.stops import failures_stop_the_run, resume_command, save_final_model, saving_stops, stop_requests
 from expertrl.update import update
 
 
@@ -42,12 +42,14 @@ def train(cfg: TrainConfig) -> dict:
     run = build_run(cfg)
     try:
         with run.claimed(), stop_requests() as stop:  # the output directory's lock lasts as long as the run
-            if not start(run, stop):  # a stop request ended the warm-up: a checkpoint was written
+            with failures_stop_the_run(run.out, lambda: "before the first RL step", resume_command("train", run.out)):
+                started = start(run, stop)
+            if not started:  # a stop request ended the warm-up: a checkpoint was written
                 return run.summary
             bar = progress_bar(range(run.start_step, cfg.steps), desc="rl", total=cfg.steps, initial=run.start_step,
                                enabled=cfg.progress and run.is_main)  # fmt: skip
             at = [f"step {run.start_step}"]  # where an error stops the run
-            with failures_stop_the_run(run.out, lambda: at[0], resume_command(run)):
+            with failures_stop_the_run(run.out, lambda: at[0], resume_command("train", run.out)):
                 for step in bar:
                     at[0] = f"step {step}"
                     t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
     if do_eval:
         result = run.evaluate()
         metrics["eval/accuracy"] = result["accuracy"] if result is not None else float("nan")
-    with saving_stops(run.out, f"the metrics of step {step}", resume_command(run)):
+    with saving_stops(run.out, f"the metrics of step {step}", resume_command("train", run.out)):
         logged = run.logger.log(metrics, step)
     bar.set_postfix(
         reward=f"{logged['reward/mean']:.2f}", gate_clip=f"{logged.get('loss/gate_clip_frac', 0.0):.2f}",
@@ -115,7 +117,7 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
         last = latest_checkpoint(run.out) if nan else run.healthy_checkpoint
         where = (
             f"The last good checkpoint {last} is intact; fix the cause (e.g. lower optim.lr), then continue with "
-            f"--config {run.out}/config.yaml --resume {run.out}"
+            f"{resume_command('train', run.out)}"
             + ("" if nan or last == latest_checkpoint(run.out) else " after deleting the checkpoints saved after it")
             if last is not None
             else "No healthy checkpoint had been written (save_every=0, or no step before the streak reached a save)"
@@ -135,7 +137,7 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
     # A NaN/Inf step was not applied, so the weights are the last good step's: a stop request still saves them
     # (save_checkpoint refuses non-finite weights); periodic saves wait for a good step.
     if ((periodic and run.bad_in_row == 0) or signal) and (run.is_main or run.sharded):
-        with saving_stops(run.out, f"the checkpoint after step {step + 1}", resume_command(run)):
+        with saving_stops(run.out, f"the checkpoint after step {step + 1}", resume_command("train", run.out)):
             saved = run.save(step + 1)
         if run.collapsed_in_row == 0:  # what a collapse stop points back to
             run.healthy_checkpoint = saved
@@ -144,7 +146,7 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
         note = f"checkpoint {saved}" if saved is not None else f"no new checkpoint; latest {latest_checkpoint(run.out)}"
         run.accelerator.print(
             f"{signal}: stopped after {step + 1} of {cfg.steps} RL steps ({note}). Resume with:\n"
-            f"  expertrl train --config {run.out}/config.yaml --resume {run.out}"
+            f"  {resume_command('train', run.out)}"
         )
         run.accelerator.wait_for_everyone()
         return signal
@@ -166,7 +168,7 @@ def finish(run: Run) -> dict:
         s["accuracy_end"] = final_eval["accuracy"]
         s["per_category_end"] = final_eval["per_category"]
         s["examples_end"] = final_eval["examples"]
-        with saving_stops(run.out, "the final model (all RL steps are done)", resume_command(run)):
+        with saving_stops(run.out, "the final model (all RL steps are done)", resume_command("train", run.out)):
             s["model"] = str(save_final_model(run.policy_model, run.tokenizer, run.out / "final",
                                               wait_s=run.cfg.final_save_wait_s, state_dict=final_weights))  # fmt: skip
         (run.out / "summary.json").write_text(json.dumps(s, indent=2))
@@ -183,24 +185,21 @@ def collapse(metrics: dict, cfg: TrainConfig) -> str | None:
       or the Switch load-balancing loss acts on a trainable router. Exactly 0 means saturated softmaxes (weights
       blown up by a too-high learning rate); a healthy model has a small, non-zero gradient. A zero advantage
       everywhere without the balancing loss (e.g. every answer right) is a legitimate zero gradient, not collapse,
-      and so is one where DAPO's ``mask_truncated`` took the loss off cut completions (their advantages count in
-      ``reward/frac_zero_std`` but reach no gradient).
+      and so is one where DAPO's ``mask_truncated`` took the loss off every row with an advantage (then
+      ``reward/frac_informative_in_loss`` is what counts).
     """
     if metrics.get("rollout/empty_frac", 0.0) == 1.0:
         return "every completion was only EOS"
     if metrics.get("optim/grad_norm") != 0.0:
         return None
     informative = 1.0 - metrics.get("reward/frac_zero_std", 1.0)
-    masked = cfg.rollout.mask_truncated and metrics.get("rollout/truncated_frac", 0.0) > 0
-    if informative > 0 and not masked:  # (cut completions without loss may be all a group's advantage had)
+    if cfg.rollout.mask_truncated:  # cut completions have no loss: count only the groups whose advantage reaches it
+        informative = metrics.get("reward/frac_informative_in_loss", 0.0)
+    if informative > 0:
         return f"the gradient norm was exactly 0 although {informative:.0%} of groups had a non-zero advantage"
     if cfg.loss.lb_coef > 0 and not cfg.routing.freeze_router:
         return "the gradient norm was exactly 0 although the load-balancing loss acts on the router (saturated routers)"
     return None
-
-
-def resume_command(run: Run) -> str:
-    return f"expertrl train --config {run.out}/config.yaml --resume {run.out}"
 
 
 def print_summary(s: dict) -> None:

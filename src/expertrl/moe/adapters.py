@@ -97,6 +97,16 @@ def set_router_dtype(model: nn.Module, dtype: torch.dtype) -> None:
             setattr(module, _ROUTER_DTYPE_ATTR, dtype)
 
 
+def native_precision(model: nn.Module) -> bool:
+    """Whether the model's own routers compute in the precision ``hooks.route`` routes in: every router's weight is
+    at least as wide as its ``RouterSite.dtype`` (a float32 model; not a bf16 model whose routers are marked float32,
+    whose native logits would pass through bf16 and choose other experts than every training forward)."""
+    return all(
+        torch.promote_types(site.dtype, site.weight.dtype) == site.weight.dtype
+        for site in find_routers(model, allow_dense=True)
+    )
+
+
 def is_routerless(model: nn.Module) -> bool:
     """A model that declares it has no router: a dense base with a plain LoRA (``lora_moe.attach_lora``). Routing
     code treats it as zero MoE layers (top-K routing is then the identity); a bare dense model still raises."""

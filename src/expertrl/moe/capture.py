@@ -52,7 +52,7 @@ def capture_experts(model: nn.Module, sites: list[RouterSite] | None = None) -> 
     cap = ExpertCapture(sites)
     handles = []
     try:
-        dtype = expert_id_dtype(sites[0].num_experts) if sites else torch.int16  # one byte per id up to E = 128
+        dtype = expert_id_dtype(sites[0].num_experts if sites else 0)  # one byte per id up to E = 128
         for pos, site in enumerate(sites):
 
             def keep(module, args, out, pos=pos):

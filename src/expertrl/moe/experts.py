@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+try:  # transformers' dispatcher: F.grouped_mm where the device supports it (CUDA SM80+, CPU), else a per-expert loop
+    from transformers.integrations.moe import _grouped_mm as grouped_mm
+except ImportError:  # a transformers without it: torch's kernel directly
+    grouped_mm = F.grouped_mm
+
 NAME = "expertrl_grouped_mm"
 """The ``experts_implementation`` name this kernel is registered under."""
 
@@ -45,8 +50,8 @@ def grouped_experts_forward(
     counts = torch.histc(expert_sorted.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)  # (E,)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert's group
     x = hidden_states.index_select(0, token).to(self.gate_up_proj.dtype)  # (N*K, H) token rows, grouped by expert
-    gate_up = F.grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (N*K, 2I)
-    y = F.grouped_mm(self._apply_gate(gate_up), self.down_proj.transpose(-2, -1), offs=offsets)  # (N*K, H)
+    gate_up = grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (N*K, 2I)
+    y = grouped_mm(self._apply_gate(gate_up), self.down_proj.transpose(-2, -1), offs=offsets)  # (N*K, H)
     weighted = y * top_k_weights.reshape(-1).index_select(0, perm)[:, None]  # (N*K, H) each slot times its weight
     acc = torch.promote_types(weighted.dtype, torch.float32)  # the K-slot sum in float32 at least
     out = weighted.new_zeros(N, weighted.shape[-1], dtype=acc).index_add(0, token, weighted.to(acc))  # (N, H)

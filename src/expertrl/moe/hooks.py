@@ -195,7 +195,7 @@ def _choose(policy: Policy, logp: Tensor, k: int, pos: int, generator: torch.Gen
     if isinstance(policy, Replay):
         return policy.select_layer(logp, k, pos)
     if isinstance(generator, RouteSeeds) and policy.stochastic:
-        if not getattr(policy, "keyed", False):
+        if not policy.keyed:
             raise ValueError(f"{type(policy).__name__} routing cannot draw from counter-based seeds (RouteSeeds)")
         return policy.select_keyed(logp, k, generator.uniform(pos, logp.shape[0], logp.shape[1]))
     return policy.select(logp, k, generator)
