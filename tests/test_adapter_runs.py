@@ -117,7 +117,7 @@ def test_text_guidance_masks_are_saved_and_restored(tmp_path):
 
 
 def test_guidance_that_leaves_fewer_than_k_experts_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="percent"):
+    with pytest.raises(ConfigError, match="guidance.percent: 75% deactivates 3 of E=4 experts"):  # at start-up
         run(tmp_path / "g", "--guidance.enabled", "true", "--guidance.percent", "75", "--steps", "1")
 
 

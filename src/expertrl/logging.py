@@ -98,10 +98,7 @@ def mean_metrics(records: list[dict]) -> dict:
             out[key] = torch.stack([v.detach().float() for v in vals]).mean(0)
         else:
             out[key] = sum(vals) / len(vals)
-    loads = [v for k, v in out.items() if k.startswith("router/load/") and isinstance(v, list)]
-    if loads and "router/usage_entropy" in out:  # the entropy of the global loads, not the mean of the ranks'
-        out["router/usage_entropy"] = sum(-sum(p * math.log(p) for p in load if p > 0) for load in loads) / len(loads)
-    return out
+    return _usage_entropy_of_loads(out)
 
 
 class MetricsLogger:
@@ -174,7 +171,13 @@ def reduce_across_ranks(records: list[dict]) -> dict:
             out[key] = max(vals)
         else:
             out[key] = sum(vals) / len(vals)
+    return _usage_entropy_of_loads(out)
+
+
+def _usage_entropy_of_loads(out: dict) -> dict:
+    """``router/usage_entropy`` recomputed from the reduced ``router/load/*`` (the entropy of the global loads, not
+    the mean of the parts' entropies)."""
     loads = [v for k, v in out.items() if k.startswith("router/load/") and isinstance(v, list)]
-    if loads and "router/usage_entropy" in out:  # the entropy of the global loads, not the mean of the ranks'
+    if loads and "router/usage_entropy" in out:
         out["router/usage_entropy"] = sum(-sum(p * math.log(p) for p in load if p > 0) for load in loads) / len(loads)
     return out

@@ -43,6 +43,7 @@ from expertrl.evaluate import evaluate
 from expertrl.logging import MetricsLogger, quiet_hf_progress
 from expertrl.losses import get_loss
 from expertrl.moe.adapters import RouterSite, find_routers, site_labels
+from expertrl.moe.guidance import num_deactivated
 from expertrl.moe.guide import Guide
 from expertrl.moe.lora_moe import adapter_settings, describe_trainable
 from expertrl.moe.policies import make_policy
@@ -234,6 +235,14 @@ def check_model(cfg: TrainConfig, sites: list[RouterSite], task: Task, tokenizer
             f"routing.set_logprob: unordered sums the K! orders of each expert set; K={k_max} is too many (at most "
             f"{MAX_UNORDERED_K}), use plackett_luce"
         )
+    if cfg.guidance.enabled and sites:
+        E, K = min(s.num_experts for s in sites), max(s.top_k for s in sites)
+        off = num_deactivated(cfg.guidance.percent, E)
+        if E - off < K:
+            raise ConfigError(
+                f"guidance.percent: {cfg.guidance.percent:g}% deactivates {off} of E={E} experts, leaving {E - off} < "
+                f"K={K} to choose from; use guidance.percent <= {100.0 * (E - K) / E:g}"
+            )
     if task.multimodal and not is_processor(tokenizer):
         raise ConfigError(
             f"task.name: {task.name!r} shows images or video, but the model is a text model; use a vision-language "
