@@ -199,9 +199,11 @@ def prune_checkpoints(run_dir: str | Path, keep: int, protect: Path | None = Non
 
 
 def set_aside_newer(run_dir: str | Path, kept: Path) -> list[Path]:
-    """Rename the complete checkpoints newer than ``kept`` (the newest one that reads back whole: the newer ones are
-    damaged) to ``checkpoints/damaged-<name>``: nothing is deleted, and they no longer count as checkpoints for
-    resuming or for ``keep_checkpoints``. Returns their new paths."""
+    """Tidy the checkpoints of a run resumed from ``kept`` (the newest one that reads back whole): remove what a
+    killed writer left (``remove_partial_checkpoints``), and rename the complete checkpoints newer than ``kept`` (so
+    damaged) to ``checkpoints/damaged-<name>``: nothing of those is deleted, and they no longer count as checkpoints
+    for resuming or for ``keep_checkpoints``. Returns their new paths."""
+    remove_partial_checkpoints(run_dir)
     names = [p.name for p in complete_checkpoints(run_dir)]
     newer = [Path(run_dir) / CHECKPOINTS / n for n in names[names.index(kept.name) + 1 :]] if kept.name in names else []
     moved = []

@@ -316,7 +316,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     trackers = []
     if accelerator.is_main_process:  # every start-up check passed: now the folder changes
         rundir.clear_previous()  # --overwrite: the earlier run goes only now (a run that cannot start keeps it)
-        if resume_from is not None:  # newer checkpoints that do not read back whole: out of the way, not deleted
+        if resume_from is not None:  # partial writes removed; newer, damaged checkpoints set aside (not deleted)
             set_aside_newer(out, resume_from)
         save_yaml(dataclasses.replace(cfg, resume=None, overwrite=False), out / "config.yaml")  # a moved run: new place
         trackers = make_trackers(  # after clear_previous, which would remove their files (runs/, wandb/)

@@ -26,7 +26,6 @@ from expertrl.checkpoint import (
     load_optimizer_state,
     load_trainer_state,
     load_weights,
-    remove_partial_checkpoints,
     save_sft_checkpoint,
     set_aside_newer,
     set_rng_state,
@@ -265,8 +264,7 @@ def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict,
         resume = {"optimizer": load_optimizer_state(resume_from), "scheduler": state["scheduler"]}
         set_rng_state(state["rng"])
         truncate_metrics(out / "metrics.jsonl", start_step)
-        remove_partial_checkpoints(out)
-        set_aside_newer(out, resume_from)  # newer checkpoints that do not read back whole: out of the way
+        set_aside_newer(out, resume_from)  # partial writes removed; newer, damaged checkpoints out of the way
         print(f"resuming supervised fine-tuning from {resume_from} ({start_step} of {cfg.sft.steps} steps)")
     logger = MetricsLogger(out / "metrics.jsonl")
 

@@ -15,10 +15,8 @@ import random
 from pathlib import Path
 
 from expertrl.checkpoint import (
-    checkpoint_path,
     load_optimizer_state,
     load_weights,
-    remove_partial_checkpoints,
     save_sft_checkpoint,
     set_rng_state,
     truncate_metrics,
@@ -56,8 +54,7 @@ def start(run: Run, stop: dict) -> bool:
     else:
         run.summary |= state["summary"] | {"output_dir": str(out)}  # a moved run names its new place
         if run.is_main:
-            truncate_metrics(out / "metrics.jsonl", state["step"])
-            remove_partial_checkpoints(out)
+            truncate_metrics(out / "metrics.jsonl", state["step"])  # the checkpoints were tidied by build_run
         run.accelerator.print(f"resuming from {resume_from} ({state['step']} of {cfg.steps} RL steps done)")
     if run.sharded:  # every rank shards its own copy: start from rank 0's, as DDP does
         broadcast_weights(model)
@@ -109,7 +106,6 @@ def _warm_up(run: Run, stop: dict) -> bool:
             set_rng_state(state["rng"])
             if run.is_main:
                 truncate_metrics(run.out / "sft_metrics.jsonl", start_step)
-                remove_partial_checkpoints(run.out)
             run.accelerator.print(
                 f"resuming the warm-up from {run.resume_from} ({start_step} of {cfg.sft.steps} steps)"
             )
@@ -160,7 +156,7 @@ def _optimizer(run: Run, state: dict | None, resume_from: Path | None) -> None:
         run.start_step, run.skipped, run.elapsed_before = state["step"], state["skipped_steps"], state["wall_time_s"]
         run.bad_in_row, run.collapsed_in_row = state.get("bad_in_row", 0), state.get("collapsed_in_row", 0)
         healthy = state.get("healthy_checkpoint", resume_from.name)  # the streak's start, if it was inside one
-        run.healthy_checkpoint = checkpoint_path(run.out, 0).parent / healthy if healthy is not None else None
+        run.healthy_checkpoint = resume_from.with_name(healthy) if healthy is not None else None
         set_rng_state(state["rng"])  # every per-step seed is derived, so this only covers what we missed
         if run.rewarder is not None and state.get("routing_reward") is not None:
             run.rewarder.load_state_dict(state["routing_reward"])  # RO-GRPO's Relative history
