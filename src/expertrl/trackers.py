@@ -105,35 +105,43 @@ class TensorBoard:
         self.writer.close()
 
 
-class Trackio:
-    """A local trackio run (project ``project``, run ``run_name``); continues the same run on resume."""
+class _RunTracker:
+    """A tracker whose run object logs dicts (``run.log``) and finishes (``run.finish``); images are made with its
+    library's ``Image`` class (``self.image``)."""
 
-    def __init__(self, *, out: Path, run_name: str, project: str, config: dict, resume_step: int | None) -> None:
-        import trackio
-
-        self.trackio = trackio
-        self.run = trackio.init(
-            project=project, name=run_name, config=config, resume="allow" if resume_step is not None else "never",
-            embed=False,
-        )  # fmt: skip
+    run: object
+    image: type
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
-        self.run.log({f"figures/{k}": self.trackio.Image(v, caption=k) for k, v in images.items()}, step=step)
+        self.run.log({f"figures/{k}": self.image(v, caption=k) for k, v in images.items()}, step=step)
 
     def close(self) -> None:
         self.run.finish()
 
 
-class WandB:
+class Trackio(_RunTracker):
+    """A local trackio run (project ``project``, run ``run_name``); continues the same run on resume."""
+
+    def __init__(self, *, out: Path, run_name: str, project: str, config: dict, resume_step: int | None) -> None:
+        import trackio
+
+        self.image = trackio.Image
+        self.run = trackio.init(
+            project=project, name=run_name, config=config, resume="allow" if resume_step is not None else "never",
+            embed=False,
+        )  # fmt: skip
+
+
+class WandB(_RunTracker):
     """A wandb run under ``out/wandb``; its id is kept in ``out/wandb_run_id`` so a resumed run continues it."""
 
     def __init__(self, *, out: Path, run_name: str, project: str, config: dict, resume_step: int | None) -> None:
         import wandb
 
-        self.wandb = wandb
+        self.image = wandb.Image
         id_file = Path(out) / "wandb_run_id"
         run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
         self.run = wandb.init(
@@ -141,12 +149,3 @@ class WandB:
             resume="allow" if run_id is not None else None,
         )  # fmt: skip
         id_file.write_text(self.run.id)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
-
-    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
-        self.run.log({f"figures/{k}": self.wandb.Image(v, caption=k) for k, v in images.items()}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
