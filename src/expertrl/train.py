@@ -114,19 +114,19 @@ def record(run: Run, step: int, metrics: dict, signal: str | None, bar) -> str |
     )  # fmt: skip
     if run.bad_in_row >= cfg.max_bad_steps or run.collapsed_in_row >= cfg.max_bad_steps:
         nan = run.bad_in_row >= cfg.max_bad_steps
-        last = latest_checkpoint(run.out) if nan else run.healthy_checkpoint
-        where = (
-            f"The last good checkpoint {last} is intact; fix the cause (e.g. lower optim.lr), then continue with "
-            f"{resume_command('train', run.out)}"
-            + ("" if nan or last == latest_checkpoint(run.out) else " after deleting the checkpoints saved after it")
-            if last is not None
-            else "No healthy checkpoint had been written (save_every=0, or no step before the streak reached a save)"
-            + (
-                f"; {latest_checkpoint(run.out)} holds the policy of the streak, not a healthy one"
-                if latest_checkpoint(run.out) is not None
-                else ""
+        latest = latest_checkpoint(run.out)
+        last = latest if nan else run.healthy_checkpoint
+        if last is not None:
+            where = (
+                f"The last good checkpoint {last} is intact; fix the cause (e.g. lower optim.lr), then continue with "
+                f"{resume_command('train', run.out)}"
             )
-        )
+            if not nan and last != latest:
+                where += " after deleting the checkpoints saved after it"
+        else:
+            where = "No healthy checkpoint had been written (save_every=0, or no step before the streak reached a save)"
+            if latest is not None:
+                where += f"; {latest} holds the policy of the streak, not a healthy one"
         what = "had a NaN/Inf loss or gradient norm" if nan else f"showed a collapsed policy ({why})"
         raise RunFailed(
             f"step {step}: {cfg.max_bad_steps} steps in a row {what} (max_bad_steps={cfg.max_bad_steps}); "
