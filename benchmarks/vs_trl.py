@@ -13,7 +13,10 @@ of 64, lr 1e-4, AdamW), precision (float32) and threads for every variant:
   router aux loss), in its own virtual environment (``--trl-python``; ``--setup-trl`` creates it);
 - ``trl_nockpt``: the same with ``gradient_checkpointing=False`` (TRL's fastest setting here);
 - ``grpo``: ``expertrl --preset grpo`` (top-K routing, sampled tokens, live routing, Switch LB 0.01);
-- ``moe_grpo``: expertrl's MoE-GRPO (sampled experts, greedy tokens, Token- + Gate-GRPO, LB 0.01), one inner update.
+- ``moe_grpo``: expertrl's MoE-GRPO (sampled experts, greedy tokens, Token- + Gate-GRPO, LB 0.01), one inner update;
+  every completion draws its own prompt routes (``routing.prompt_routes=row``, the default);
+- ``moe_grpo_group``: the same with ``routing.prompt_routes=group`` (a group shares one draw of its prompt's routes,
+  so the prompt is computed once per group in generation and in the loss forward, as under top-K routing).
 
 Method: every (workload, variant) run is a fresh child process that loads the saved model, runs ``--warmup`` untimed
 steps and then ``--steps`` timed ones. The runs are interleaved (round r runs every variant of a workload once, the
@@ -26,7 +29,9 @@ completion attention mask). Reported: median and spread (min-max) of the per-run
 medians, and the speed-up over TRL's best variant. Achieved FLOP/s: matmul FLOPs of one step's useful work
 (generation with a KV cache, then forward + 2x backward over the batch; gradient checkpointing's recompute is not
 counted), from the model config and the median step, as a fraction of this machine's matmul peak measured in the
-same run (best of ``torch.mm`` 2048^3 float32 at the same threads).
+same run (best of ``torch.mm`` 2048^3 float32 at the same threads). A prompt counts once per group wherever the
+method routes a group's copies alike (top-K routing: TRL, ``grpo``; ``moe_grpo_group``), since computing it G times
+is redundant work; under ``moe_grpo``'s per-row prompt routes each copy is a different computation and counts.
 
     .venv/bin/python benchmarks/vs_trl.py --setup-trl                       # once: benchmarks/.venv-trl (TRL 1.16.0)
     .venv/bin/python benchmarks/vs_trl.py                                   # full: W1, W2, 50M; ~1 h on 2 cores
@@ -64,7 +69,15 @@ WORKLOADS = {
 }  # fmt: skip
 """Model shapes; ``tiny`` is for ``--quick`` only."""
 
-VARIANTS = ("trl", "trl_nockpt", "grpo", "moe_grpo")
+VARIANTS = ("trl", "trl_nockpt", "grpo", "moe_grpo", "moe_grpo_group")
+EXPERTRL_VARIANTS = {
+    "grpo": ("grpo", []),
+    "moe_grpo": ("moe_grpo", []),
+    "moe_grpo_group": ("moe_grpo", ["--routing.prompt_routes", "group"]),
+}
+"""expertrl variants: (preset, extra overrides)."""
+PER_ROW_PROMPTS = {"moe_grpo"}
+"""Variants whose G copies of a prompt are different computations (per-row sampled prompt routes)."""
 TASK_KWARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 PROMPTS, GROUP, MAX_NEW, LR = 8, 8, 32, 1e-4
 
@@ -100,9 +113,13 @@ def task_items(train_size: int, seed: int = 0) -> list[dict]:
     return [{"prompt": it["prompt"], "answer": it["answer"]} for it in task.train]
 
 
-def step_flops(shape: dict, vocab: int, prompt_len: int, completion_len: float, batch: int) -> float:
+def step_flops(
+    shape: dict, vocab: int, prompt_len: int, completion_len: float, batch: int, prompt_copies: int
+) -> float:
     """Matmul FLOPs of one step's useful work: generation (prefill, then one token at a time with a KV cache) and the
-    loss forward + backward (2x forward) over prompt + completion; the LM head only where logits are used."""
+    loss forward + backward (2x forward) over prompt + completion; the LM head only where logits are used. The prompt
+    positions count ``prompt_copies`` times (the number of groups where their copies are one computation, else the
+    batch), the completions ``batch`` times."""
     H, hd, nq, nkv = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"]
     per_token = 2 * H * hd * (2 * nq + 2 * nkv)  # q, k, v, o projections
     per_token += 2 * H * shape["experts"] + 6 * shape["top_k"] * H * shape["moe_intermediate"]  # router, experts
@@ -113,10 +130,10 @@ def step_flops(shape: dict, vocab: int, prompt_len: int, completion_len: float, 
 
     head = 2 * H * vocab
     S = prompt_len + completion_len
-    prefill = prompt_len * per_token + sum(attention(t + 1) for t in range(prompt_len)) + head
+    prompt = prompt_len * per_token + sum(attention(t + 1) for t in range(prompt_len))  # prefill = prompt forward
     decode = sum(per_token + attention(prompt_len + t + 1) + head for t in range(int(round(completion_len)) - 1))
-    forward = S * per_token + sum(attention(t + 1) for t in range(int(round(S)))) + completion_len * head
-    return batch * (prefill + decode + 3 * forward)
+    completion = sum(per_token + attention(t + 1) for t in range(prompt_len, int(round(S)))) + completion_len * head
+    return prompt_copies * 4 * prompt + batch * (head + decode + 3 * completion)
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -149,8 +166,9 @@ def expertrl_child(a: argparse.Namespace) -> dict:
     from expertrl.update import update
 
     n_items = PROMPTS * (a.warmup + a.steps)
+    preset, extra = EXPERTRL_VARIANTS[a.variant]
     args = [
-        *preset_overrides(a.variant), "--model.path", a.model, "--task.name", "rg:chain_sum",
+        *preset_overrides(preset), *extra, "--model.path", a.model, "--task.name", "rg:chain_sum",
         "--task.kwargs", json.dumps(TASK_KWARGS), "--task.train_size", str(n_items), "--task.eval_size", "8",
         "--rollout.prompts_per_step", str(PROMPTS), "--rollout.group_size", str(GROUP),
         "--rollout.max_new_tokens", str(MAX_NEW), "--rollout.temperature", "1.0", "--micro_batch_size",
@@ -269,7 +287,8 @@ def summarise(results: dict, shapes: dict, vocab: int, peak: float) -> str:
         trl_best = max((per[v][3] / per[v][0] for v in per if v.startswith("trl")), default=None)  # tok/s
         for variant, (s, lo, hi, tokens, prompt_len, n) in per.items():
             rate = tokens / s
-            flops = step_flops(shapes[wl], vocab, prompt_len, tokens / (PROMPTS * GROUP), PROMPTS * GROUP) / s
+            copies = PROMPTS * GROUP if variant in PER_ROW_PROMPTS else PROMPTS
+            flops = step_flops(shapes[wl], vocab, prompt_len, tokens / (PROMPTS * GROUP), PROMPTS * GROUP, copies) / s
             speed = f"{rate / trl_best:.2f}x" if trl_best else "-"
             lines.append(
                 f"| {wl} | {variant} | {n} | {s:.3f} ({lo:.3f}-{hi:.3f}) | {rate:,.0f} | {speed} "

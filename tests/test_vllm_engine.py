@@ -142,6 +142,29 @@ def test_the_hf_and_vllm_engines_sample_the_same_routes_from_the_same_row_seeds(
     assert (fwd.routing.experts.long() != h.routing.experts.long()).any(-1)[:, routed].any()
 
 
+def test_the_engines_share_a_groups_prompt_routes_alike(engine):
+    """``routing.prompt_routes=group``: one prompt seed per group; both engines draw the same shared prompt routes and
+    per-row completion routes (the hf engine from one shared prefill per group)."""
+    eng, model, tok = engine
+    rows = torch.arange(len(ITEMS) * 2)
+    kw = dict(
+        group_size=2, max_new_tokens=6, policy=Multinomial(), sampling=Sampling(routing_temperature=0.7),
+        route_seeds=row_seeds(1234, rows), prompt_route_seeds=row_seeds(99, rows // 2),
+    )  # fmt: skip
+    r = eng.generate_rollout(ITEMS, **kw)
+    h = generate_rollout(model, tok, ITEMS, old_routing=None, routes="experts", **kw)
+    assert torch.equal(r.input_ids, h.input_ids)
+    routed = _routed(r)
+    same = (r.routing.experts.long() == h.routing.experts.long()).all(-1)  # (L, B, S)
+    assert same[:, routed].all()
+    P = r.prompt_width
+    prompt = r.routing.experts[:, :, :P].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, P, K)
+    assert (prompt[:, :, 0] == prompt[:, :, 1]).all()  # the group's two requests: one prompt draw
+    both = (routed[0::2] & routed[1::2])[:, P:]  # (prompts, C) completion positions both requests routed
+    completion = r.routing.experts[:, :, P:].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, C, K)
+    assert (completion[:, :, 0] != completion[:, :, 1]).any(-1)[:, both].any()  # completions draw per request
+
+
 def test_requests_draw_independently_and_a_rollout_is_reproducible(engine):
     eng, _, _ = engine
 

@@ -52,10 +52,14 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
     G = cfg.rollout.group_size
     rows = torch.arange(len(items) * G) + run.rank * len(items) * G
     seeds = row_seeds(derive_seed(cfg.seed, step, 5, *salt), rows)  # (B,)
+    prompt_seeds = None  # routing.prompt_routes=row: the prompt positions draw with the row's seed
+    if cfg.routing.prompt_routes == "group":  # one draw per group (groups never span ranks)
+        prompt_seeds = row_seeds(derive_seed(cfg.seed, step, 6, *salt), rows // G)  # (B,)
     if run.engine is not None:  # vLLM: the same Rollout, routes sampled or captured inside the engine
         rollout = run.engine.generate_rollout(
             items, group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
             sampling=run.sampling, generator=generator, guide=run.guide, route_seeds=seeds,
+            prompt_route_seeds=prompt_seeds,
         )  # fmt: skip
         rollout = rollout_to(rollout, device)
     else:
@@ -63,7 +67,7 @@ def scored_rollout(run, step: int, round_: int = 0) -> tuple[Rollout, dict[str, 
             run.policy_model, run.tokenizer, items,
             group_size=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens, policy=run.policy,
             sampling=run.sampling, generator=generator, guide=run.guide, old_routing=None,
-            keep_probs=run.rewarder is not None, routes="experts", route_seeds=seeds,
+            keep_probs=run.rewarder is not None, routes="experts", route_seeds=seeds, prompt_route_seeds=prompt_seeds,
             share_prompts=cfg.share_prompts and not run.sharded,
         )  # fmt: skip  # no old-log-prob forward: the first update's forward is the old policy (objective.py)
     ref_logp = None

@@ -290,6 +290,11 @@ class RoutingConfig:
     none = live top-K in every forward (router shift reaches the ratio; what RSPO corrects)"""
     freeze_router: bool = False
     """freeze every router weight during RL (the rigid remedy RSPO compares against)"""
+    prompt_routes: Literal["row", "group"] = "row"
+    """sampled routes of the prompt tokens: row = each of a group's G rollouts draws its own (the completions differ
+    in their prompt states too); group = the G rollouts of a prompt share one draw, so the prompt is computed once per
+    group in generation and in every training forward (METHODS ambiguity: MoE-GRPO does not say); completion
+    tokens always draw per row. group needs loss.gate_tokens=completion"""
 
     def __post_init__(self) -> None:
         _check(
@@ -715,6 +720,13 @@ class TrainConfig:
                 f"(got {r.replay!r}); set loss.gate_coef=0 to compare replay modes",
             )
             _check(not r.freeze_router, "routing.freeze_router", "a frozen router cannot be trained by Gate-GRPO")
+        if r.prompt_routes == "group":
+            _check(
+                lc.gate_tokens == "completion",
+                "routing.prompt_routes",
+                "group prompt routes are one draw shared by a group's G rollouts, so Gate-GRPO cannot credit them to "
+                "a rollout's advantage: use loss.gate_tokens=completion with it, or routing.prompt_routes=row",
+            )
         if sampled:
             _check(
                 r.replay == "rollout",

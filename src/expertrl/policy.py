@@ -235,10 +235,15 @@ def forward_sequences(
 
 
 def distinct_prompts(
-    input_ids: Tensor, attention_mask: Tensor, prompt_width: int, *traces: RoutingTrace | None
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_width: int,
+    *traces: RoutingTrace | None,
+    key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rows whose prompt computation is the same: equal prompt tokens and padding and, for each given trace, equal
-    experts at the prompt positions (the routes a replay forces there, or the experts a score reads).
+    experts at the prompt positions (the routes a replay forces there, or the experts a score reads), and equal
+    ``key`` rows ((B, X) int64, e.g. the prompt routing seeds that will draw the routes).
 
     Returns:
         rows: (U,) the first row of each distinct prompt, in row order.
@@ -247,6 +252,7 @@ def distinct_prompts(
     B, P = input_ids.shape[0], prompt_width
     parts = [input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)]
     parts += [t.experts[:, :, :P].transpose(0, 1).reshape(B, -1).to(input_ids.dtype) for t in traces if t is not None]
+    parts += [] if key is None else [key.to(input_ids.device, input_ids.dtype)]
     _, label = torch.unique(torch.cat(parts, dim=1), dim=0, return_inverse=True)  # (B,) one label per distinct key
     first = torch.full((B,), B, device=label.device).scatter_reduce(
         0, label, torch.arange(B, device=label.device), "amin"
@@ -275,8 +281,8 @@ def shared_prompt_forward(
     (``distinct_prompts``) and its keys and values are copied to every row that shares it; the completions then run
     on all rows against that cache. The copies are an ``index_select``, so every gradient reaching a shared prompt is
     the sum of its rows' gradients, as in the forward over every row; values differ from it by float rounding only
-    (``tests/test_shared_prompts.py``). Under sampled routes (MoE-GRPO) every row has its own prompt routes: nothing
-    is shared.
+    (``tests/test_shared_prompts.py``). Under sampled routes (MoE-GRPO) the rows share a prompt only where they share
+    its routes: a group's rows with ``routing.prompt_routes=group``, none with ``row``.
     """
     B, S = input_ids.shape
     P, C, U = prompt_width, S - prompt_width, len(rows)

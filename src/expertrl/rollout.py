@@ -121,6 +121,7 @@ def generate_rollout(
     routes: str = "full",
     share_prompts: bool = True,
     route_seeds: Tensor | None = None,
+    prompt_route_seeds: Tensor | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for each item (groups are contiguous) and record the behaviour policy.
 
@@ -143,12 +144,15 @@ def generate_rollout(
             ``experts`` (ids only) or ``none`` (nothing: ``rollout.routing`` is then an empty L = 0 trace). Top-K
             routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
             (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
-        share_prompts: on those native paths, prefill each distinct prompt once (``_shared_prefill``). The prefill is
-            one more forward where prompts repeat: pass False where the ranks of a sharded model, which must run the
-            same forwards, have different prompts (``collect``).
+        share_prompts: on those native paths, and for sampled routes whose prompt seeds are shared
+            (``prompt_route_seeds``), prefill each distinct prompt once (``_shared_prefill``). The prefill is one more
+            forward where prompts repeat: pass False where the ranks of a sharded model, which must run the same
+            forwards, have different prompts (``collect``).
         route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``, B = len(items) * G): a stochastic
             policy then draws from counter-based noise per (row seed, layer, position) instead of ``generator``
             (``gumbel.RouteSeeds``), the same noise as the vLLM engine's.
+        prompt_route_seeds: (B,) int64 seeds of the prompt positions (None = ``route_seeds``); one seed per group
+            gives the group's rows the same prompt routes (``routing.prompt_routes=group``).
     """
     assert old_routing in ("rollout", "live", None), old_routing
     assert routes in ("full", "experts", "none"), routes
@@ -163,15 +167,34 @@ def generate_rollout(
     tokens = TokenDistribution(sampling, record=True)
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
+    keyed = route_seeds is not None and policy.stochastic
     if route_seeds is not None:
         assert route_seeds.shape == (B,), (route_seeds.shape, B)
-        generator = RouteSeeds(route_seeds, prompt_mask)
+        assert prompt_route_seeds is None or prompt_route_seeds.shape == (B,), prompt_route_seeds.shape
     # the native routers suffice: top-K, no mask, nothing but ids kept, and routers computing in route's precision
     native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs and native_precision(model)
+    # sampled routes whose prompt draws are shared by rows (one seed per group) route those rows' prompts alike
+    shared_draws = keyed and prompt_route_seeds is not None and allowed is None and not keep_generation_probs
     cache = rollout_cache(model, P + max_new_tokens)
-    prefix = None  # (L, B, P-1, K) experts of a shared prefill
-    if share_prompts and native and routes != "full" and mm is None and cache is not None and P > 1:
-        prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, capture=routes == "experts")
+    prefix = None  # (experts (L, B, P-1, K), set log-probs (L, B, P-1)) of a shared prefill
+    start = 0  # the first prompt column generate computes
+    if share_prompts and (native and routes != "full" or shared_draws) and mm is None and cache is not None and P > 1:
+        if native:
+            sites = find_routers(model, allow_dense=True)
+            record = (lambda rows: capture_experts(model, sites)) if routes == "experts" and sites else None
+        else:
+
+            def record(rows: Tensor):  # the distinct rows' prompt routes, drawn with their rows' prompt seeds
+                seeds = prompt_route_seeds[rows]
+                return route(
+                    model, policy, temperature=sampling.routing_temperature, set_logprob=sampling.set_logprob,
+                    generator=RouteSeeds(seeds, prompt_mask[rows, : P - 1], prompt_seeds=seeds),
+                )  # fmt: skip
+
+        key = prompt_route_seeds[:, None] if shared_draws else None
+        start, prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, record, key=key)
+    if route_seeds is not None:
+        generator = RouteSeeds(route_seeds, prompt_mask, prompt_seeds=prompt_route_seeds, start=start)
     if native and routes == "none":
         recorder = contextlib.nullcontext(None)  # nobody reads the trace: plain generate
     elif native and routes == "experts":
@@ -198,8 +221,8 @@ def generate_rollout(
     # (L, B, S-1, K): the last token is generated but never fed back
     trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
     if prefix is not None and trace.experts.shape[0]:  # the shared prefill's routes, then generate's own
-        experts = torch.cat([prefix, trace.experts], dim=2)  # (L, B, S-1, K)
-        trace = replace(trace, experts=experts, set_logp=experts.new_zeros(experts.shape[:3], dtype=torch.float32))
+        experts = torch.cat([prefix[0], trace.experts], dim=2)  # (L, B, S-1, K)
+        trace = replace(trace, experts=experts, set_logp=torch.cat([prefix[1], trace.set_logp], dim=2))
     assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
         experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
@@ -267,25 +290,36 @@ def assemble_rollout(
 
 
 def _shared_prefill(
-    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, *, capture: bool
-) -> Tensor | None:
-    """Prefill ``cache`` with the first P-1 prompt positions, computing each distinct prompt once (top-K routing is
-    deterministic: a group's G copies of a prompt are the same computation) and copying its keys and values to every
-    row of it; ``generate`` then starts at position P-1 on every row. Returns the prefill's (L, B, P-1, K) expert
-    ids if ``capture``, else None. The keys and values equal the per-row prefill's up to float rounding."""
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, record, *, key: Tensor | None = None
+) -> tuple[int, tuple[Tensor, Tensor] | None]:
+    """Prefill ``cache`` with the first P-1 prompt positions, computing each distinct prompt once and copying its keys
+    and values to every row of it; ``generate`` then starts at position P-1 on every row. Rows share a prompt when
+    they route it alike: top-K routing is deterministic, and sampled routes drawn from one seed (``key``: (B, X) the
+    seeds, part of what makes prompts distinct) on the same states are the same draw.
+
+    Args:
+        record: ``record(rows)`` a context manager around the prefill of the distinct ``rows`` whose value has
+            ``trace(U)`` (``capture_experts`` or ``route``), or None to record nothing.
+    Returns:
+        The first prompt column ``generate`` computes (P-1, or 0 if no two rows share a prompt and nothing was
+        prefilled), and the prefill's (L, B, P-1, K) expert ids and (L, B, P-1) set log-probs if ``record``. The keys
+        and values equal the per-row prefill's up to float rounding.
+    """
     B, P = prompt_ids.shape
-    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P)
+    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P, key=key)
     if len(rows) == B:
-        return None
+        return 0, None
     positions = position_ids_from_mask(prompt_mask)
-    sites = find_routers(model, allow_dense=True)
-    with capture_experts(model, sites) if capture and sites else contextlib.nullcontext(None) as cap:
+    with contextlib.nullcontext(None) if record is None else record(rows) as rec:
         model(
             input_ids=prompt_ids[rows, : P - 1], attention_mask=prompt_mask[rows, : P - 1],
             position_ids=positions[rows, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1,
         )  # fmt: skip
     cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...): every row's copy of its prompt
-    return None if cap is None else cap.trace(len(rows)).experts.index_select(1, inverse)  # (L, B, P-1, K)
+    if rec is None:
+        return P - 1, None
+    trace = rec.trace(len(rows))
+    return P - 1, (trace.experts.index_select(1, inverse), trace.set_logp.index_select(1, inverse))
 
 
 def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:

@@ -11,9 +11,11 @@ How it reaches the model (vLLM 0.32, V1 model runner, eager; the engine runs in 
   ``SamplingParams.extra_args["expertrl"]``; internal request ids carry a random suffix and are never parsed.
 
 Sampling draws Gumbel-top-k noise that is a pure function of (request seed, layer, position, expert)
-(``moe.gumbel``), so a request's routes do not depend on what it is batched with, chunked prefill and recompute
-included. A position's route is recorded at the request's absolute position; the last generated token is never fed
-through the model, so a request of ``n`` tokens has routes at positions ``0 .. n-2`` (the trainer's convention).
+(``moe.gumbel``; prompt positions use the request's prompt seed, which a group's requests share under
+``routing.prompt_routes=group``), so a request's routes do not depend on what it is batched with, chunked prefill
+and recompute included. A position's route is recorded at the request's absolute position; the last generated token
+is never fed through the model, so a request of ``n`` tokens has routes at positions ``0 .. n-2`` (the trainer's
+convention).
 
 On CUDA vLLM builds a fused top-K router without that attribute; ``install`` swaps in vLLM's ``CustomRoutingRouter``
 around the same routing function (written from vLLM's source, not yet run on a GPU: ``tests/test_vllm_engine.py``'s
@@ -76,7 +78,7 @@ class EngineRouter:
         self.call: _Call | None = None
         self.step: _Step | None = None
         self.forwards = 0  # forwards seen while a call was open (tests check that routing ran)
-        self._requests: dict[str, tuple[int, int]] = {}  # internal request id -> (row, seed)
+        self._requests: dict[str, tuple[int, int, int, int]] = {}  # request id -> (row, seed, prompt seed, length)
         self._experts: dict[int, np.ndarray] = {}  # row -> (capacity, L, K) int8 (int16 above E = 128)
         self._set_logp: dict[int, np.ndarray] = {}  # row -> (capacity, L) float32
         self._inner_forward = None
@@ -137,15 +139,18 @@ class EngineRouter:
         return experts[: length - 1].copy(), set_logp[: length - 1].copy()
 
     # ------------------------------------------------------------------ per forward
-    def _request(self, req_id: str) -> tuple[int, int]:
-        """(rollout row, routing seed) of a request, read once from its SamplingParams."""
+    def _request(self, req_id: str) -> tuple[int, int, int, int]:
+        """(rollout row, routing seed, prompt routing seed, prompt length) of a request, read once from its
+        SamplingParams: positions before the prompt length draw with the prompt seed (the row's seed if none)."""
         found = self._requests.get(req_id)
         if found is None:
             params = self.runner.requests[req_id].sampling_params
             extra = (params.extra_args or {}).get(EXTRA_KEY)
             if extra is None:
                 raise RuntimeError(f"request {req_id} has no extra_args[{EXTRA_KEY!r}]: submit it through VllmEngine")
-            found = self._requests[req_id] = (int(extra["row"]), int(extra["seed"]))
+            seed = int(extra["seed"])
+            found = (int(extra["row"]), seed, int(extra.get("prompt_seed", seed)), int(extra.get("prompt_len", 0)))
+            self._requests[req_id] = found
         return found
 
     def _model_forward(self, *args, **kwargs):
@@ -159,13 +164,16 @@ class EngineRouter:
         starts = self.runner.query_start_loc.np[: num_reqs + 1].astype(np.int64).copy()
         n = int(starts[-1])
         lengths = np.diff(starts)
-        rows = np.array([r for r, _ in info], dtype=np.int64)
+        rows = np.array([r[0] for r in info], dtype=np.int64)
         positions = positions[:n].to(torch.int64)  # (N,) on the engine's device
         device = positions.device
         noise = mask = None
         if self.call.sample:
-            seeds = np.repeat(np.array([s for _, s in info], dtype=np.int64), lengths)  # (N,)
-            noise = gumbel_noise(torch.from_numpy(seeds).to(device), positions, self.num_layers, self.num_experts)
+            per_token = torch.from_numpy(np.repeat(np.array(info, dtype=np.int64), lengths, axis=0))  # (N, 4)
+            per_token = per_token.to(device)
+            in_prompt = positions < per_token[:, 3]  # (N,) before the request's prompt length
+            seeds = torch.where(in_prompt, per_token[:, 2], per_token[:, 1])  # (N,)
+            noise = gumbel_noise(seeds, positions, self.num_layers, self.num_experts)
         if self.call.masks is not None:
             cpu_positions = positions.cpu()
             parts = []

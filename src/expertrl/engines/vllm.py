@@ -206,6 +206,7 @@ class VllmEngine:
         generator: torch.Generator | None = None,
         guide: Guide | None = None,
         route_seeds: torch.Tensor | None = None,
+        prompt_route_seeds: torch.Tensor | None = None,
     ) -> Rollout:
         """``group_size`` completions of each item (groups contiguous), as ``rollout.generate_rollout`` with
         ``old_routing=None`` returns them; the trainer's first update scores them (``objective.py``).
@@ -218,6 +219,8 @@ class VllmEngine:
             route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``), used instead of drawing them
                 from ``generator``: the hf engine's rollout with the same seeds draws the same experts from the same
                 router scores.
+            prompt_route_seeds: (B,) int64 seeds of the prompt positions (None = ``route_seeds``): one per group
+                gives the group's requests the same prompt routes (``routing.prompt_routes=group``).
         """
         vllm = import_vllm()
         if not isinstance(policy, (TopK, Multinomial)):
@@ -241,6 +244,13 @@ class VllmEngine:
         seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
         if route_seeds is not None:
             seeds = [[int(r), t] for r, (_, t) in zip(route_seeds.tolist(), seeds, strict=True)]
+        prompt_args = [{} for _ in range(B)]
+        if prompt_route_seeds is not None:
+            assert route_seeds is not None, "prompt_route_seeds needs route_seeds"
+            prompt_args = [
+                {"prompt_seed": int(seed), "prompt_len": n}
+                for seed, n in zip(prompt_route_seeds.tolist(), lengths, strict=True)
+            ]
         masks = None
         if guide is not None:  # allowed experts by each request's own (unpadded) position
             full = torch.cat([prompt_ids, prompt_ids.new_full((B, max_new_tokens), tok.pad_token_id)], dim=1)
@@ -258,7 +268,7 @@ class VllmEngine:
                 logprobs=0,
                 seed=abs(seeds[b][1]) if sampling.do_sample else None,
                 detokenize=False,
-                extra_args={EXTRA_KEY: {"row": b, "seed": seeds[b][0]}},
+                extra_args={EXTRA_KEY: {"row": b, "seed": seeds[b][0], **prompt_args[b]}},
             )
             for b in range(B)
         ]

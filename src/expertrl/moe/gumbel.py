@@ -82,19 +82,26 @@ def row_seeds(base: int, rows: Tensor) -> Tensor:
 
 class RouteSeeds:
     """Counter-based routing noise of one ``generate`` call: row b draws its experts with the uniforms of
-    (``seeds[b]``, layer, position, expert), position = the token's index in its own sequence (left padding does
-    not count). ``hooks.route`` asks ``uniform(layer, n)`` at every router call: the first call of a layer is the
-    prefill (n = B * P tokens), each later one a decode step (n = B, the token just generated).
+    (seed, layer, position, expert), position = the token's index in its own sequence (left padding does not count),
+    seed = ``prompt_seeds[b]`` at prompt positions and ``seeds[b]`` at generated ones. ``hooks.route`` asks
+    ``uniform(layer, n)`` at every router call: the first call of a layer is the prefill of prompt columns
+    ``start .. P-1`` (n = B * (P - start) tokens; columns before ``start`` were prefilled by another call, a shared
+    prefill), each later one a decode step (n = B, the token just generated).
 
     Args:
         seeds: (B,) int64 (``row_seeds``).
         prompt_mask: (B, P) attention mask of the left-padded prompts.
+        prompt_seeds: (B,) int64 seeds of the prompt positions; None = ``seeds``. A group's G rows given one seed
+            (``routing.prompt_routes=group``) draw the same prompt routes, since they also route the same states.
+        start: the first prompt column the prefill call routes.
     """
 
-    def __init__(self, seeds: Tensor, prompt_mask: Tensor) -> None:
+    def __init__(self, seeds: Tensor, prompt_mask: Tensor, prompt_seeds: Tensor | None = None, start: int = 0) -> None:
         self.seeds = seeds.to(torch.int64)
+        self.prompt_seeds = self.seeds if prompt_seeds is None else prompt_seeds.to(torch.int64)
         self.lengths = prompt_mask.long().sum(-1)  # (B,) prompt tokens per row
         self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) pads: 0, never used
+        self.start = start
         self.calls: dict[int, int] = {}
 
     def uniform(self, layer: int, n_tokens: int, num_experts: int) -> Tensor:
@@ -104,8 +111,10 @@ class RouteSeeds:
         B, P = self.prompt_positions.shape
         device = self.seeds.device
         if call == 0:
-            assert n_tokens == B * P, f"prefill of {n_tokens} tokens for {B} prompts of width {P}"
-            seeds, positions = self.seeds.repeat_interleave(P), self.prompt_positions.reshape(-1)
+            width = P - self.start
+            assert n_tokens == B * width, f"prefill of {n_tokens} tokens for {B} prompts of width {width}"
+            seeds = self.prompt_seeds.repeat_interleave(width)
+            positions = self.prompt_positions[:, self.start :].reshape(-1)
         else:
             assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
             seeds, positions = self.seeds, self.lengths + (call - 1)
