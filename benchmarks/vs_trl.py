@@ -132,7 +132,7 @@ def step_flops(
     S = prompt_len + completion_len
     prompt = prompt_len * per_token + sum(attention(t + 1) for t in range(prompt_len))  # prefill = prompt forward
     decode = sum(per_token + attention(prompt_len + t + 1) + head for t in range(int(round(completion_len)) - 1))
-    completion = sum(per_token + attention(t + 1) for t in range(prompt_len, int(round(S)))) + completion_len * head
+    completion = completion_len * (per_token + head) + sum(attention(t + 1) for t in range(prompt_len, int(round(S))))
     return prompt_copies * 4 * prompt + batch * (head + decode + 3 * completion)
 
 

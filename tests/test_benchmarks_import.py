@@ -17,3 +17,32 @@ def test_the_benchmark_imports(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # imports only: main() runs under `if __name__ == "__main__"`
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
+
+
+def _module(name: str):
+    path = next(p for p in SCRIPTS if p.stem == name)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_trl_counts_a_shared_prompt_once():
+    """``step_flops`` with every prompt copy counted is the per-row count (prefill + decode + 3 x forward over
+    prompt + completion); with one copy per group it drops exactly (G - 1) x 4 prompt forwards per group."""
+    vs = _module("vs_trl")
+    shape, V, P, C, B, groups = vs.WORKLOADS["W1"], 40, 9, 12.0, 64, 8
+    H, hd, nq, nkv, L = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"], shape["layers"]
+    per_token = L * (2 * H * hd * (2 * nq + 2 * nkv) + 2 * H * shape["experts"] + 6 * shape["top_k"] * H
+                     * shape["moe_intermediate"])  # fmt: skip
+
+    def attention(ctx):
+        return 4 * nq * hd * ctx * L
+
+    prefill = P * per_token + sum(attention(t + 1) for t in range(P)) + 2 * H * V
+    decode = sum(per_token + attention(P + t + 1) + 2 * H * V for t in range(int(C) - 1))
+    forward = (P + C) * per_token + sum(attention(t + 1) for t in range(P + int(C))) + C * 2 * H * V
+    per_row = B * (prefill + decode + 3 * forward)
+    assert vs.step_flops(shape, V, P, C, B, B) == pytest.approx(per_row, rel=1e-12)
+    prompt = P * per_token + sum(attention(t + 1) for t in range(P))
+    assert vs.step_flops(shape, V, P, C, B, groups) == pytest.approx(per_row - (B - groups) * 4 * prompt, rel=1e-12)

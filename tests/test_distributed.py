@@ -85,13 +85,16 @@ updates; micro-batches of 3 rows split a rank's 8 rows unevenly, and differently
 
 
 @needs_torchrun
-def test_the_default_job_does_not_depend_on_the_number_of_processes(tmp_path):
+@pytest.mark.parametrize("prompt_routes", ["row", "group"])
+def test_the_default_job_does_not_depend_on_the_number_of_processes(prompt_routes, tmp_path):
     """Issue 13: sampled routes are a function of (seed, step, global row), the Switch LB loss is the global batch's,
     and routing statistics are reduced globally, so world size 1 and 2 log the same rollouts and reach the same
-    weights (up to float summation order)."""
-    proc = torchrun(2, [*DEFAULT_JOB, "--output_dir", str(tmp_path / "two")])
+    weights (up to float summation order). With ``routing.prompt_routes=group`` the prompt seeds are a function of
+    the global group index; one process then also shares each group's prompt in the training forward (two do not)."""
+    job = [*DEFAULT_JOB, "--routing.prompt_routes", prompt_routes]
+    proc = torchrun(2, [*job, "--output_dir", str(tmp_path / "two")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cmd = [sys.executable, "-m", "expertrl", "train", *DEFAULT_JOB, "--output_dir", str(tmp_path / "one")]
+    cmd = [sys.executable, "-m", "expertrl", "train", *job, "--output_dir", str(tmp_path / "one")]
     one = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     two, ref = step_records(tmp_path / "two"), step_records(tmp_path / "one")

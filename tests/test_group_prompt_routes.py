@@ -76,15 +76,16 @@ def test_group_prompt_routes_are_the_group_seeds_draws_and_sharing_changes_nothi
         for s in range(shared.input_ids.shape[1] - 1):
             if not shared.attention_mask[b, s]:
                 continue
-            seed = groups[b] if s < P else completion_seeds[b]
+            seed = groups[b] if s < P - 1 else completion_seeds[b]  # P-1 predicts the first token: per row
             noise = gumbel_noise(seed.view(1), pos[b, s].view(1), scores.shape[0], scores.shape[-1])[0]  # (L, E)
             want = (scores[:, b, s] + noise).topk(K_, dim=-1).indices  # (L, K) draw order
             assert torch.equal(shared.routing.experts[:, b, s].long(), want), (b, s)
-    prompt = shared.routing.experts[:, :, :P].unflatten(1, (len(ITEMS), G))  # (L, prompts, G, P, K)
+    prompt = shared.routing.experts[:, :, : P - 1].unflatten(1, (len(ITEMS), G))  # (L, prompts, G, P-1, K)
     assert (prompt == prompt[:, :, :1]).all()  # a group's rows share the draw
     assert not torch.equal(prompt[:, 0, 0], prompt[:, 3, 0]) or K_ == scores.shape[-1]  # same prompt, other group
-    completion = shared.routing.experts[:, :, P:-1].unflatten(1, (len(ITEMS), G))
+    completion = shared.routing.experts[:, :, P - 1 : -1].unflatten(1, (len(ITEMS), G))  # P-1: the first token's
     if K_ < scores.shape[-1]:
+        assert (completion[:, :, :, 0] != completion[:, :, :1, 0]).any()  # the first token's routes draw per row
         assert (completion != completion[:, :, :1]).any()  # completions still draw per row
 
 
@@ -102,7 +103,7 @@ def test_row_prompt_routes_draw_per_row_and_share_nothing(tokenizer):
 def test_noisy_top_k_shares_group_prompt_routes_too(tokenizer):
     model = build_tiny_moe("qwen3_moe", "tiny").eval()
     r = _rollout(model, tokenizer, share=True, policy=NoisyTopK(noise_std=0.5))
-    prompt = r.routing.experts[:, :, : r.prompt_width].unflatten(1, (len(ITEMS), G))
+    prompt = r.routing.experts[:, :, : r.prompt_width - 1].unflatten(1, (len(ITEMS), G))
     assert (prompt == prompt[:, :, :1]).all()
     assert torch.equal(r.input_ids, _rollout(model, tokenizer, share=False, policy=NoisyTopK(noise_std=0.5)).input_ids)
 
@@ -144,6 +145,7 @@ def test_group_prompt_routes_refuse_gate_grpo_over_prompt_tokens():
     args = [*tiny_args(), "--routing.prompt_routes", "group", "--loss.gate_tokens", "all"]
     with pytest.raises(ConfigError, match=r"routing\.prompt_routes.*gate_tokens=completion"):
         load_config(TrainConfig, None, args).check_combination()
+    load_config(TrainConfig, None, [*args, "--loss.gate_coef", "0"])  # no Gate-GRPO: nothing to credit
     for preset in ("grpo", "moe_grpo"):  # top-K ignores it; MoE-GRPO over completion tokens takes it
         load_config(TrainConfig, None, [*tiny_args(), *preset_overrides(preset), "--routing.prompt_routes", "group"])
 
@@ -171,7 +173,7 @@ def test_a_training_run_with_group_prompt_routes(tmp_path, monkeypatch):
     G_ = cfg.rollout.group_size
     assert len(seen) == cfg.steps
     for r in seen:
-        prompt = r.routing.experts[:, :, : r.prompt_width].unflatten(1, (-1, G_))
+        prompt = r.routing.experts[:, :, : r.prompt_width - 1].unflatten(1, (-1, G_))
         assert (prompt == prompt[:, :, :1]).all()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/mean" in r]
@@ -179,3 +181,19 @@ def test_a_training_run_with_group_prompt_routes(tmp_path, monkeypatch):
     for s in steps:  # one update per rollout: the old policy is the update's own forward
         assert s["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
         assert s["loss/gate_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_without_a_shared_prefill_the_group_draws_are_the_same(tokenizer):
+    """Kept routing probabilities (RO-GRPO's rewards) route every row's whole prompt under ``route`` (no shared
+    prefill): the group seeds still give the same draws as the shared prefill."""
+    model = build_tiny_moe("qwen3_moe", "tiny").eval()
+    shared = _rollout(model, tokenizer, share=True)
+    seeds, groups = _seeds(len(ITEMS))
+    kept = generate_rollout(
+        model, tokenizer, ITEMS, group_size=G, max_new_tokens=5, policy=Multinomial(),
+        sampling=Sampling(routing_temperature=0.7), old_routing=None, routes="experts", keep_probs=True,
+        route_seeds=seeds, prompt_route_seeds=groups,
+    )  # fmt: skip
+    assert kept.route_probs is not None
+    assert torch.equal(kept.input_ids, shared.input_ids)
+    assert torch.equal(kept.routing.experts, shared.routing.experts)

@@ -158,10 +158,11 @@ def test_the_engines_share_a_groups_prompt_routes_alike(engine):
     same = (r.routing.experts.long() == h.routing.experts.long()).all(-1)  # (L, B, S)
     assert same[:, routed].all()
     P = r.prompt_width
-    prompt = r.routing.experts[:, :, :P].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, P, K)
+    prompt = r.routing.experts[:, :, : P - 1].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, P-1, K)
     assert (prompt[:, :, 0] == prompt[:, :, 1]).all()  # the group's two requests: one prompt draw
-    both = (routed[0::2] & routed[1::2])[:, P:]  # (prompts, C) completion positions both requests routed
-    completion = r.routing.experts[:, :, P:].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, C, K)
+    both = (routed[0::2] & routed[1::2])[:, P - 1 :]  # (prompts, C+1) positions both requests routed from P-1 on
+    completion = r.routing.experts[:, :, P - 1 :].long().unflatten(1, (len(ITEMS), 2))  # (L, prompts, 2, C+1, K)
+    assert (completion[:, :, 0, 0] != completion[:, :, 1, 0]).any()  # P-1 predicts the first token: per request
     assert (completion[:, :, 0] != completion[:, :, 1]).any(-1)[:, both].any()  # completions draw per request
 
 

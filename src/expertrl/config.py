@@ -292,9 +292,11 @@ class RoutingConfig:
     """freeze every router weight during RL (the rigid remedy RSPO compares against)"""
     prompt_routes: Literal["row", "group"] = "row"
     """sampled routes of the prompt tokens: row = each of a group's G rollouts draws its own (the completions differ
-    in their prompt states too); group = the G rollouts of a prompt share one draw, so the prompt is computed once per
-    group in generation and in every training forward (METHODS ambiguity: MoE-GRPO does not say); completion
-    tokens always draw per row. group needs loss.gate_tokens=completion"""
+    in their prompt states too); group = the G rollouts of a prompt share one draw of the routes of its positions
+    but the last (whose route predicts the first completion token and, like every completion route, is drawn per
+    row), so the hf engine computes those positions once per group in generation and in the training forwards (not
+    with guidance, routing rewards, vision inputs, activation checkpointing or several processes). MoE-GRPO does not
+    say (docs/architecture.md, decision 9b). group with Gate-GRPO needs loss.gate_tokens=completion"""
 
     def __post_init__(self) -> None:
         _check(
@@ -722,7 +724,7 @@ class TrainConfig:
             _check(not r.freeze_router, "routing.freeze_router", "a frozen router cannot be trained by Gate-GRPO")
         if r.prompt_routes == "group":
             _check(
-                lc.gate_tokens == "completion",
+                lc.gate_coef == 0 or lc.gate_tokens == "completion",
                 "routing.prompt_routes",
                 "group prompt routes are one draw shared by a group's G rollouts, so Gate-GRPO cannot credit them to "
                 "a rollout's advantage: use loss.gate_tokens=completion with it, or routing.prompt_routes=row",

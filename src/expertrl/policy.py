@@ -189,8 +189,8 @@ def forward_sequences(
     B, S = input_ids.shape
     C = S - prompt_width
     checkpointed = torch.is_grad_enabled() and bool(checkpointing_layers(model))
-    if share_prompts and mm is None and expert_mask is None and not checkpointed:
-        rows, inverse = distinct_prompts(input_ids, attention_mask, prompt_width, routes, score)
+    if share_prompts and mm is None and expert_mask is None and not checkpointed and prompt_width > 1:
+        rows, inverse = distinct_prompts(input_ids, attention_mask, prompt_width - 1, routes, score)
         if len(rows) < B:  # some rows share a prompt
             return shared_prompt_forward(
                 model, input_ids, attention_mask, prompt_width, routes, rows, inverse, sampling=sampling,
@@ -277,12 +277,13 @@ def shared_prompt_forward(
     keep_logits: bool = False,
 ) -> ForwardOut:
     """``forward_sequences`` computing each distinct prompt once: the G completions of a prompt sampled under
-    deterministic routing see identical prompt states, so the prompt runs once per distinct (prompt, prompt routes)
-    (``distinct_prompts``) and its keys and values are copied to every row that shares it; the completions then run
-    on all rows against that cache. The copies are an ``index_select``, so every gradient reaching a shared prompt is
-    the sum of its rows' gradients, as in the forward over every row; values differ from it by float rounding only
-    (``tests/test_shared_prompts.py``). Under sampled routes (MoE-GRPO) the rows share a prompt only where they share
-    its routes: a group's rows with ``routing.prompt_routes=group``, none with ``row``.
+    deterministic routing see identical prompt states, so the prompt's first P-1 positions run once per distinct
+    (prompt, prompt routes) (``distinct_prompts`` over those positions) and their keys and values are copied to every
+    row that shares them; position P-1, which predicts completion token 0 and whose route is a completion route, and
+    the completions then run on all rows against that cache. The copies are an ``index_select``, so every gradient
+    reaching a shared prompt is the sum of its rows' gradients, as in the forward over every row; values differ from
+    it by float rounding only (``tests/test_shared_prompts.py``). Under sampled routes (MoE-GRPO) the rows share a
+    prompt only where they share its routes: a group's rows with ``routing.prompt_routes=group``, none with ``row``.
     """
     B, S = input_ids.shape
     P, C, U = prompt_width, S - prompt_width, len(rows)
@@ -302,35 +303,33 @@ def shared_prompt_forward(
         return (score.experts[:, :, span] if sel is None else score.experts[:, sel, span]).flatten(1, 2)
 
     cache = DynamicCache(config=model.config)
-    prompt = slice(0, P)
+    prompt = slice(0, P - 1)  # position P-1 predicts completion token 0: its route is a completion route, per row
     with (
         route(model, policy(prompt, rows), score_experts=scored(prompt, rows), **kwargs) as first,
-        _patched_head(model, lambda hidden: hidden) as head,  # the last prompt state, not logits
+        _patched_head(model, lambda hidden: hidden),  # no logits: nothing is predicted from the shared positions
     ):
-        last = model(
-            input_ids=input_ids[rows, :P], attention_mask=attention_mask[rows, :P], position_ids=positions[rows, :P],
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        ).logits  # fmt: skip  # (U, 1, H) the state at P-1, which predicts completion token 0
+        model(
+            input_ids=input_ids[rows, : P - 1], attention_mask=attention_mask[rows, : P - 1],
+            position_ids=positions[rows, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
     for layer in cache.layers:  # every row's copy of its prompt's keys and values (gradients add up over copies)
         layer.keys, layer.values = layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse)
-    completion = slice(P, S)
+    completion = slice(P - 1, S)
     with (
         route(model, policy(completion, None), score_experts=scored(completion, None), **kwargs) as rest,
-        token_logp_head(model, input_ids[:, P + 1 :], sampling),
+        token_logp_head(model, input_ids[:, P:], sampling),
     ):
-        later = model(
-            input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=positions[:, P:],
-            past_key_values=cache, use_cache=True, logits_to_keep=C,
-        ).logits  # fmt: skip  # (B, C-1) tokens 1 .. C-1
-    token0 = head_token_logp(head, last.index_select(0, inverse), input_ids[:, P : P + 1], sampling)  # (B, 1)
-    logp = torch.cat([token0, later], dim=1)  # (B, C)
+        logp = model(
+            input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, position_ids=positions[:, P - 1 :],
+            past_key_values=cache, use_cache=True, logits_to_keep=C + 1,
+        ).logits  # fmt: skip  # (B, C): positions P-1 .. S-1 predict tokens P .. S
     if not first.sites:  # no router (plain-LoRA baseline)
         empty = RoutingTrace.empty(B, S, input_ids.device)
         nothing = torch.zeros(0, B, S, 1, device=input_ids.device)
         return ForwardOut(logp, empty.set_logp, nothing, nothing if keep_probs else None, empty,
                           nothing if keep_logits else None)  # fmt: skip
 
-    def joined(get) -> Tensor:  # (L, U, P, ...) and (L, B, C, ...) -> (L, B, S, ...)
+    def joined(get) -> Tensor:  # (L, U, P-1, ...) and (L, B, C+1, ...) -> (L, B, S, ...)
         return torch.cat([get(first, U).index_select(1, inverse), get(rest, B)], dim=2)
 
     used = routes

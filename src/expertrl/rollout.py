@@ -151,8 +151,8 @@ def generate_rollout(
         route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``, B = len(items) * G): a stochastic
             policy then draws from counter-based noise per (row seed, layer, position) instead of ``generator``
             (``gumbel.RouteSeeds``), the same noise as the vLLM engine's.
-        prompt_route_seeds: (B,) int64 seeds of the prompt positions (None = ``route_seeds``); one seed per group
-            gives the group's rows the same prompt routes (``routing.prompt_routes=group``).
+        prompt_route_seeds: (B,) int64 seeds of the prompt positions but the last (None = ``route_seeds``); one seed
+            per group gives the group's rows the same prompt routes (``routing.prompt_routes=group``).
     """
     assert old_routing in ("rollout", "live", None), old_routing
     assert routes in ("full", "experts", "none"), routes
@@ -168,6 +168,7 @@ def generate_rollout(
     allowed = guide.for_generation(prompt_ids, prompt_mask) if guide is not None else None
     keep_generation_probs = keep_probs and old_routing is None
     keyed = route_seeds is not None and policy.stochastic
+    assert prompt_route_seeds is None or route_seeds is not None, "prompt_route_seeds needs route_seeds"
     if route_seeds is not None:
         assert route_seeds.shape == (B,), (route_seeds.shape, B)
         assert prompt_route_seeds is None or prompt_route_seeds.shape == (B,), prompt_route_seeds.shape
@@ -306,7 +307,7 @@ def _shared_prefill(
         and values equal the per-row prefill's up to float rounding.
     """
     B, P = prompt_ids.shape
-    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P, key=key)
+    rows, inverse = distinct_prompts(prompt_ids, prompt_mask, P - 1, key=key)  # the positions prefilled here
     if len(rows) == B:
         return 0, None
     positions = position_ids_from_mask(prompt_mask)

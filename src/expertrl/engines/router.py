@@ -11,8 +11,8 @@ How it reaches the model (vLLM 0.32, V1 model runner, eager; the engine runs in 
   ``SamplingParams.extra_args["expertrl"]``; internal request ids carry a random suffix and are never parsed.
 
 Sampling draws Gumbel-top-k noise that is a pure function of (request seed, layer, position, expert)
-(``moe.gumbel``; prompt positions use the request's prompt seed, which a group's requests share under
-``routing.prompt_routes=group``), so a request's routes do not depend on what it is batched with, chunked prefill
+(``moe.gumbel``; the prompt's positions but its last use the request's prompt seed, which a group's requests share
+under ``routing.prompt_routes=group``), so a request's routes do not depend on what it is batched with, chunked prefill
 and recompute included. A position's route is recorded at the request's absolute position; the last generated token
 is never fed through the model, so a request of ``n`` tokens has routes at positions ``0 .. n-2`` (the trainer's
 convention).
@@ -140,8 +140,8 @@ class EngineRouter:
 
     # ------------------------------------------------------------------ per forward
     def _request(self, req_id: str) -> tuple[int, int, int, int]:
-        """(rollout row, routing seed, prompt routing seed, prompt length) of a request, read once from its
-        SamplingParams: positions before the prompt length draw with the prompt seed (the row's seed if none)."""
+        """(rollout row, routing seed, prompt routing seed, prompt seed positions) of a request, read once from its
+        SamplingParams: positions before the last number draw with the prompt seed (the row's seed if none)."""
         found = self._requests.get(req_id)
         if found is None:
             params = self.runner.requests[req_id].sampling_params
@@ -149,7 +149,12 @@ class EngineRouter:
             if extra is None:
                 raise RuntimeError(f"request {req_id} has no extra_args[{EXTRA_KEY!r}]: submit it through VllmEngine")
             seed = int(extra["seed"])
-            found = (int(extra["row"]), seed, int(extra.get("prompt_seed", seed)), int(extra.get("prompt_len", 0)))
+            found = (
+                int(extra["row"]),
+                seed,
+                int(extra.get("prompt_seed", seed)),
+                int(extra.get("prompt_seed_until", 0)),
+            )
             self._requests[req_id] = found
         return found
 
@@ -171,7 +176,7 @@ class EngineRouter:
         if self.call.sample:
             per_token = torch.from_numpy(np.repeat(np.array(info, dtype=np.int64), lengths, axis=0))  # (N, 4)
             per_token = per_token.to(device)
-            in_prompt = positions < per_token[:, 3]  # (N,) before the request's prompt length
+            in_prompt = positions < per_token[:, 3]  # (N,) the prompt's positions but its last
             seeds = torch.where(in_prompt, per_token[:, 2], per_token[:, 1])  # (N,)
             noise = gumbel_noise(seeds, positions, self.num_layers, self.num_experts)
         if self.call.masks is not None:

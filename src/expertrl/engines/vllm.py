@@ -219,8 +219,8 @@ class VllmEngine:
             route_seeds: (B,) int64 routing seeds of the rows (``gumbel.row_seeds``), used instead of drawing them
                 from ``generator``: the hf engine's rollout with the same seeds draws the same experts from the same
                 router scores.
-            prompt_route_seeds: (B,) int64 seeds of the prompt positions (None = ``route_seeds``): one per group
-                gives the group's requests the same prompt routes (``routing.prompt_routes=group``).
+            prompt_route_seeds: (B,) int64 seeds of the prompt positions but the last (None = ``route_seeds``): one
+                per group gives the group's requests the same prompt routes (``routing.prompt_routes=group``).
         """
         vllm = import_vllm()
         if not isinstance(policy, (TopK, Multinomial)):
@@ -248,7 +248,7 @@ class VllmEngine:
         if prompt_route_seeds is not None:
             assert route_seeds is not None, "prompt_route_seeds needs route_seeds"
             prompt_args = [
-                {"prompt_seed": int(seed), "prompt_len": n}
+                {"prompt_seed": int(seed), "prompt_seed_until": n - 1}  # the last prompt position draws per row
                 for seed, n in zip(prompt_route_seeds.tolist(), lengths, strict=True)
             ]
         masks = None

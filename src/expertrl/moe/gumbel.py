@@ -83,7 +83,9 @@ def row_seeds(base: int, rows: Tensor) -> Tensor:
 class RouteSeeds:
     """Counter-based routing noise of one ``generate`` call: row b draws its experts with the uniforms of
     (seed, layer, position, expert), position = the token's index in its own sequence (left padding does not count),
-    seed = ``prompt_seeds[b]`` at prompt positions and ``seeds[b]`` at generated ones. ``hooks.route`` asks
+    seed = ``prompt_seeds[b]`` at the prompt's positions but its last, ``seeds[b]`` at the last prompt position (its
+    route computes the state that predicts the first generated token: a completion route) and the generated ones.
+    ``hooks.route`` asks
     ``uniform(layer, n)`` at every router call: the first call of a layer is the prefill of prompt columns
     ``start .. P-1`` (n = B * (P - start) tokens; columns before ``start`` were prefilled by another call, a shared
     prefill), each later one a decode step (n = B, the token just generated).
@@ -91,8 +93,8 @@ class RouteSeeds:
     Args:
         seeds: (B,) int64 (``row_seeds``).
         prompt_mask: (B, P) attention mask of the left-padded prompts.
-        prompt_seeds: (B,) int64 seeds of the prompt positions; None = ``seeds``. A group's G rows given one seed
-            (``routing.prompt_routes=group``) draw the same prompt routes, since they also route the same states.
+        prompt_seeds: (B,) int64 seeds of the prompt positions but the last; None = ``seeds``. A group's G rows given
+            one seed (``routing.prompt_routes=group``) draw the same routes there, since they route the same states.
         start: the first prompt column the prefill call routes.
     """
 
@@ -101,6 +103,7 @@ class RouteSeeds:
         self.prompt_seeds = self.seeds if prompt_seeds is None else prompt_seeds.to(torch.int64)
         self.lengths = prompt_mask.long().sum(-1)  # (B,) prompt tokens per row
         self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) pads: 0, never used
+        assert 0 <= start < prompt_mask.shape[1], (start, prompt_mask.shape)
         self.start = start
         self.calls: dict[int, int] = {}
 
@@ -113,7 +116,8 @@ class RouteSeeds:
         if call == 0:
             width = P - self.start
             assert n_tokens == B * width, f"prefill of {n_tokens} tokens for {B} prompts of width {width}"
-            seeds = self.prompt_seeds.repeat_interleave(width)
+            shared = torch.arange(self.start, P, device=device) < P - 1  # (width,) all prompt columns but the last
+            seeds = torch.where(shared, self.prompt_seeds[:, None], self.seeds[:, None]).reshape(-1)  # (B * width,)
             positions = self.prompt_positions[:, self.start :].reshape(-1)
         else:
             assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
