@@ -44,6 +44,7 @@ from expertrl.configio import load_config
 from expertrl.models import build_tiny_moe
 from expertrl.run import build_run
 from expertrl.sft import run_sft
+from expertrl.start import start
 from expertrl.tokenizer import build_char_tokenizer
 from expertrl.train import train
 from expertrl.update import update
@@ -75,23 +76,31 @@ def measure(shape_flags: list[str], engine: str, args, out: Path) -> dict:
     ]  # fmt: skip
     cfg = load_config(TrainConfig, None, overrides)
     run = build_run(cfg)
-    rows = []
     try:
-        for step in range(args.steps + 1):
-            t0 = time.perf_counter()
-            batch, metrics, spare = collect(run, step)
-            t_rollout = time.perf_counter() - t0
-            update(run, batch, spare, step)
-            t_step = time.perf_counter() - t0
-            if step == 0:
-                continue  # warm-up: vLLM's first generate (and both engines' first kernels) set themselves up
-            push = float(metrics.get("time/engine_sync", 0.0))
-            rows.append(dict(tokens=float(batch.mask.sum()), rollout_s=t_rollout, step_s=t_step, push_s=push))
-        params = sum(p.numel() for p in run.policy_model.parameters())
+        with run.claimed():
+            assert start(run, {"signal": None})  # the optimiser and the engine, as `expertrl train` before step 0
+            rows = timed_steps(run, args.steps)
+            params = sum(p.numel() for p in run.policy_model.parameters())
     finally:
         run.close()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return med | {"rollout_tok_s": med["tokens"] / med["rollout_s"], "params": params}
+
+
+def timed_steps(run, steps: int) -> list[dict]:
+    """One untimed and ``steps`` timed RL steps (collect + update) of a started run."""
+    rows = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        batch, metrics, spare = collect(run, step)
+        t_rollout = time.perf_counter() - t0
+        update(run, batch, spare, step)
+        t_step = time.perf_counter() - t0
+        if step == 0:
+            continue  # warm-up: vLLM's first generate (and both engines' first kernels) set themselves up
+        push = float(metrics.get("time/engine_sync", 0.0))
+        rows.append(dict(tokens=float(batch.mask.sum()), rollout_s=t_rollout, step_s=t_step, push_s=push))
+    return rows
 
 
 def accuracy(args, root: Path) -> None:

@@ -46,3 +46,15 @@ def test_vs_trl_counts_a_shared_prompt_once():
     assert vs.step_flops(shape, V, P, C, B, B) == pytest.approx(per_row, rel=1e-12)
     prompt = P * per_token + sum(attention(t + 1) for t in range(P))
     assert vs.step_flops(shape, V, P, C, B, groups) == pytest.approx(per_row - (B - groups) * 4 * prompt, rel=1e-12)
+
+
+def test_vllm_vs_hf_measures_a_real_run(tmp_path):
+    """The engine benchmark drives the trainer's own objects (build_run, start, collect, update); it broke silently
+    once when start() took over creating the optimiser. One timed step of the hf engine on the tiny checkpoint."""
+    import argparse
+
+    bench = _module("vllm_vs_hf")
+    args = argparse.Namespace(steps=1, prompts=2, group=2, max_new=4)
+    flags = ["--model.path", str(bench.tiny_checkpoint(tmp_path))]
+    row = bench.measure(flags, "hf", args, tmp_path / "run")
+    assert row["tokens"] > 0 and row["step_s"] >= row["rollout_s"] > 0 and row["push_s"] == 0.0
