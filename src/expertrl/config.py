@@ -294,9 +294,10 @@ class RoutingConfig:
     """sampled routes of the prompt tokens: row = each of a group's G rollouts draws its own (the completions differ
     in their prompt states too); group = the G rollouts of a prompt share one draw of the routes of its positions
     but the last (whose route predicts the first completion token and, like every completion route, is drawn per
-    row), so the hf engine computes those positions once per group in generation and in the training forwards (not
-    with guidance, routing rewards, vision inputs, activation checkpointing or several processes). MoE-GRPO does not
-    say (docs/architecture.md, decision 9b). group with Gate-GRPO needs loss.gate_tokens=completion"""
+    row), so with share_prompts the hf engine computes those positions once per group in generation and in the
+    training forwards (guidance, routing rewards, vision inputs, activation checkpointing and several processes
+    compute every row's copy of the same draws instead: the same routes, no speed-up). MoE-GRPO does not say
+    (docs/architecture.md, decision 9b). group with Gate-GRPO needs loss.gate_tokens=completion"""
 
     def __post_init__(self) -> None:
         _check(
@@ -580,9 +581,9 @@ class TrainConfig:
     micro_batch_size: int = 32
     """sequences per forward/backward; gradients accumulate to one optimiser step per inner update"""
     share_prompts: bool = True
-    """compute a prompt once for the rows that share it and its routes (a group's completions under top-K routing):
-    in the rollout's prefill and in each micro-batch's forward (one process; the forward not with
-    model.gradient_checkpointing); the same values up to float rounding"""
+    """compute a prompt once for the rows that share it and its routes (a group's completions under top-K routing,
+    or under sampled routing with routing.prompt_routes=group): in the rollout's prefill and in each micro-batch's
+    forward (one process; the forward not with model.gradient_checkpointing); the same values up to float rounding"""
     seed: int = 0
     """seed of everything (torch, python, routing sampler); per-step seeds derive from (seed, step)"""
     output_dir: str = "runs/default"
