@@ -78,7 +78,8 @@ def measure(shape_flags: list[str], engine: str, args, out: Path) -> dict:
     run = build_run(cfg)
     try:
         with run.claimed():
-            assert start(run, {"signal": None})  # the optimiser and the engine, as `expertrl train` before step 0
+            started = start(run, {"signal": None})  # the optimiser and the engine, as `expertrl train` before step 0
+            assert started
             rows = timed_steps(run, args.steps)
             params = sum(p.numel() for p in run.policy_model.parameters())
     finally:

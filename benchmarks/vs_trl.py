@@ -119,7 +119,8 @@ def step_flops(
     """Matmul FLOPs of one step's useful work: generation (prefill, then one token at a time with a KV cache) and the
     loss forward + backward (2x forward) over prompt + completion; the LM head only where logits are used. The prompt
     positions count ``prompt_copies`` times (the number of groups where their copies are one computation, else the
-    batch), the completions ``batch`` times."""
+    batch), the completions ``batch`` times. (The sharing variants compute the last prompt position per row; counted
+    once per group here, it is ~1/P of the prompt's work.)"""
     H, hd, nq, nkv = shape["hidden"], shape["head_dim"], shape["heads"], shape["kv_heads"]
     per_token = 2 * H * hd * (2 * nq + 2 * nkv)  # q, k, v, o projections
     per_token += 2 * H * shape["experts"] + 6 * shape["top_k"] * H * shape["moe_intermediate"]  # router, experts
@@ -179,7 +180,8 @@ def expertrl_child(a: argparse.Namespace) -> dict:
     cfg = load_config(TrainConfig, None, args)
     run = build_run(cfg)
     with run.claimed():
-        assert start(run, {"signal": None})
+        started = start(run, {"signal": None})
+        assert started
         times, tokens, rollout_s = [], [], []
         for step in range(a.warmup + a.steps):
             t0 = time.perf_counter()

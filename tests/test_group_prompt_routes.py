@@ -16,7 +16,7 @@ from expertrl.configio import load_config
 from expertrl.models import build_tiny_moe
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.gumbel import gumbel_noise, row_seeds
-from expertrl.moe.policies import Multinomial, NoisyTopK
+from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
 from expertrl.objective import Denominators
 from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask
 from expertrl.presets import preset_overrides
@@ -197,3 +197,27 @@ def test_without_a_shared_prefill_the_group_draws_are_the_same(tokenizer):
     assert kept.route_probs is not None
     assert torch.equal(kept.input_ids, shared.input_ids)
     assert torch.equal(kept.routing.experts, shared.routing.experts)
+
+
+@pytest.mark.parametrize("prompts", [("5", "12+3="), ("5", "7")])  # a one-token prompt beside longer ones; P == 1
+@pytest.mark.parametrize("sampled", [False, True])
+def test_one_token_prompts_share_nothing_wrongly(prompts, sampled, tokenizer):
+    """A one-token prompt is all padding in the shared positions 0..P-2 (or there are none: P == 1): the rollout and
+    every forward output equal the unshared ones, and stay finite."""
+    model = build_tiny_moe("qwen3_moe", "tiny").eval()
+    items = [{"prompt": p, "answer": "0"} for p in prompts]
+    rows = torch.arange(len(items) * G)
+    kw = dict(route_seeds=row_seeds(1, rows), prompt_route_seeds=row_seeds(2, rows // G)) if sampled else {}
+    policy = Multinomial() if sampled else TopK()
+    out = {}
+    for share in (False, True):
+        r = generate_rollout(
+            model, tokenizer, items, group_size=G, max_new_tokens=4, policy=policy,
+            sampling=Sampling(routing_temperature=0.7), old_routing=None, routes="experts", share_prompts=share, **kw,
+        )  # fmt: skip
+        out[share] = (r, policy_forward(model, r, r.routing if sampled else None, keep_probs=True, share_prompts=share))
+    (a, fa), (b, fb) = out[False], out[True]
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.routing.experts, b.routing.experts)
+    for name in ("logp", "set_logp", "probs"):
+        assert torch.isfinite(getattr(fb, name)).all(), name
+        torch.testing.assert_close(getattr(fb, name), getattr(fa, name), rtol=2e-6, atol=2e-6, msg=name)

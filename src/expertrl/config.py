@@ -295,8 +295,9 @@ class RoutingConfig:
     in their prompt states too); group = the G rollouts of a prompt share one draw of the routes of its positions
     but the last (whose route predicts the first completion token and, like every completion route, is drawn per
     row), so with share_prompts the hf engine computes those positions once per group in generation and in the
-    training forwards (guidance, routing rewards, vision inputs, activation checkpointing and several processes
-    compute every row's copy of the same draws instead: the same routes, no speed-up). MoE-GRPO does not say
+    training forwards (guidance, routing rewards and vision inputs compute every row's copy of the same draws
+    instead, and activation checkpointing and several processes do so in the training forward: the same routes, no
+    speed-up there). MoE-GRPO does not say
     (docs/architecture.md, decision 9b). group with Gate-GRPO needs loss.gate_tokens=completion"""
 
     def __post_init__(self) -> None:

@@ -322,7 +322,7 @@ def shared_prompt_forward(
         logp = model(
             input_ids=input_ids[:, P - 1 :], attention_mask=attention_mask, position_ids=positions[:, P - 1 :],
             past_key_values=cache, use_cache=True, logits_to_keep=C + 1,
-        ).logits  # fmt: skip  # (B, C): positions P-1 .. S-1 predict tokens P .. S
+        ).logits  # fmt: skip  # (B, C): positions P-1 .. S-2 predict tokens P .. S-1; S-1 predicts nothing
     if not first.sites:  # no router (plain-LoRA baseline)
         empty = RoutingTrace.empty(B, S, input_ids.device)
         nothing = torch.zeros(0, B, S, 1, device=input_ids.device)

@@ -21,11 +21,14 @@ the one place that tells them apart; a multimodal batch carries its vision kwarg
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from expertrl.decoding import (
     TokenDistribution,
@@ -291,7 +294,13 @@ def assemble_rollout(
 
 
 def _shared_prefill(
-    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, record, *, key: Tensor | None = None
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cache: DynamicCache,
+    record: Callable[[Tensor], AbstractContextManager] | None,
+    *,
+    key: Tensor | None = None,
 ) -> tuple[int, tuple[Tensor, Tensor] | None]:
     """Prefill ``cache`` with the first P-1 prompt positions, computing each distinct prompt once and copying its keys
     and values to every row of it; ``generate`` then starts at position P-1 on every row. Rows share a prompt when

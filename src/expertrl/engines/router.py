@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +37,18 @@ from expertrl.moe.setprob import set_logprob
 from expertrl.types import expert_id_dtype
 
 EXTRA_KEY = "expertrl"
-"""Key of ``SamplingParams.extra_args`` that carries a request's rollout row and routing seed."""
+"""Key of ``SamplingParams.extra_args`` that carries a request's rollout row and routing seeds (``_Request``)."""
+
+
+class _Request(NamedTuple):
+    """A request's rollout row and routing seeds: positions before ``prompt_seed_until`` draw with ``prompt_seed``
+    (under ``routing.prompt_routes=group`` the prompt's positions but its last, else none), the others with
+    ``seed``."""
+
+    row: int
+    seed: int
+    prompt_seed: int
+    prompt_seed_until: int
 
 
 @dataclass
@@ -78,7 +90,7 @@ class EngineRouter:
         self.call: _Call | None = None
         self.step: _Step | None = None
         self.forwards = 0  # forwards seen while a call was open (tests check that routing ran)
-        self._requests: dict[str, tuple[int, int, int, int]] = {}  # request id -> (row, seed, prompt seed, length)
+        self._requests: dict[str, _Request] = {}  # internal request id -> its row and seeds
         self._experts: dict[int, np.ndarray] = {}  # row -> (capacity, L, K) int8 (int16 above E = 128)
         self._set_logp: dict[int, np.ndarray] = {}  # row -> (capacity, L) float32
         self._inner_forward = None
@@ -139,22 +151,15 @@ class EngineRouter:
         return experts[: length - 1].copy(), set_logp[: length - 1].copy()
 
     # ------------------------------------------------------------------ per forward
-    def _request(self, req_id: str) -> tuple[int, int, int, int]:
-        """(rollout row, routing seed, prompt routing seed, prompt seed positions) of a request, read once from its
-        SamplingParams: positions before the last number draw with the prompt seed (the row's seed if none)."""
+    def _request(self, req_id: str) -> _Request:
+        """A request's rollout row and routing seeds, read once from its SamplingParams."""
         found = self._requests.get(req_id)
         if found is None:
             params = self.runner.requests[req_id].sampling_params
             extra = (params.extra_args or {}).get(EXTRA_KEY)
             if extra is None:
                 raise RuntimeError(f"request {req_id} has no extra_args[{EXTRA_KEY!r}]: submit it through VllmEngine")
-            seed = int(extra["seed"])
-            found = (
-                int(extra["row"]),
-                seed,
-                int(extra.get("prompt_seed", seed)),
-                int(extra.get("prompt_seed_until", 0)),
-            )
+            found = _Request(*(int(extra[k]) for k in _Request._fields))
             self._requests[req_id] = found
         return found
 
@@ -169,15 +174,18 @@ class EngineRouter:
         starts = self.runner.query_start_loc.np[: num_reqs + 1].astype(np.int64).copy()
         n = int(starts[-1])
         lengths = np.diff(starts)
-        rows = np.array([r[0] for r in info], dtype=np.int64)
+        rows = np.array([r.row for r in info], dtype=np.int64)
         positions = positions[:n].to(torch.int64)  # (N,) on the engine's device
         device = positions.device
         noise = mask = None
         if self.call.sample:
-            per_token = torch.from_numpy(np.repeat(np.array(info, dtype=np.int64), lengths, axis=0))  # (N, 4)
-            per_token = per_token.to(device)
-            in_prompt = positions < per_token[:, 3]  # (N,) the prompt's positions but its last
-            seeds = torch.where(in_prompt, per_token[:, 2], per_token[:, 1])  # (N,)
+
+            def per_token(field: str) -> Tensor:  # (N,) a request field repeated over the request's tokens
+                values = np.repeat(np.array([getattr(r, field) for r in info], dtype=np.int64), lengths)
+                return torch.from_numpy(values).to(device)
+
+            shared = positions < per_token("prompt_seed_until")  # (N,) the prompt's positions but its last
+            seeds = torch.where(shared, per_token("prompt_seed"), per_token("seed"))  # (N,)
             noise = gumbel_noise(seeds, positions, self.num_layers, self.num_experts)
         if self.call.masks is not None:
             cpu_positions = positions.cpu()

@@ -244,7 +244,8 @@ class VllmEngine:
         seeds = torch.randint(-(2**62), 2**62, (B, 2), generator=generator, device=device).tolist()  # routing, tokens
         if route_seeds is not None:
             seeds = [[int(r), t] for r, (_, t) in zip(route_seeds.tolist(), seeds, strict=True)]
-        prompt_args = [{} for _ in range(B)]
+        # positions before prompt_seed_until draw with prompt_seed: the prompt's but its last under group prompt routes
+        prompt_args = [{"prompt_seed": seeds[b][0], "prompt_seed_until": 0} for b in range(B)]
         if prompt_route_seeds is not None:
             assert route_seeds is not None, "prompt_route_seeds needs route_seeds"
             prompt_args = [

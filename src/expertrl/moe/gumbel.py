@@ -85,10 +85,9 @@ class RouteSeeds:
     (seed, layer, position, expert), position = the token's index in its own sequence (left padding does not count),
     seed = ``prompt_seeds[b]`` at the prompt's positions but its last, ``seeds[b]`` at the last prompt position (its
     route computes the state that predicts the first generated token: a completion route) and the generated ones.
-    ``hooks.route`` asks
-    ``uniform(layer, n)`` at every router call: the first call of a layer is the prefill of prompt columns
-    ``start .. P-1`` (n = B * (P - start) tokens; columns before ``start`` were prefilled by another call, a shared
-    prefill), each later one a decode step (n = B, the token just generated).
+    ``hooks.route`` asks ``uniform(layer, n)`` at every router call: the first call of a layer is the prefill of
+    prompt columns ``start .. P-1`` (n = B * (P - start) tokens; columns before ``start`` were prefilled by another
+    call, a shared prefill), each later one a decode step (n = B, the token just generated).
 
     Args:
         seeds: (B,) int64 (``row_seeds``).
@@ -104,6 +103,7 @@ class RouteSeeds:
         self.lengths = prompt_mask.long().sum(-1)  # (B,) prompt tokens per row
         self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) pads: 0, never used
         assert 0 <= start < prompt_mask.shape[1], (start, prompt_mask.shape)
+        assert self.prompt_seeds.shape == self.seeds.shape, (self.prompt_seeds.shape, self.seeds.shape)
         self.start = start
         self.calls: dict[int, int] = {}
 
