@@ -16,7 +16,8 @@ of 64, lr 1e-4, AdamW), precision (float32) and threads for every variant:
 - ``moe_grpo``: expertrl's MoE-GRPO (sampled experts, greedy tokens, Token- + Gate-GRPO, LB 0.01), one inner update;
   every completion draws its own prompt routes (``routing.prompt_routes=row``, the default);
 - ``moe_grpo_group``: the same with ``routing.prompt_routes=group`` (a group shares one draw of its prompt's routes,
-  so the prompt is computed once per group in generation and in the loss forward, as under top-K routing).
+  so the prompt is computed once per group in generation and in the loss forward, as under top-K routing);
+- ``grpo_bf16``, ``moe_grpo_group_bf16`` (on request, ``--variants``): the same in bfloat16.
 
 Method: every (workload, variant) run is a fresh child process that loads the saved model, runs ``--warmup`` untimed
 steps and then ``--steps`` timed ones. The runs are interleaved (round r runs every variant of a workload once, the
@@ -74,8 +75,11 @@ EXPERTRL_VARIANTS = {
     "grpo": ("grpo", []),
     "moe_grpo": ("moe_grpo", []),
     "moe_grpo_group": ("moe_grpo", ["--routing.prompt_routes", "group"]),
+    "grpo_bf16": ("grpo", ["--model.dtype", "bfloat16"]),
+    "moe_grpo_group_bf16": ("moe_grpo", ["--routing.prompt_routes", "group", "--model.dtype", "bfloat16"]),
 }
-"""expertrl variants: (preset, extra overrides)."""
+"""expertrl variants: (preset, extra overrides). The ``_bf16`` ones (not in the default list: TRL runs float32 here)
+load the model in bfloat16 (float32 router and log-prob math, ``model.dtype``)."""
 PER_ROW_PROMPTS = {"moe_grpo"}
 """Variants whose G copies of a prompt are different computations (per-row sampled prompt routes)."""
 TASK_KWARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
