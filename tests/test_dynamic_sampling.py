@@ -4,12 +4,13 @@ import json
 
 import torch
 
+from expertrl.batching import concat_rollouts, informative_groups
 from expertrl.config import TrainConfig
 from expertrl.configio import load_config
 from expertrl.models import build_tiny_moe
 from expertrl.moe.policies import Multinomial
 from expertrl.policy import policy_forward
-from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups
+from expertrl.rollout import generate_rollout
 from expertrl.tokenizer import build_char_tokenizer
 from expertrl.train import train
 

@@ -24,6 +24,7 @@ LAYERS = [
         "decoding",
         "policy",
         "rollout",
+        "batching",
         "engines",
         "objective",
         "plots",

@@ -12,6 +12,7 @@ import torch
 
 import expertrl.collect as collect_module
 import expertrl.start as start_module
+from expertrl.batching import concat_rollouts
 from expertrl.checkpoint import checkpoint_path
 from expertrl.config import ConfigError, TrainConfig
 from expertrl.configio import load_config
@@ -21,7 +22,7 @@ from expertrl.moe.guide import TEXT_VISION, Guide, calibrate_guide
 from expertrl.moe.policies import Multinomial, TopK
 from expertrl.objective import Denominators
 from expertrl.policy import policy_forward
-from expertrl.rollout import concat_rollouts, encode_prompts, generate_rollout
+from expertrl.rollout import encode_prompts, generate_rollout
 from expertrl.run import objective_for
 from expertrl.sft import supervised_mm_batch
 from expertrl.tasks import load_task

@@ -10,9 +10,9 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.guidance import modality_token_groups
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial, replay_policy_for
-from expertrl.ops import token_logp
+from expertrl.ops import pad_along, token_logp
 from expertrl.policy import position_ids_from_mask
-from expertrl.rollout import _pad_to, completion_mask
+from expertrl.rollout import completion_mask
 from expertrl.tokenizer import EOS_ID, PAD_ID
 from expertrl.types import UNROUTED, RoutingTrace
 from expertrl.vlm import encode_mm_batch, index_mm_batch, mm_forward_kwargs, vision_special_ids, vision_token_ids
@@ -173,7 +173,7 @@ def test_replayed_forward_reproduces_the_rollout(vlm, items):
     seq = out.sequences
     B, P = batch["input_ids"].shape
     S, C = seq.shape[1], seq.shape[1] - P
-    trace = RoutingTrace(_pad_to(rec_trace.experts, 2, 0, 1, UNROUTED), _pad_to(rec_trace.set_logp, 2, 0, 1, 0.0),
+    trace = RoutingTrace(pad_along(rec_trace.experts, 2, 0, 1, UNROUTED), pad_along(rec_trace.set_logp, 2, 0, 1, 0.0),
                          rec_trace.layers, rec_trace.num_experts)  # fmt: skip
     attn = torch.cat([batch["attention_mask"], completion_mask(seq[:, P:], EOS_ID).long()], 1)  # (B, S)
     kwargs = mm_forward_kwargs(batch, S)

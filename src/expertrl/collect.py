@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from expertrl.advantages import group_advantages
+from expertrl.batching import concat_rollouts, informative_groups
 from expertrl.decoding import text_tokenizer
 from expertrl.engines.vllm import rollout_to
 from expertrl.moe.gumbel import row_seeds
@@ -22,7 +23,7 @@ from expertrl.ops import entropy
 from expertrl.policy import policy_forward
 from expertrl.rewards import compute_rewards
 from expertrl.rewards.shaping import repetition_rate, soft_overlong_punishment, truncated
-from expertrl.rollout import concat_rollouts, generate_rollout, informative_groups
+from expertrl.rollout import generate_rollout
 from expertrl.runtime import derive_seed
 from expertrl.tasks import sample_items
 from expertrl.types import Rollout

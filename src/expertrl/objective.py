@@ -282,7 +282,7 @@ class BehaviourStore:
     """The old policy of a whole batch, assembled from the first update's micro-batches (rows in any order).
 
     A micro-batch may be narrower than the batch (``Rollout.trimmed``: no columns past its longest row); its values
-    are right-padded to the batch's widths as ``rollout.concat_rollouts`` pads: log-probs 0, experts ``UNROUTED``
+    are right-padded to the batch's widths as ``batching.concat_rollouts`` pads: log-probs 0, experts ``UNROUTED``
     (positions no row of that micro-batch attends, out of every mask).
     """
 

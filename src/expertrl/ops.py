@@ -134,6 +134,22 @@ def linear_token_logp(
     return logp.view(tokens.shape)
 
 
+def pad_along(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:
+    """``x`` with ``left`` and ``right`` entries of ``value`` added along ``dim`` (``x`` itself when both are 0)."""
+    if left == 0 and right == 0:
+        return x
+    shape = list(x.shape)
+    parts = []
+    if left:
+        shape[dim] = left
+        parts.append(x.new_full(shape, value))
+    parts.append(x)
+    if right:
+        shape[dim] = right
+        parts.append(x.new_full(shape, value))
+    return torch.cat(parts, dim=dim)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy in nats of softmax(logits) along the last dim: (..., V) -> (...)."""
     logp = torch.log_softmax(logits.float(), dim=-1)

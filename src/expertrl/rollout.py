@@ -2,8 +2,9 @@
 
 Knows nothing about losses or rewards. For each prompt it generates G completions under a routing policy (MoE-GRPO:
 multinomial expert sampling and greedy tokens, so all exploration comes from the experts), records the routing
-trace, then recomputes the behaviour log-probs with one replayed forward so the old and new log-probs come from the
-same code path (the first inner update then has ratio exactly 1).
+trace and each picked token's log-prob. The trainer takes the behaviour log-probs from its first update's own
+forward (``objective.py``: first ratios exactly 1); evaluation and tests may ask ``generate_rollout`` for a
+separate old-log-prob forward (``old_routing``). Joining and filtering batches (DAPO's refill) is ``batching.py``.
 
 "The policy we score is the policy we sampled": the token and routing distributions a rollout draws from are one
 ``Sampling`` (token temperature and suppressed tokens, routing temperature, set log-probability) and one
@@ -44,6 +45,7 @@ from expertrl.moe.capture import capture_experts
 from expertrl.moe.gumbel import RouteSeeds
 from expertrl.moe.hooks import AllowedFn, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
+from expertrl.ops import pad_along
 from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask, with_old_policy
 from expertrl.types import GREEDY, UNROUTED, ExpertMask, Rollout, RoutingTrace, Sampling
 from expertrl.vlm import encode_mm_batch
@@ -229,8 +231,8 @@ def generate_rollout(
         trace = replace(trace, experts=experts, set_logp=torch.cat([prefix[1], trace.set_logp], dim=2))
     assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
     trace = RoutingTrace(
-        experts=_pad_to(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
-        set_logp=_pad_to(trace.set_logp, 2, 0, 1, 0.0),  # (L, B, S)
+        experts=pad_along(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
+        set_logp=pad_along(trace.set_logp, 2, 0, 1, 0.0),  # (L, B, S)
         layers=trace.layers,
         num_experts=trace.num_experts,
     )
@@ -241,7 +243,7 @@ def generate_rollout(
     if old_routing is None:
         if not keep_generation_probs or not rec.sites:
             return rollout
-        return replace(rollout, route_probs=_pad_to(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
+        return replace(rollout, route_probs=pad_along(rec.probs(B), 2, 0, 1, 0.0))  # (L, B, S, E)
     old = policy_forward(model, rollout, trace if old_routing == "rollout" else None, keep_probs=keep_probs)
     return replace(with_old_policy(rollout, old), route_probs=old.probs)
 
@@ -330,100 +332,3 @@ def _shared_prefill(
         return P - 1, None
     trace = rec.trace(len(rows))
     return P - 1, (trace.experts.index_select(1, inverse), trace.set_logp.index_select(1, inverse))
-
-
-def _pad_to(x: Tensor, dim: int, left: int, right: int, value) -> Tensor:
-    if left == 0 and right == 0:
-        return x
-    shape = list(x.shape)
-    parts = []
-    if left:
-        shape[dim] = left
-        parts.append(x.new_full(shape, value))
-    parts.append(x)
-    if right:
-        shape[dim] = right
-        parts.append(x.new_full(shape, value))
-    return torch.cat(parts, dim=dim)
-
-
-def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
-    """One batch from several rollouts of one policy (DAPO's refill), re-padded to a common (P, C).
-
-    Prompts are left-padded to the widest P and completions right-padded to the widest C. Padded positions are
-    unattended, unmasked, and carry ``UNROUTED`` routes (replay routes them by live top-K; they affect nothing) and
-    the padding group of the expert mask. Position ids follow the attention mask, so a sequence's real tokens see the
-    same positions as before. Multimodal rollouts: ``mm_token_type_ids`` is left-padded like the prompts (pads are
-    text, 0) and the vision tensors, flat over images in row order, are concatenated.
-    """
-    assert rollouts and len({r.group_size for r in rollouts}) == 1, "rollouts must share the group size"
-    assert len({r.sampling for r in rollouts}) == 1, "rollouts sampled from different distributions cannot be joined"
-    P = max(r.prompt_width for r in rollouts)
-    C = max(r.completion_width for r in rollouts)
-    first = rollouts[0]
-
-    def joined(get, dim: int, pad_value, *, seq: bool = True, prompt_dim: bool = True) -> Tensor | None:
-        """Concatenate ``get(r)`` over the rollouts along the batch dim ``dim``, padding the sequence dim (the next
-        one) left by P − P_r (``prompt_dim``: the tensor spans prompt + completion) and right by C − C_r."""
-        parts = [get(r) for r in rollouts]
-        if parts[0] is None:
-            return None
-        if seq:
-            parts = [
-                _pad_to(x, dim + 1, P - r.prompt_width if prompt_dim else 0, C - r.completion_width, pad_value)
-                for x, r in zip(parts, rollouts)
-            ]
-        return torch.cat(parts, dim=dim)
-
-    expert_mask = None
-    if first.expert_mask is not None:
-        groups = joined(lambda r: r.expert_mask.groups, 0, -1)  # (B, S), padding may use every expert
-        expert_mask = ExpertMask(first.expert_mask.allowed, groups)
-    return Rollout(
-        input_ids=joined(lambda r: r.input_ids, 0, pad_token_id),
-        attention_mask=joined(lambda r: r.attention_mask, 0, 0),
-        prompt_width=P,
-        mask=joined(lambda r: r.mask, 0, 0.0, prompt_dim=False),
-        routing=RoutingTrace(
-            experts=joined(lambda r: r.routing.experts, 1, UNROUTED),
-            set_logp=joined(lambda r: r.routing.set_logp, 1, 0.0),
-            layers=first.routing.layers,
-            num_experts=first.routing.num_experts,
-        ),
-        group_size=first.group_size,
-        completions=[c for r in rollouts for c in r.completions],
-        items=[it for r in rollouts for it in r.items],
-        sampling=first.sampling,
-        expert_mask=expert_mask,
-        sample_logp=joined(lambda r: r.sample_logp, 0, 0.0, prompt_dim=False),
-        old_logp=joined(lambda r: r.old_logp, 0, 0.0, prompt_dim=False),
-        old_set_logp=joined(lambda r: r.old_set_logp, 1, 0.0),
-        old_router_logp=joined(lambda r: r.old_router_logp, 1, 0.0),
-        rewards=joined(lambda r: r.rewards, 0, None, seq=False),
-        advantages=joined(lambda r: r.advantages, 0, None, seq=False),
-        reward_parts={k: torch.cat([r.reward_parts[k] for r in rollouts]) for k in first.reward_parts},
-        ref_logp=joined(lambda r: r.ref_logp, 0, 0.0, prompt_dim=False),
-        mm_inputs=_concat_mm(rollouts, P),
-    )
-
-
-def _concat_mm(rollouts: list[Rollout], prompt_width: int) -> dict | None:
-    """The vision kwargs of ``concat_rollouts``' batch: types left-padded to ``prompt_width``, vision tensors joined."""
-    with_mm = [r.mm_inputs is not None for r in rollouts]
-    assert all(with_mm) or not any(with_mm), "cannot concatenate multimodal and text-only rollouts"
-    if not any(with_mm):
-        return None
-    types = [_pad_to(r.mm_inputs["mm_token_type_ids"], 1, prompt_width - r.prompt_width, 0, 0) for r in rollouts]
-    out = {"mm_token_type_ids": torch.cat(types)}  # (B, P)
-    for key in VISION_KWARGS[1:]:
-        parts = [r.mm_inputs[key] for r in rollouts if key in r.mm_inputs]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
-
-
-def informative_groups(rollout: Rollout) -> Rollout:
-    """The groups whose rewards are not all equal (DAPO's dynamic sampling filter); others carry no signal."""
-    G = rollout.group_size
-    informative = rollout.rewards.view(-1, G).amax(-1) > rollout.rewards.view(-1, G).amin(-1)  # (B/G,)
-    return rollout.index_batch(informative.repeat_interleave(G).nonzero().squeeze(-1))

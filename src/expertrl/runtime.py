@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX); without either, torch's bf16
+    matmuls run in software."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+BF16_ON_SLOW_CPU = (
+    "model.dtype: bfloat16 on a CPU without AVX512-BF16 or AMX runs every matmul in software, hundreds of times slower "
+    "than float32 (0.3 vs 116 GFLOP/s on a 2-core AVX2 EPYC, benchmarks/README.md); use model.dtype=float32 here "
+    "(bfloat16 pays on GPUs and on CPUs with those instructions)"
+)
+"""The warning a bfloat16 model gets where it would run on such a CPU (``model_and_tokenizer``)."""
+
+
 def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = False) -> tuple[nn.Module, object]:
     """The policy model and its tokenizer: a local checkpoint (``cfg.path``) or a tiny in-process model, then
     upcycled (``cfg.upcycle``) or given adapters (``cfg.adapter``) if asked. The same settings and seed build the
@@ -47,6 +62,8 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     (``rollout.encode_prompts``).
     """
     dtype = DTYPES[cfg.dtype]
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        warnings.warn(BF16_ON_SLOW_CPU, stacklevel=2)  # correct, only slow: the run goes on
     if cfg.path is not None:
         model, tokenizer = _load_local(cfg, dtype, allow_dense)
     elif cfg.family in VISION_MOE:
