@@ -174,3 +174,21 @@ def test_bf16_on_a_cpu_without_bf16_matmuls_warns_naming_the_field_and_goes_on(m
     if warned:
         assert "use model.dtype=float32" in said[0] and "\n" not in said[0]
     assert next(model.parameters()).dtype == getattr(torch, dtype)  # the model is built as asked
+
+
+@pytest.mark.parametrize(
+    "machine, avx512_bf16, amx, native",
+    [
+        ("x86_64", False, False, False),
+        ("x86_64", True, False, True),
+        ("AMD64", False, True, True),
+        ("aarch64", False, False, True),
+    ],
+)
+def test_native_bf16_is_read_off_x86_instructions_and_assumed_elsewhere(monkeypatch, machine, avx512_bf16, amx, native):
+    import expertrl.runtime as runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert runtime.cpu_has_native_bf16() is native

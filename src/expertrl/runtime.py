@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import random
 import warnings
 from dataclasses import asdict, replace
@@ -39,15 +40,17 @@ def derive_seed(*parts: int) -> int:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX); without either, torch's bf16
-    matmuls run in software."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware: on x86, AVX512-BF16 or AMX (without either torch's
+    bf16 matmuls run in software); other architectures are given the benefit of the doubt (True: unmeasured)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 BF16_ON_SLOW_CPU = (
-    "model.dtype: bfloat16 on a CPU without AVX512-BF16 or AMX runs every matmul in software, hundreds of times slower "
-    "than float32 (0.3 vs 116 GFLOP/s on a 2-core AVX2 EPYC, benchmarks/README.md); use model.dtype=float32 here "
-    "(bfloat16 pays on GPUs and on CPUs with those instructions)"
+    "model.dtype: bfloat16 on an x86 CPU without AVX512-BF16 or AMX runs every matmul in software, hundreds of "
+    "times slower than float32 (0.3 vs 116 GFLOP/s on a 2-core AVX2 EPYC, benchmarks/README.md); use "
+    "model.dtype=float32 here (bfloat16 pays on GPUs and on CPUs with those instructions)"
 )
 """The warning a bfloat16 model gets where it would run on such a CPU (``model_and_tokenizer``)."""
 
