@@ -167,7 +167,9 @@ def test_every_set_logp_is_the_float64_plackett_luce_of_the_sampled_distribution
     _, m3, behaviour = objective(model, micro, Denominators(micro.batch_size), first_update=True)
     assert m3["loss/gate_ratio_mean"].item() == 1.0 and m3["loss/ratio_mean"].item() == 1.0
     assert m3["loss/gate_approx_kl"].item() == 0.0 and m3["loss/approx_kl"].item() == 0.0
-    torch.testing.assert_close(behaviour.set_logp, micro.old_set_logp, atol=1e-5, rtol=0)
+    # float32 round-off of a sum of K = 8 draws' terms: 1.1e-5 on a log-prob of -2.5 (4.5e-6 relative) on an AVX2
+    # EPYC, where MKL blocks the matmuls differently than on the Intel machine this was first measured on
+    torch.testing.assert_close(behaviour.set_logp, micro.old_set_logp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(behaviour.logp, micro.old_logp, atol=1e-5, rtol=0)
     assert torch.isfinite(loss)
     loss.backward()
