@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name in TOOLS:
+        _plain_warnings(f"expertrl {name}")
         module, function, _ = TOOLS[name]
         return getattr(importlib.import_module(module), function)(rest)
     if name not in COMMANDS:

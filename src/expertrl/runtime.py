@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import warnings
 from dataclasses import asdict, replace
@@ -40,19 +39,26 @@ def derive_seed(*parts: int) -> int:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware: on x86, AVX512-BF16 or AMX (without either torch's
-    bf16 matmuls run in software); other architectures are given the benefit of the doubt (True: unmeasured)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether torch multiplies bfloat16 matrices on this CPU with oneDNN's kernels (x86 with AVX512, Arm with BF16:
+    torch's own test); without them it falls back to a scalar loop, hundreds of times slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 BF16_ON_SLOW_CPU = (
-    "model.dtype: bfloat16 on an x86 CPU without AVX512-BF16 or AMX runs every matmul in software, hundreds of "
-    "times slower than float32 (0.3 vs 116 GFLOP/s on a 2-core AVX2 EPYC, benchmarks/README.md); use "
-    "model.dtype=float32 here (bfloat16 pays on GPUs and on CPUs with those instructions)"
+    "model.dtype: bfloat16 on this CPU (no AVX512 or Arm BF16, so no oneDNN bf16 kernels) runs every bf16 matmul in "
+    "a fallback loop, hundreds of times slower than float32 (benchmarks/README.md, decode_probe.py matmul); use "
+    "model.dtype=float32 here"
 )
-"""The warning a bfloat16 model gets where it would run on such a CPU (``model_and_tokenizer``)."""
+"""The warning a bfloat16 model gets where it would run on such a CPU (``warn_if_slow_bf16``)."""
+
+
+def warn_if_slow_bf16(model: nn.Module) -> None:
+    """Warn once (``BF16_ON_SLOW_CPU``) if ``model`` holds bfloat16 weights on a CPU without fast bf16 matmuls: the
+    run is correct, only slow, so it goes on. Call it where the model has reached the device it will run on."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cpu" and not cpu_has_native_bf16():
+        if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            warnings.warn(BF16_ON_SLOW_CPU, stacklevel=2)
 
 
 def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = False) -> tuple[nn.Module, object]:
@@ -65,8 +71,6 @@ def model_and_tokenizer(cfg: ModelConfig, seed: int, *, allow_dense: bool = Fals
     (``rollout.encode_prompts``).
     """
     dtype = DTYPES[cfg.dtype]
-    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
-        warnings.warn(BF16_ON_SLOW_CPU, stacklevel=2)  # correct, only slow: the run goes on
     if cfg.path is not None:
         model, tokenizer = _load_local(cfg, dtype, allow_dense)
     elif cfg.family in VISION_MOE:
