@@ -6,7 +6,7 @@
   and not kept (every expert's rows zero-padded to the largest count, one batched matmul per projection: faster per
   call where the slots spread, no faster in a whole W2 rollout). Medians of ``--repeats`` calls.
 - ``matmul``: ``torch.mm`` of ``--matmul-n``³ in float32 and bfloat16, best of 3 after one warm-up call, and
-  whether torch has oneDNN's bf16 kernels on this CPU (``runtime.cpu_has_native_bf16``).
+  whether torch has oneDNN's bf16 kernels on this CPU (``runtime.cpu_has_onednn_bf16``).
 - ``spread``: distinct experts per decode step and layer (of the 64 rows × K slots at each decode position) under
   ``--preset grpo`` (top-K, sampled tokens) and MoE-GRPO (sampled experts, greedy tokens), on vs_trl.py's batch
   (8 ``rg:chain_sum`` prompts × 8, ≤ 32 tokens) and a saved model (``--model``; default: vs_trl.py's workload
@@ -101,7 +101,7 @@ def probe_experts(args) -> None:
 
 
 def probe_matmul(args) -> None:
-    from expertrl.runtime import cpu_has_native_bf16
+    from expertrl.runtime import cpu_has_onednn_bf16
 
     n = args.matmul_n
     for dtype in (torch.float32, torch.bfloat16):
@@ -113,7 +113,7 @@ def probe_matmul(args) -> None:
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t0)
         print(f"matmul {str(dtype).removeprefix('torch.')}: {2 * n**3 / best / 1e9:.1f} GFLOP/s ({n}^3, best of 3)")
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 kernels: {cpu_has_native_bf16()}")
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 kernels: {cpu_has_onednn_bf16()}")
 
 
 def _saved_model(args, root: Path) -> Path:
@@ -167,9 +167,9 @@ def probe_spread(args) -> None:
                                 counts = torch.bincount(used)
                                 distinct.append(int((counts > 0).sum()))
                                 largest.append(float(counts.max() / counts.sum()))
-            E = vs_trl.WORKLOADS[args.workload]["experts"] if not args.model else "E"
+            E, label = batch.routing.num_experts, args.model or args.workload
             print(
-                f"spread {args.workload} (sft {args.sft_steps} steps) {preset}: {statistics.mean(distinct):.1f} of {E} "
+                f"spread {label} (sft {args.sft_steps} steps) {preset}: {statistics.mean(distinct):.1f} of {E} "
                 f"experts per decode step and layer, largest share {statistics.mean(largest):.2f}, "
                 f"completion length {statistics.mean(lengths):.1f}"
             )
@@ -214,8 +214,8 @@ def probe_compile(args) -> None:
             times[name].append(generate(**make[name]()))
     for name, ts in times.items():
         print(
-            f"compile {args.workload} {name}: first call {first[name]:.1f} s, then median {statistics.median(ts):.3f} "
-            f"s ({min(ts):.3f}-{max(ts):.3f}, {len(ts)} interleaved calls)"
+            f"compile {args.model or args.workload} {name}: first call {first[name]:.1f} s, then median "
+            f"{statistics.median(ts):.3f} s ({min(ts):.3f}-{max(ts):.3f}, {len(ts)} interleaved calls)"
         )
 
 
@@ -232,9 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul-n", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    for name in args.probes:
-        PROBES[name](args)
+    try:
+        for name in args.probes:
+            PROBES[name](args)
+    finally:
+        torch.set_num_threads(threads)  # a caller's setting (the test suite's) survives
 
 
 if __name__ == "__main__":

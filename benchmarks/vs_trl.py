@@ -8,7 +8,7 @@ Workloads (a Qwen3-MoE built in-process from a config, random init, the characte
 
 The same task (reasoning-gym ``chain_sum``, 2 one-digit terms: the same prompt strings, plain text, no chat template),
 batch (8 prompts x 8 completions <= 32 tokens, sampled tokens at T = 1, one optimizer step per batch, one micro-batch
-of 64, lr 1e-4, AdamW), precision (float32 but in the ``_bf16`` variants) and threads for every variant:
+of 64, lr 1e-4, AdamW), precision (float32 except in the ``_bf16`` variants) and threads for every variant:
 - ``trl``: TRL 1.16.0 GRPOTrainer, defaults (gradient checkpointing on, ``loss_type="grpo"``, beta 0, the model's
   router aux loss), in its own virtual environment (``--trl-python``; ``--setup-trl`` creates it);
 - ``trl_nockpt``: the same with ``gradient_checkpointing=False`` (TRL's fastest setting here);
@@ -296,9 +296,10 @@ def summarise(results: dict, shapes: dict, vocab: int, peak: float) -> str:
             copies = PROMPTS * GROUP if variant in PER_ROW_PROMPTS else PROMPTS
             flops = step_flops(shapes[wl], vocab, prompt_len, tokens / (PROMPTS * GROUP), PROMPTS * GROUP, copies) / s
             speed = f"{rate / trl_best:.2f}x" if trl_best else "-"
+            of_peak = " of the float32 peak" if "bf16" in variant else ""
             lines.append(
                 f"| {wl} | {variant} | {n} | {s:.3f} ({lo:.3f}-{hi:.3f}) | {rate:,.0f} | {speed} "
-                f"| {flops / 1e9:.2f} G ({100 * flops / peak:.1f}%{' of the float32 peak' * ('bf16' in variant)}) |"
+                f"| {flops / 1e9:.2f} G ({100 * flops / peak:.1f}%{of_peak}) |"
             )
     return "\n".join(lines)
 

@@ -409,7 +409,7 @@ def test_a_collapse_streak_stops_the_run_pointing_at_the_last_healthy_checkpoint
 
     monkeypatch.setattr(train_module, "collapse", collapsing_from_step_2)
     out = tmp_path / "run"
-    code = cli(*train_args(out, "--steps", "8", "--save_every", "1", "--keep_checkpoints", "1"))
+    code = cli(*train_args(out, "--steps", "8", "--save_every", "1", "--keep_checkpoints", "1", "--max_bad_steps", "3"))
     err = capsys.readouterr().err
     assert code == EXIT_FAILED
     assert (
@@ -417,6 +417,7 @@ def test_a_collapse_streak_stops_the_run_pointing_at_the_last_healthy_checkpoint
         in err
     )
     healthy = checkpoint_path(out, 2)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
     assert (
         f"The last good checkpoint {healthy} is intact" in err
         and "after deleting the checkpoints saved after it" in err

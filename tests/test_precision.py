@@ -171,7 +171,7 @@ def test_a_bf16_model_on_a_cpu_without_bf16_kernels_gets_one_line_and_goes_on(
 ):
     """Without oneDNN's bf16 kernels (an AVX2-only x86 CPU) torch's bf16 matmuls are hundreds of times slower than
     float32 (benchmarks/README.md): the model is built as asked, and the one-line warning names the field."""
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(runtime, "cpu_has_onednn_bf16", lambda: native_bf16)
     model, _ = model_and_tokenizer(ModelConfig(dtype=dtype), seed=0)
     model.to(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -182,36 +182,21 @@ def test_a_bf16_model_on_a_cpu_without_bf16_kernels_gets_one_line_and_goes_on(
     assert next(model.parameters()).dtype == getattr(torch, dtype)
 
 
-def test_native_bf16_is_torchs_own_test():
-    assert runtime.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def test_every_command_that_runs_a_bf16_model_on_such_a_cpu_says_so_once(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    sft = tmp_path / "sft"
+    """``sft``, ``train``, ``eval`` and ``report`` each build their model and warn once where it runs."""
+    monkeypatch.setattr(runtime, "cpu_has_onednn_bf16", lambda: False)
+    sft, run = tmp_path / "sft", tmp_path / "run"
+    bf16 = ["--model.dtype", "bfloat16"]
+    sft_args = ["--model.preset", "tiny", "--sft.steps", "1", "--sft.batch_size", "8", "--task.train_size", "16",
+                "--task.eval_size", "2", "--progress", "false"]  # fmt: skip
     commands = {
-        "sft": [
-            "sft",
-            "--model.preset",
-            "tiny",
-            "--sft.steps",
-            "1",
-            "--sft.batch_size",
-            "8",
-            "--task.train_size",
-            "16",
-            "--task.eval_size",
-            "2",
-            "--progress",
-            "false",
-            "--output_dir",
-            str(sft),
-        ],  # fmt: skip
-        "train": ["train", *tiny_args(**{"sft.steps": 0, "steps": 1}), "--output_dir", str(tmp_path / "run")],
-        "eval": ["eval", "--model.path", str(sft / "final"), "--task.eval_size", "2", "--max_new_tokens", "2"],
+        "sft": ["sft", *sft_args, *bf16, "--output_dir", str(sft)],
+        "train": ["train", *tiny_args(**{"sft.steps": 0, "steps": 1}), *bf16, "--output_dir", str(run)],
+        "eval": ["eval", "--model.path", str(sft / "final"), "--task.eval_size", "2", "--max_new_tokens", "2", *bf16],
+        "report": ["report", str(run)],  # the run's own config.yaml says bfloat16
     }
     for name, args in commands.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert main([*args, "--model.dtype", "bfloat16"]) == 0, name
+            assert main(args) == 0, name
         assert [str(w.message) for w in caught].count(runtime.BF16_ON_SLOW_CPU) == 1, (name, caught)

@@ -204,15 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_PYTHON_FORMAT = warnings.formatwarning
+"""Python's warning format, kept once so that repeated ``main()`` calls in one process do not stack wrappers."""
+
+
 def _plain_warnings(prog: str) -> None:
     """Our warnings as one line, ``expertrl train: warning: <message>`` (no source line); other libraries' keep
     Python's format."""
-    python_format = warnings.formatwarning
 
     def formatwarning(message, category, filename, lineno, line=None):
         if "/expertrl/" in filename.replace("\\", "/"):
             return f"{prog}: warning: {message}\n"
-        return python_format(message, category, filename, lineno, line)
+        return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
     warnings.formatwarning = formatwarning
 

@@ -134,7 +134,7 @@ def linear_token_logp(
     return logp.view(tokens.shape)
 
 
-def pad_along(x: Tensor, dim: int, left: int, right: int, value: float | int) -> Tensor:
+def pad_along(x: Tensor, dim: int, left: int, right: int, value: float) -> Tensor:
     """``x`` with ``left`` and ``right`` entries of ``value`` added along ``dim`` (``x`` itself when both are 0)."""
     if left == 0 and right == 0:
         return x

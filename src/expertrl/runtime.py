@@ -38,7 +38,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_onednn_bf16() -> bool:
     """Whether torch multiplies bfloat16 matrices on this CPU with oneDNN's kernels (x86 with AVX512, Arm with BF16:
     torch's own test); without them it falls back to a scalar loop, hundreds of times slower than float32."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -53,10 +53,10 @@ BF16_ON_SLOW_CPU = (
 
 
 def warn_if_slow_bf16(model: nn.Module) -> None:
-    """Warn once (``BF16_ON_SLOW_CPU``) if ``model`` holds bfloat16 weights on a CPU without fast bf16 matmuls: the
-    run is correct, only slow, so it goes on. Call it where the model has reached the device it will run on."""
+    """Warn in one line (``BF16_ON_SLOW_CPU``) if ``model`` holds bfloat16 weights on a CPU without fast bf16
+    matmuls: the run is correct, only slow, so it goes on. Call it where the model has reached its device."""
     param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cpu" and not cpu_has_native_bf16():
+    if param is not None and param.device.type == "cpu" and not cpu_has_onednn_bf16():
         if any(p.dtype == torch.bfloat16 for p in model.parameters()):
             warnings.warn(BF16_ON_SLOW_CPU, stacklevel=2)
 
