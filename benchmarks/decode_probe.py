@@ -40,14 +40,17 @@ import vs_trl  # noqa: E402  (the workloads and the task of the TRL comparison)
 TOKENS, K = 64, 2
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _seconds(fn) -> float:
+    """Wall time of one call."""
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return time.perf_counter() - t0
+
+
+def _median_ms(fn, repeats: int) -> float:
+    """Median of ``repeats`` calls after one warm-up, in milliseconds."""
+    fn()
+    return 1e3 * statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def _experts_module(shape: dict):
@@ -107,11 +110,7 @@ def probe_matmul(args) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)  # warm-up
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
+        best = min(_seconds(lambda a=a, b=b: torch.mm(a, b)) for _ in range(3))
         print(f"matmul {str(dtype).removeprefix('torch.')}: {2 * n**3 / best / 1e9:.1f} GFLOP/s ({n}^3, best of 3)")
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 kernels: {cpu_has_onednn_bf16()}")
 
