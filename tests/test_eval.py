@@ -187,3 +187,28 @@ def test_run_eval_of_a_dense_model_skips_the_routing_pass(tmp_path):
     cfg = EvalConfig(model=ModelConfig(path=str(tmp_path / "dense")), task=TaskConfig(train_size=4, eval_size=4))
     result = run_eval(cfg)
     assert "routing" not in result and result["n"] == 4
+
+
+def test_a_second_eval_keeps_the_first_result(tiny_moe, tokenizer, tmp_path, capsys):
+    """Re-evaluating a model (other settings) must not lose the earlier eval.json: it is kept as eval-1.json, then
+    eval-2.json; an identical result is simply rewritten. No temporary file is left behind."""
+    model = tmp_path / "model"
+    save_model(tiny_moe, tokenizer, model)
+
+    def run(**settings) -> str:
+        cfg = EvalConfig(model=ModelConfig(path=str(model)), task=TaskConfig(train_size=4, eval_size=4),
+                         max_new_tokens=2, batch_size=8, seed=0, **settings)  # fmt: skip
+        run_eval(cfg)
+        return capsys.readouterr().out
+
+    run(num_samples=2, temperature=1.0, pass_k=[1, 2])
+    first = (model / "eval.json").read_text()
+    assert "kept as" not in run(num_samples=2, temperature=1.0, pass_k=[1, 2])  # the same result: nothing to keep
+    out = run()  # no pass@k this time
+    assert "the previous eval.json, another result, kept as eval-1.json" in out
+    assert (model / "eval-1.json").read_text() == first and "pass_at_k" not in json.loads(
+        (model / "eval.json").read_text()
+    )
+    run(num_samples=2, temperature=1.0, pass_k=[1])
+    assert (model / "eval-2.json").is_file() and "pass_at_k" in json.loads((model / "eval.json").read_text())
+    assert sorted(p.name for p in model.glob("*eval*")) == ["eval-1.json", "eval-2.json", "eval.json"]

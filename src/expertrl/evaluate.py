@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,9 +264,24 @@ def run_eval(cfg) -> dict:
     )  # fmt: skip
     print(format_table(task.name, result))
     out = Path(cfg.model.adapter.path or cfg.model.path) / "eval.json"  # each adapter keeps its own result
-    out.write_text(json.dumps(to_json({"task": task.name, **result}), indent=1))
-    print(f"results: {out}")
+    kept = write_eval_json(out, json.dumps(to_json({"task": task.name, **result}), indent=1))
+    print(f"results: {out}" + (f" (the previous eval.json, another result, kept as {kept.name})" if kept else ""))
     return result
+
+
+def write_eval_json(path: Path, text: str) -> Path | None:
+    """Write ``text`` to ``path`` atomically (a kill leaves the old file or the new one). A previous ``path`` holding
+    another result is not lost: it is renamed to ``eval-<n>.json`` (the first free n), which is returned."""
+    kept = None
+    if path.is_file() and path.read_text() != text:
+        n = 1
+        while (kept := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+            n += 1
+        os.replace(path, kept)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return kept
 
 
 def format_table(task_name: str, result: dict) -> str:
