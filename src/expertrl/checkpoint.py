@@ -9,7 +9,6 @@ the previous complete checkpoint or the new complete one, never a half-written d
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -22,7 +21,7 @@ from torch import nn
 
 from expertrl.config import ConfigError, ModelConfig, SFTJobConfig, TrainConfig
 from expertrl.configio import from_dict, load_yaml, save_yaml, to_dict
-from expertrl.io import atomic_save_dir, read_jsonl, weights_problem
+from expertrl.io import atomic_save_dir, atomic_write_text, read_jsonl, weights_problem
 from expertrl.models import DTYPES, load_model
 from expertrl.moe.lora import load_adapter_weights, save_adapter_weights
 from expertrl.moe.lora_moe import adapter_settings
@@ -381,6 +380,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [json.dumps(r) + "\n" for _, r in read_jsonl(path, skip_bad=True) if r.get("step", step) < step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)  # a kill now leaves the old log or the new one, never a cut one
+    atomic_write_text(path, "".join(keep))  # a kill now leaves the old log or the new one, never a cut one

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from expertrl.config import ConfigError
+from expertrl.io import atomic_write_text
 from expertrl.logging import progress_bar, quiet_hf_progress
 from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
@@ -278,9 +279,7 @@ def write_eval_json(path: Path, text: str) -> Path | None:
         while (kept := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
             n += 1
         os.replace(path, kept)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return kept
 
 

@@ -1,4 +1,4 @@
-"""Files: atomic directory writes and JSONL reading, shared by checkpoints, adapters, tasks and reports.
+"""Files: atomic file and directory writes and JSONL reading, shared by checkpoints, adapters, tasks and reports.
 
 The bottom layer: imports nothing from expertrl.
 """
@@ -26,6 +26,14 @@ class DiskFullError(OSError):
 
 _FULL = ("No space left", "unexpected pos", "os error 28")
 """How torch.save ("unexpected pos ...") and safetensors ("os error 28") report a full disk: neither is an OSError."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden temporary file and a rename: a kill leaves the old file or the new
+    one, never a cut one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def atomic_save_dir(path: str | Path, write: Callable[[Path], None], *, needed_bytes: int = 0) -> Path:
