@@ -55,16 +55,13 @@ def _median_ms(fn, repeats: int) -> float:
 
 def _experts_module(shape: dict):
     """The experts module of a one-layer Qwen3-MoE of ``shape``, on expertrl's kernel."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM
 
     import expertrl.moe.experts as kernel
 
-    config = Qwen3MoeConfig(
-        vocab_size=16, hidden_size=shape["hidden"], num_hidden_layers=1, num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], num_experts=shape["experts"],
-        num_experts_per_tok=K, moe_intermediate_size=shape["moe_intermediate"], norm_topk_prob=True,
-        experts_implementation=kernel.NAME,
-    )  # fmt: skip
+    config = vs_trl.model_config(
+        shape, 16, num_hidden_layers=1, num_experts_per_tok=K, experts_implementation=kernel.NAME
+    )
     model = AutoModelForCausalLM.from_config(config)
     return model.model.layers[0].mlp.experts
 
@@ -143,12 +140,8 @@ def probe_spread(args) -> None:
             ]))  # fmt: skip
             model = Path(tmp) / "sft" / "final"
         for preset in ("grpo", "moe_grpo"):
-            cfg = load_config(TrainConfig, None, [
-                *preset_overrides(preset), "--model.path", str(model), *task, "--task.train_size", "64",
-                "--task.eval_size", "8", "--rollout.prompts_per_step", "8", "--rollout.group_size", "8",
-                "--rollout.max_new_tokens", str(vs_trl.MAX_NEW), "--rollout.temperature", "1.0", "--sft.steps", "0",
-                "--eval_every", "0", "--steps", "2", "--output_dir", f"{tmp}/{preset}", "--progress", "false",
-            ])  # fmt: skip
+            overrides = vs_trl.expertrl_args(preset_overrides(preset), str(model), f"{tmp}/{preset}", 2, train_size=64)
+            cfg = load_config(TrainConfig, None, overrides)
             run = build_run(cfg)
             distinct, largest, lengths = [], [], []
             with run.claimed():

@@ -87,23 +87,30 @@ PROMPTS, GROUP, MAX_NEW, LR = 8, 8, 32, 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------- models
+def model_config(shape: dict, vocab_size: int, **settings):
+    """The Qwen3-MoE config of ``shape`` (``WORKLOADS``), with ``settings`` on top (expertrl's environment)."""
+    from transformers import Qwen3MoeConfig
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
+        num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+        moe_intermediate_size=shape["moe_intermediate"], intermediate_size=shape["moe_intermediate"],
+        norm_topk_prob=True, tie_word_embeddings=shape["tied"],
+        max_position_embeddings=512, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    return Qwen3MoeConfig(**(fields | settings))
+
+
 def build_model(shape: dict, out: Path, seed: int = 0) -> None:
     """A random Qwen3-MoE of ``shape`` with the character tokenizer, saved to ``out`` (expertrl's environment)."""
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM
 
     from expertrl.models import seeded_from_config
     from expertrl.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"],
-        num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
-        moe_intermediate_size=shape["moe_intermediate"], intermediate_size=shape["moe_intermediate"],
-        norm_topk_prob=True, tie_word_embeddings=shape["tied"],
-        max_position_embeddings=512, decoder_sparse_step=1, mlp_only_layers=[], pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-    )  # fmt: skip
+    config = model_config(shape, len(tok), pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     model = seeded_from_config(lambda: AutoModelForCausalLM.from_config(config), seed=seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -157,6 +164,19 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- children
+def expertrl_args(method: list[str], model: str, out: str, steps: int, train_size: int, seed: int = 0) -> list[str]:
+    """``expertrl train`` settings of this benchmark's work (module docstring) for the ``method`` overrides (a
+    preset's and a variant's) on the saved ``model``: ``steps`` steps over a train split of ``train_size`` items."""
+    return [
+        *method, "--model.path", model, "--task.name", "rg:chain_sum",
+        "--task.kwargs", json.dumps(TASK_KWARGS), "--task.train_size", str(train_size), "--task.eval_size", "8",
+        "--rollout.prompts_per_step", str(PROMPTS), "--rollout.group_size", str(GROUP),
+        "--rollout.max_new_tokens", str(MAX_NEW), "--rollout.temperature", "1.0", "--micro_batch_size",
+        str(PROMPTS * GROUP), "--inner_updates", "1", "--optim.lr", str(LR), "--sft.steps", "0", "--eval_every", "0",
+        "--steps", str(steps), "--output_dir", out, "--overwrite", "true", "--progress", "false", "--seed", str(seed),
+    ]  # fmt: skip
+
+
 def expertrl_child(a: argparse.Namespace) -> dict:
     """Warm-up + timed steps of expertrl's own loop (``collect`` + ``update``) on the saved model."""
     import torch
@@ -170,18 +190,10 @@ def expertrl_child(a: argparse.Namespace) -> dict:
     from expertrl.start import start
     from expertrl.update import update
 
-    n_items = PROMPTS * (a.warmup + a.steps)
     preset, extra = EXPERTRL_VARIANTS[a.variant]
-    args = [
-        *preset_overrides(preset), *extra, "--model.path", a.model, "--task.name", "rg:chain_sum",
-        "--task.kwargs", json.dumps(TASK_KWARGS), "--task.train_size", str(n_items), "--task.eval_size", "8",
-        "--rollout.prompts_per_step", str(PROMPTS), "--rollout.group_size", str(GROUP),
-        "--rollout.max_new_tokens", str(MAX_NEW), "--rollout.temperature", "1.0", "--micro_batch_size",
-        str(PROMPTS * GROUP), "--inner_updates", "1", "--optim.lr", str(LR), "--sft.steps", "0", "--eval_every", "0",
-        "--steps", str(a.warmup + a.steps), "--output_dir", a.out, "--overwrite", "true", "--progress", "false",
-        "--seed", str(a.seed), *a.extra,
-    ]  # fmt: skip
-    cfg = load_config(TrainConfig, None, args)
+    steps = a.warmup + a.steps
+    args = expertrl_args([*preset_overrides(preset), *extra], a.model, a.out, steps, PROMPTS * steps, a.seed)
+    cfg = load_config(TrainConfig, None, [*args, *a.extra])
     run = build_run(cfg)
     with run.claimed():
         started = start(run, {"signal": None})

@@ -69,3 +69,16 @@ def test_decode_probe_runs_its_probes_on_the_tiny_shape(capsys):
     out = capsys.readouterr().out
     assert out.count("experts tiny: slots on") == 2 and "matmul bfloat16:" in out and "oneDNN bf16 kernels" in out
     assert "spread tiny (sft 0 steps) grpo:" in out and "spread tiny (sft 0 steps) moe_grpo:" in out
+
+
+def test_vs_trl_times_expertrls_own_loop_on_a_saved_model(tmp_path):
+    """The expertrl side of vs_trl.py (``expertrl_child``: the benchmark's settings, ``collect`` + ``update``) runs on
+    a model ``build_model`` saved: one warm-up and one timed step of MoE-GRPO with group prompt routes."""
+    import argparse
+
+    vs_trl = _module("vs_trl")
+    vs_trl.build_model(vs_trl.WORKLOADS["tiny"], tmp_path / "model")
+    a = argparse.Namespace(threads=1, variant="moe_grpo_group", model=str(tmp_path / "model"), warmup=1, steps=1,
+                           out=str(tmp_path / "run"), seed=0, extra=[])  # fmt: skip
+    result = vs_trl.expertrl_child(a)
+    assert len(result["seconds"]) == 1 and result["tokens"][0] > 0 and result["prompt_len"] > 1
