@@ -11,7 +11,7 @@ from expertrl.models import build_tiny_moe
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.objective import Denominators
-from expertrl.ops import token_logp
+from expertrl.ops import pad_along, token_logp
 from expertrl.policy import policy_forward
 from expertrl.rollout import completion_mask, generate_rollout
 from expertrl.run import objective_for
@@ -180,3 +180,14 @@ def test_routing_usage_loads_are_distributions(model_and_rollout):
         torch.testing.assert_close(load, counts / counts.sum())
     h = usage["router/usage_entropy"]
     assert 0 < h.item() <= torch.log(torch.tensor(float(E))).item() + 1e-6
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_pad_along_adds_values_on_both_sides_of_one_dim(dim):
+    x = torch.arange(24, dtype=torch.int8).view(2, 3, 4)
+    out = pad_along(x, dim, 1, 2, -1)
+    d = dim % 3
+    assert out.dtype == torch.int8 and out.shape[d] == x.shape[d] + 3
+    assert torch.equal(out.narrow(d, 1, x.shape[d]), x)  # the original in the middle
+    assert (out.narrow(d, 0, 1) == -1).all() and (out.narrow(d, 1 + x.shape[d], 2) == -1).all()
+    assert pad_along(x, dim, 0, 0, -1) is x

@@ -138,16 +138,8 @@ def pad_along(x: Tensor, dim: int, left: int, right: int, value: float) -> Tenso
     """``x`` with ``left`` and ``right`` entries of ``value`` added along ``dim`` (``x`` itself when both are 0)."""
     if left == 0 and right == 0:
         return x
-    shape = list(x.shape)
-    parts = []
-    if left:
-        shape[dim] = left
-        parts.append(x.new_full(shape, value))
-    parts.append(x)
-    if right:
-        shape[dim] = right
-        parts.append(x.new_full(shape, value))
-    return torch.cat(parts, dim=dim)
+    after = x.dim() - 1 - dim % x.dim()  # dims after dim: F.pad lists its pads from the last dim backwards
+    return F.pad(x, (0, 0) * after + (left, right), value=value)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
