@@ -1,7 +1,8 @@
 """The CUDA path (``pytest -m gpu`` on a GPU machine; skipped elsewhere, so it is not counted as CPU coverage).
 
-The routing generator lives on the model's device, routing hooks run on CUDA tensors, and a short MoE-GRPO run
-(sampled experts, Gate-GRPO, replay) and a LoRA-MoE run train end to end on the GPU."""
+The routing generator lives on the model's device, routing hooks run on CUDA tensors, a short MoE-GRPO run
+(sampled experts, Gate-GRPO, replay) and a LoRA-MoE run train end to end on the GPU, and ``expertrl sft`` and
+``expertrl eval`` run their model there too."""
 
 import json
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_args
 
+from expertrl.cli import main
 from expertrl.config import TrainConfig
 from expertrl.configio import load_config
 from expertrl.models import build_tiny_moe
@@ -43,3 +45,13 @@ def test_short_run_on_cuda(tmp_path, preset):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss/token"])) for r in rows if "loss/token" in r)
     assert summary["skipped_steps"] == 0
+
+
+def test_sft_and_eval_run_on_the_gpu(tmp_path):
+    """Single-process commands take ``runtime.compute_device()``: the GPU holds their model's weights."""
+    sft = ["sft", "--model.preset", "tiny", "--sft.steps", "2", "--sft.batch_size", "8", "--task.train_size", "16",
+           "--task.eval_size", "2", "--progress", "false", "--output_dir", str(tmp_path)]  # fmt: skip
+    for args in (sft, ["eval", "--model.path", str(tmp_path / "final"), "--task.eval_size", "2"]):
+        torch.cuda.reset_peak_memory_stats()
+        assert main(args) == 0, args[0]
+        assert torch.cuda.max_memory_allocated() > 100_000, args[0]  # the tiny model's weights at least

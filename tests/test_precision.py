@@ -183,8 +183,12 @@ def test_a_bf16_model_on_a_cpu_without_bf16_kernels_gets_one_line_and_goes_on(
 
 
 def test_every_command_that_runs_a_bf16_model_on_such_a_cpu_says_so_once(monkeypatch, tmp_path):
-    """``sft``, ``train``, ``eval`` and ``report`` each build their model and warn once where it runs."""
+    """``sft``, ``train``, ``eval`` and ``report`` each build their model and warn once where it runs; ``sft``,
+    ``eval`` and ``report`` run it on ``runtime.compute_device()`` (the GPU where there is one; ``train`` takes
+    accelerate's device), asked once each."""
     monkeypatch.setattr(runtime, "cpu_has_onednn_bf16", lambda: False)
+    asked = []
+    monkeypatch.setattr(runtime, "compute_device", lambda: asked.append(1) or torch.device("cpu"))
     sft, run = tmp_path / "sft", tmp_path / "run"
     bf16 = ["--model.dtype", "bfloat16"]
     sft_args = ["--model.preset", "tiny", "--sft.steps", "1", "--sft.batch_size", "8", "--task.train_size", "16",
@@ -200,3 +204,5 @@ def test_every_command_that_runs_a_bf16_model_on_such_a_cpu_says_so_once(monkeyp
             warnings.simplefilter("always")
             assert main(args) == 0, name
         assert [str(w.message) for w in caught].count(runtime.BF16_ON_SLOW_CPU) == 1, (name, caught)
+        assert len(asked) == (name != "train"), name
+        asked.clear()

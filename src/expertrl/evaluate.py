@@ -28,7 +28,7 @@ from expertrl.moe.adapters import find_routers
 from expertrl.moe.policies import TopK
 from expertrl.rollout import generate_rollout
 from expertrl.routing_stats import RoutingStats, to_json
-from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config, warn_if_slow_bf16
+from expertrl.runtime import model_and_tokenizer, place_model, seed_everything, task_from_config
 from expertrl.types import GREEDY, Rollout, Sampling
 
 
@@ -254,7 +254,7 @@ def run_eval(cfg) -> dict:
     seed_everything(cfg.seed)
     quiet_hf_progress(cfg.progress)  # Hugging Face's loading bar follows the switch too
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    warn_if_slow_bf16(model)
+    place_model(model)
     task = task_from_config(cfg.task, tokenizer, model=model, new_tokens=cfg.max_new_tokens,
                             new_tokens_field="max_new_tokens")  # fmt: skip
     result = evaluate(

@@ -33,7 +33,7 @@ from expertrl.evaluate import routing_statistics_pass
 from expertrl.io import read_jsonl
 from expertrl.metrics import new_name
 from expertrl.plots import FIGURE_IDS, metric_series, render_figures  # FIGURE_IDS: part of this module's API
-from expertrl.runtime import model_and_tokenizer, seed_everything, task_from_config, warn_if_slow_bf16
+from expertrl.runtime import model_and_tokenizer, place_model, seed_everything, task_from_config
 
 
 class RunError(ValueError):
@@ -142,7 +142,7 @@ def routing_statistics_for_run(run_dir: str | Path, *, progress: bool = False) -
     seed = int(config.get("seed", 0))
     seed_everything(seed)
     model, tokenizer = model_and_tokenizer(model_cfg, seed, allow_dense=True)
-    warn_if_slow_bf16(model)
+    place_model(model)
     task = task_from_config(task_cfg, tokenizer)
     rollout = config.get("rollout", {})
     if "max_new_tokens" in rollout:

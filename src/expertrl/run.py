@@ -62,9 +62,9 @@ from expertrl.rundir import RunDir, claim_run_dir
 from expertrl.runtime import (
     check_answer_lengths,
     model_and_tokenizer,
+    place_model,
     seed_everything,
     task_from_config,
-    warn_if_slow_bf16,
 )
 from expertrl.tasks import Task
 from expertrl.trackers import check_installed, make_trackers
@@ -300,8 +300,7 @@ def _build(cfg: TrainConfig, accelerator: Accelerator, out: Path, resume_from: P
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed)
     if resume_from is not None:
         load_weights(model, resume_from / "model", cfg.model)  # the warm-up is already in these weights
-    model.to(accelerator.device)
-    warn_if_slow_bf16(model)  # a bf16 model on a CPU without bf16 kernels: one line, the run goes on
+    place_model(model, accelerator.device)  # a bf16 model on a CPU without bf16 kernels: one warning, the run goes on
     sites = find_routers(model)  # fails early, naming the family, if the model has no MoE layers (or adapters)
     task = task_from_config(cfg.task, tokenizer, model=model, new_tokens=cfg.rollout.max_new_tokens)
     if cfg.sft.steps > 0:  # the warm-up trains on prompt + answer

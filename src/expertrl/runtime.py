@@ -52,6 +52,21 @@ BF16_ON_SLOW_CPU = (
 """The warning a bfloat16 model gets where it would run on such a CPU (``warn_if_slow_bf16``)."""
 
 
+def compute_device() -> torch.device:
+    """Where a single-process command (``expertrl sft``, ``eval``, ``report``'s evaluation pass) runs its model: the
+    current CUDA device where torch sees one, else the CPU (``CUDA_VISIBLE_DEVICES=`` keeps a command on the CPU).
+    ``expertrl train`` takes accelerate's device instead, which is the same in a single process."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def place_model(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """``model`` moved to ``device`` (default ``compute_device()``), with ``warn_if_slow_bf16``'s warning where it
+    applies there; returned for chaining."""
+    model.to(compute_device() if device is None else device)
+    warn_if_slow_bf16(model)
+    return model
+
+
 def warn_if_slow_bf16(model: nn.Module) -> None:
     """Warn in one line (``BF16_ON_SLOW_CPU``) if ``model`` holds bfloat16 weights on a CPU without fast bf16
     matmuls: the run is correct, only slow, so it goes on. Call it where the model has reached its device."""

@@ -48,9 +48,9 @@ from expertrl.runtime import (
     derive_seed,
     model_and_tokenizer,
     optimizer_and_schedule,
+    place_model,
     seed_everything,
     task_from_config,
-    warn_if_slow_bf16,
 )
 from expertrl.stops import failures_stop_the_run, resume_command, save_final_model, saving_stops, stop_requests
 from expertrl.tasks import sample_items
@@ -249,7 +249,7 @@ def run_sft(cfg: SFTJobConfig) -> dict:
 
 def _run_sft(cfg: SFTJobConfig, out: Path, resume_from: Path | None, stop: dict, rundir: RunDir) -> dict:
     model, tokenizer = model_and_tokenizer(cfg.model, cfg.seed, allow_dense=True)
-    warn_if_slow_bf16(model)  # SFT runs where the model was built (the CPU)
+    place_model(model)  # the GPU where there is one
     task = task_from_config(cfg.task, tokenizer, model=model, answers=True)  # prompt + answer fit the context
     tok = text_tokenizer(tokenizer)
     max_new = max(len(tok(it["answer"], add_special_tokens=False)["input_ids"]) for it in task.eval) + 2
