@@ -182,21 +182,10 @@ def generate_rollout(
     # sampled routes whose prompt draws are shared by rows (one seed per group) route those rows' prompts alike
     shared_draws = keyed and prompt_route_seeds is not None and allowed is None and not keep_generation_probs
     cache = rollout_cache(model, P + max_new_tokens)
-    prefix = None  # (experts (L, B, P-1, K), set log-probs (L, B, P-1)) of a shared prefill
-    start = 0  # the first prompt column generate computes
+    start, prefix = 0, None  # the first prompt column generate computes; a shared prefill's routes
     if share_prompts and (native and routes != "full" or shared_draws) and mm is None and cache is not None and P > 1:
-        if native:
-            sites = find_routers(model, allow_dense=True)
-            record = (lambda rows: capture_experts(model, sites)) if routes == "experts" and sites else None
-        else:
-
-            def record(rows: Tensor):  # the distinct rows' prompt routes, drawn with their rows' prompt seeds
-                seeds = prompt_route_seeds[rows]
-                return route(
-                    model, policy, temperature=sampling.routing_temperature, set_logprob=sampling.set_logprob,
-                    generator=RouteSeeds(seeds, prompt_mask[rows, : P - 1], prompt_seeds=seeds),
-                )  # fmt: skip
-
+        record = _prefill_recorder(model, policy, sampling, prompt_mask, native=native, routes=routes,
+                                   seeds=prompt_route_seeds)  # fmt: skip
         key = prompt_route_seeds[:, None] if shared_draws else None
         start, prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, record, key=key)
     if route_seeds is not None:
@@ -207,14 +196,9 @@ def generate_rollout(
         recorder = capture_experts(model, find_routers(model, allow_dense=True))  # ids only, from a hook
     else:
         recorder = route(
-            model,
-            policy,
-            temperature=sampling.routing_temperature,
-            allowed=allowed,
-            generator=generator,
-            set_logprob=sampling.set_logprob,
-            keep_probs=keep_generation_probs,
-        )
+            model, policy, temperature=sampling.routing_temperature, allowed=allowed, generator=generator,
+            set_logprob=sampling.set_logprob, keep_probs=keep_generation_probs,
+        )  # fmt: skip
     with recorder as rec:
         sequences = model.generate(
             input_ids=prompt_ids,
@@ -223,19 +207,7 @@ def generate_rollout(
             **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sampling=sampling, processor=tokens),
             **(mm or {}),
         )  # (B, S)
-    S = sequences.shape[1]
-    # (L, B, S-1, K): the last token is generated but never fed back
-    trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
-    if prefix is not None and trace.experts.shape[0]:  # the shared prefill's routes, then generate's own
-        experts = torch.cat([prefix[0], trace.experts], dim=2)  # (L, B, S-1, K)
-        trace = replace(trace, experts=experts, set_logp=torch.cat([prefix[1], trace.set_logp], dim=2))
-    assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
-    trace = RoutingTrace(
-        experts=pad_along(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
-        set_logp=pad_along(trace.set_logp, 2, 0, 1, 0.0),  # (L, B, S)
-        layers=trace.layers,
-        num_experts=trace.num_experts,
-    )
+    trace = _generation_trace(rec, prefix, sequences)  # (L, B, S, K)
     rollout = assemble_rollout(
         tokenizer, items, group_size, sequences, prompt_mask, trace, sampling, guide,
         sample_logp=tokens.sample_logp(sequences), mm=mm,
@@ -332,3 +304,48 @@ def _shared_prefill(
         return P - 1, None
     trace = rec.trace(len(rows))
     return P - 1, (trace.experts.index_select(1, inverse), trace.set_logp.index_select(1, inverse))
+
+
+def _prefill_recorder(
+    model: nn.Module,
+    policy: TopK | Multinomial | NoisyTopK,
+    sampling: Sampling,
+    prompt_mask: Tensor,
+    *,
+    native: bool,
+    routes: str,
+    seeds: Tensor | None,
+) -> Callable[[Tensor], AbstractContextManager] | None:
+    """``_shared_prefill``'s ``record``: nothing (native routers, no trace read), a capture hook (native routers, ids
+    read), or ``route`` drawing the distinct rows' prompt routes with their prompt ``seeds`` ((B,), one per group)."""
+    if native:
+        sites = find_routers(model, allow_dense=True)
+        return (lambda rows: capture_experts(model, sites)) if routes == "experts" and sites else None
+    P = prompt_mask.shape[1]
+
+    def record(rows: Tensor) -> AbstractContextManager:
+        return route(
+            model, policy, temperature=sampling.routing_temperature, set_logprob=sampling.set_logprob,
+            generator=RouteSeeds(seeds[rows], prompt_mask[rows, : P - 1], prompt_seeds=seeds[rows]),
+        )  # fmt: skip
+
+    return record
+
+
+def _generation_trace(rec, prefix: tuple[Tensor, Tensor] | None, sequences: Tensor) -> RoutingTrace:
+    """The (L, B, S, K) routes of ``generate``'s (B, S) ``sequences``: the shared prefill's (``prefix``) then the
+    recorder's own (``rec``: None or no router sites = an empty L = 0 trace); the last position, generated but never
+    fed back, is ``UNROUTED``."""
+    B, S = sequences.shape
+    # (L, B, S-1, K): the last token is generated but never fed back
+    trace = rec.trace(B) if rec is not None and rec.sites else RoutingTrace.empty(B, S - 1, sequences.device)
+    if prefix is not None and trace.experts.shape[0]:  # the shared prefill's routes, then generate's own
+        experts = torch.cat([prefix[0], trace.experts], dim=2)  # (L, B, S-1, K)
+        trace = replace(trace, experts=experts, set_logp=torch.cat([prefix[1], trace.set_logp], dim=2))
+    assert trace.experts.shape[2] == S - 1, (trace.experts.shape, S)
+    return RoutingTrace(
+        experts=pad_along(trace.experts, 2, 0, 1, UNROUTED),  # (L, B, S, K)
+        set_logp=pad_along(trace.set_logp, 2, 0, 1, 0.0),  # (L, B, S)
+        layers=trace.layers,
+        num_experts=trace.num_experts,
+    )
