@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from transformers.utils import logging as hf_logging
 
 from expertrl.config import EvalConfig, ModelConfig, RolloutConfig, SFTConfig, TaskConfig, TrainConfig
 from expertrl.evaluate import run_eval
@@ -77,9 +78,12 @@ def test_report_for_one_run(runs, tmp_path):
 
 
 def test_report_for_two_runs_side_by_side(runs, tmp_path, capsys):
+    hf_logging.enable_progress_bar()  # as a fresh process has it: the report's loading bar follows its own switch
     code = report_main([str(runs[0]), str(runs[1]), "--output", str(tmp_path / "cmp"), "--labels", "base,rl"])
     assert code == 0
-    assert "report.html" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "report.html" in out
+    assert "Loading weights" not in err  # the first run's evaluation pass loads its model quietly off a terminal
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert all(f"id='{fid}'" in page for fid in FIGURE_IDS)
     assert page.count("data:image/png;base64,") == len(FIGURE_IDS)

@@ -31,6 +31,7 @@ from expertrl.config import ConfigError, ModelConfig, RolloutConfig, TaskConfig
 from expertrl.configio import from_dict, load_yaml
 from expertrl.evaluate import routing_statistics_pass
 from expertrl.io import read_jsonl
+from expertrl.logging import quiet_hf_progress
 from expertrl.metrics import new_name
 from expertrl.plots import FIGURE_IDS, metric_series, render_figures  # FIGURE_IDS: part of this module's API
 from expertrl.runtime import model_and_tokenizer, place_model, seed_everything, task_from_config
@@ -141,6 +142,7 @@ def routing_statistics_for_run(run_dir: str | Path, *, progress: bool = False) -
         )
     seed = int(config.get("seed", 0))
     seed_everything(seed)
+    quiet_hf_progress(progress)  # Hugging Face's loading bar follows the switch too
     model, tokenizer = model_and_tokenizer(model_cfg, seed, allow_dense=True)
     place_model(model)
     task = task_from_config(task_cfg, tokenizer)
@@ -332,7 +334,11 @@ def _default_output(run_dirs: list[Path], labels: list[str]) -> Path:
 
 
 def write_report(
-    run_dirs: list[str | Path], output: str | Path | None = None, *, labels: list[str] | None = None
+    run_dirs: list[str | Path],
+    output: str | Path | None = None,
+    *,
+    labels: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` comparing ``run_dirs`` side by side.
 
@@ -341,6 +347,8 @@ def write_report(
         output: directory for the two files (default: ``RUN_DIR/report`` for one run, ``report-A-vs-B`` next to
             the first run for several).
         labels: names of the runs in legends and tables (default: the directories' names).
+        progress: show the loading and evaluation bars of a run whose routing statistics need an evaluation pass
+            (on a terminal only).
     Returns:
         ``{"html": Path, "markdown": Path}``.
     """
@@ -353,7 +361,7 @@ def write_report(
             labels = [str(p) for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"labels: got {len(labels)} labels for {len(paths)} run directories; give one per run")
-    runs = [load_run(p, lab) for p, lab in zip(paths, labels)]
+    runs = [load_run(p, lab, progress=progress) for p, lab in zip(paths, labels)]
     out = Path(output) if output is not None else _default_output(paths, labels)
     out.mkdir(parents=True, exist_ok=True)
     figures = render_figures(labels, [r.metrics for r in runs], [r.routing for r in runs])
@@ -373,10 +381,14 @@ def report_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by `expertrl train`")
     parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/report for one run)")
     parser.add_argument("--labels", default=None, help="comma-separated run names, one per RUN_DIR")
+    parser.add_argument(
+        "--progress", default="true", choices=["true", "false"],
+        help="loading and evaluation bars of a run that needs an evaluation pass (on a terminal only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
     try:
-        paths = write_report(args.run_dirs, args.output, labels=labels)
+        paths = write_report(args.run_dirs, args.output, labels=labels, progress=args.progress == "true")
     except (RunError, ValueError) as e:
         print(f"expertrl report: error: {e}", file=sys.stderr)
         return 2
