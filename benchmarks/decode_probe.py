@@ -2,9 +2,12 @@
 
 - ``experts``: one inference call of expertrl's experts kernel (``moe.experts``: one small GEMM per expert, float32)
   at a decode step's shape (64 tokens, K 2, the ``--workload``'s experts), its slots spread over all E experts (as
-  sampled routes spread them) or on 6 (as W2's random-init top-K router puts them); and the padded bmm that was tried
-  and not kept (every expert's rows zero-padded to the largest count, one batched matmul per projection: faster per
-  call where the slots spread, no faster in a whole W2 rollout). Medians of ``--repeats`` calls.
+  sampled routes spread them) or on 6 (as W2's random-init top-K router puts them); and two alternatives that were
+  tried and not kept: the padded bmm (every expert's rows zero-padded to the largest count, one batched matmul per
+  projection: faster per call where the slots spread, no faster in a whole W2 rollout) and the column-grouped
+  orientation (each expert's GEMM with the 2I weight rows as M). Medians of ``--repeats`` calls.
+- ``gemm``: one expert's gate-up GEMM at 1 and 8 rows cycling over the E experts' weights, against one read of the
+  same weights: the small GEMMs' GFLOP/s and GiB/s.
 - ``matmul``: ``torch.mm`` of ``--matmul-n``³ in float32 and bfloat16, best of 3 after one warm-up call, and
   whether torch has oneDNN's bf16 kernels on this CPU (``runtime.cpu_has_onednn_bf16``).
 - ``spread``: distinct experts per decode step and layer (of the 64 rows × K slots at each decode position) under
@@ -16,7 +19,7 @@
   ``torch.compile`` (forced on CPU through ``CompileConfig``; its first call, the compile, is reported apart; a warm
   inductor cache in /tmp makes it seconds instead of ~45 s), in interleaved rounds.
 
-    .venv/bin/python benchmarks/decode_probe.py experts matmul                 # ~1 min
+    .venv/bin/python benchmarks/decode_probe.py experts gemm matmul            # ~1 min
     .venv/bin/python benchmarks/decode_probe.py spread --workload W2 --sft-steps 80   # ~6 min on 2 cores
     .venv/bin/python benchmarks/decode_probe.py compile --workload W1          # ~2 min (W2: ~5 min)
 """
@@ -66,6 +69,19 @@ def _experts_module(shape: dict):
     return model.model.layers[0].mlp.experts
 
 
+def column_grouped(experts, hidden, top_k_index, top_k_weights):
+    """Another orientation that was tried: each expert's GEMM as W (2I, H) @ x_eᵀ (H, n_e), M = 2I rows instead of
+    n_e (``F.grouped_mm`` grouping the columns of xᵀ), then back to rows."""
+    E, N = experts.num_experts, hidden.shape[0]
+    expert_sorted, perm = torch.sort(top_k_index.reshape(-1))
+    offsets = torch.cumsum(torch.bincount(expert_sorted, minlength=E), 0, dtype=torch.int32)  # (E,)
+    xt = hidden.index_select(0, perm // K).t()  # (H, N*K) slot columns grouped by expert
+    gate, up = F.grouped_mm(experts.gate_up_proj, xt, offs=offsets).chunk(2, dim=0)  # (I, N*K) each
+    y = F.grouped_mm(experts.down_proj, F.silu(gate) * up, offs=offsets).t()  # (N*K, H)
+    y = y * top_k_weights.reshape(-1).index_select(0, perm)[:, None]
+    return hidden.new_zeros(N, y.shape[1]).index_add(0, perm // K, y)
+
+
 def padded_bmm(experts, hidden, top_k_index, top_k_weights):
     """The alternative that was tried: every expert's rows zero-padded to the largest count, one bmm per projection."""
     E, N = experts.num_experts, hidden.shape[0]
@@ -90,14 +106,37 @@ def probe_experts(args) -> None:
     weights = torch.full((TOKENS, K), 0.5)
     for used in (shape["experts"], min(6, shape["experts"])):
         index = torch.stack([torch.randperm(used, generator=gen)[:K] for _ in range(TOKENS)])  # (N, K) distinct
-        same = (experts(hidden, index, weights) - padded_bmm(experts, hidden, index, weights)).abs().max()
+        ref = experts(hidden, index, weights)
+        same = max(float((f(experts, hidden, index, weights) - ref).abs().max()) for f in (padded_bmm, column_grouped))
         kernel = _median_ms(lambda index=index: experts(hidden, index, weights), args.repeats)
         padded = _median_ms(lambda index=index: padded_bmm(experts, hidden, index, weights), args.repeats)
+        columns = _median_ms(lambda index=index: column_grouped(experts, hidden, index, weights), args.repeats)
         most = int(torch.bincount(index.reshape(-1)).max())
         print(
             f"experts {args.workload}: slots on {used} of {shape['experts']} experts (at most {most} rows each): "
-            f"expertrl kernel {kernel:.2f} ms, padded bmm {padded:.2f} ms (max difference {same:.1e})"
+            f"expertrl kernel {kernel:.2f} ms, padded bmm {padded:.2f} ms, column-grouped {columns:.2f} ms "
+            f"(max difference {same:.1e})"
         )
+
+
+@torch.no_grad()
+def probe_gemm(args) -> None:
+    """One expert's gate-up GEMM at a decode step's rows (1 and 8), cycling over the ``--workload``'s E experts as a
+    spread decode step does, against reading the same weights once (``sum``): how far the small GEMMs are from the
+    memory they read."""
+    shape = vs_trl.WORKLOADS[args.workload]
+    E, H, I2 = shape["experts"], shape["hidden"], 2 * shape["moe_intermediate"]
+    weights = torch.randn(E, I2, H)  # (E, 2I, H) the experts' gate_up_proj layout
+    mib = weights.numel() * 4 / 2**20
+    read = _median_ms(lambda: weights.sum(), args.repeats)
+    print(f"gemm {args.workload}: sum of the {E} experts' gate-up weights ({mib:.1f} MiB) {read:.2f} ms "
+          f"({mib / 1024 / read * 1e3:.1f} GiB/s)")  # fmt: skip
+    for rows in (1, 8):
+        x = torch.randn(rows, H)
+        ms = _median_ms(lambda x=x: [F.linear(x, weights[e]) for e in range(E)], args.repeats)
+        gflops = 2 * rows * H * I2 * E / ms / 1e6
+        print(f"gemm {args.workload}: {E} x F.linear({rows} x {H} @ {H} x {I2}) {ms:.2f} ms ({ms / E * 1e3:.0f} us "
+              f"each, {gflops:.1f} GFLOP/s, {mib / 1024 / ms * 1e3:.1f} GiB/s of weights)")  # fmt: skip
 
 
 def probe_matmul(args) -> None:
@@ -211,7 +250,13 @@ def probe_compile(args) -> None:
         )
 
 
-PROBES = {"experts": probe_experts, "matmul": probe_matmul, "spread": probe_spread, "compile": probe_compile}
+PROBES = {
+    "experts": probe_experts,
+    "gemm": probe_gemm,
+    "matmul": probe_matmul,
+    "spread": probe_spread,
+    "compile": probe_compile,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,10 +64,11 @@ def test_decode_probe_runs_its_probes_on_the_tiny_shape(capsys):
     """The probes behind benchmarks/README.md's W2 account run (tiny shape, one repeat); ``compile`` is left out (a
     torch.compile of its own, ~45 s)."""
     _module("decode_probe").main(
-        ["experts", "matmul", "spread", "--workload", "tiny", "--repeats", "1", "--matmul-n", "64"]
+        ["experts", "gemm", "matmul", "spread", "--workload", "tiny", "--repeats", "1", "--matmul-n", "64"]
     )
     out = capsys.readouterr().out
     assert out.count("experts tiny: slots on") == 2 and "matmul bfloat16:" in out and "oneDNN bf16 kernels" in out
+    assert out.count("gemm tiny: ") == 3 and "column-grouped" in out
     assert "spread tiny (sft 0 steps) grpo:" in out and "spread tiny (sft 0 steps) moe_grpo:" in out
 
 
