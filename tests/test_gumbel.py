@@ -91,3 +91,20 @@ def test_layer_keys_wrap_like_int64_for_every_layer_of_a_real_model():
     expected = (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # (N, L, E)
     for layer in range(L):
         assert torch.equal(layer_uniform(seeds, positions, layer, E), expected[:, layer])
+
+
+def test_a_decode_steps_uniforms_for_all_layers_at_once_equal_each_layers_own():
+    """``RouteSeeds`` computes a decode step's uniforms for every layer in one call (one hash over (L, B, E) instead
+    of L): bit for bit what each layer's own ``layer_uniform`` gives, at every step, with the prefill per layer."""
+    from expertrl.moe.gumbel import RouteSeeds, layer_uniform
+
+    seeds = torch.tensor([11, -3, 2**61 + 5], dtype=torch.int64)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])  # left-padded prompts of 3, 4 and 2 tokens
+    L, E = 5, 128
+    rs = RouteSeeds(seeds, mask, prompt_seeds=seeds + 1)
+    for layer in range(L):  # the prefill, per layer
+        assert rs.uniform(layer, 3 * 4, E).shape == (12, E)
+    for step in range(1, 4):
+        for layer in range(L):
+            expected = layer_uniform(seeds, mask.sum(-1) + step - 1, layer, E)  # (B, E)
+            assert torch.equal(rs.uniform(layer, 3, E), expected), (step, layer)

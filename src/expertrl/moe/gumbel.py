@@ -63,15 +63,22 @@ def counter_uniform(seeds: Tensor, positions: Tensor, num_layers: int, num_exper
     Returns:
         (N, L, E) float64 in the open interval (0, 1).
     """
-    return torch.stack([layer_uniform(seeds, positions, l, num_experts) for l in range(num_layers)], dim=1)
+    return layers_uniform(seeds, positions, range(num_layers), num_experts).transpose(0, 1)
 
 
 def layer_uniform(seeds: Tensor, positions: Tensor, layer: int, num_experts: int) -> Tensor:
-    """(N, E) float64 uniforms of MoE layer ``layer``: the one definition ``counter_uniform`` stacks over layers."""
-    key = torch.full_like(seeds, _signed(layer * _LAYER + 1))  # 64-bit wrap-around, as int64 arithmetic would
-    row = mix64(mix64(seeds ^ key) ^ positions)  # (N,)
+    """(N, E) float64 uniforms of MoE layer ``layer`` (``layers_uniform`` of one layer)."""
+    return layers_uniform(seeds, positions, [layer], num_experts)[0]
+
+
+def layers_uniform(seeds: Tensor, positions: Tensor, layers, num_experts: int) -> Tensor:
+    """(len(layers), N, E) float64 uniforms of the MoE layers ``layers`` (ints): the one definition of the noise.
+    Every element is the same integer hash whatever else is computed with it, so one call over all layers (a decode
+    step's) equals per-layer calls bit for bit."""
+    keys = torch.tensor([_signed(layer * _LAYER + 1) for layer in layers], dtype=torch.int64, device=seeds.device)
+    row = mix64(mix64(seeds[None, :] ^ keys[:, None]) ^ positions[None, :])  # (L, N)
     experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
-    z = mix64(row[:, None] ^ experts)  # (N, E)
+    z = mix64(row[:, :, None] ^ experts)  # (L, N, E)
     return (_shift_right(z, 11).double() + 0.5) * (1.0 / (1 << 53))  # 53 random bits, never 0 or 1
 
 
@@ -105,7 +112,8 @@ class RouteSeeds:
         assert 0 <= start < prompt_mask.shape[1], (start, prompt_mask.shape)
         assert self.prompt_seeds.shape == self.seeds.shape, (self.prompt_seeds.shape, self.seeds.shape)
         self.start = start
-        self.calls: dict[int, int] = {}
+        self.calls: dict[int, int] = {}  # router calls so far, per layer
+        self._step: tuple[int, dict[int, int], Tensor] | None = None  # the decode step's (call, layer -> row, uniforms)
 
     def uniform(self, layer: int, n_tokens: int, num_experts: int) -> Tensor:
         """(n_tokens, E) float64 uniforms of this router call (see the class docstring)."""
@@ -119,9 +127,15 @@ class RouteSeeds:
             shared = torch.arange(self.start, P, device=device) < P - 1  # (width,) all prompt columns but the last
             seeds = torch.where(shared, self.prompt_seeds[:, None], self.seeds[:, None]).reshape(-1)  # (B * width,)
             positions = self.prompt_positions[:, self.start :].reshape(-1)
-        else:
+        else:  # a decode step: every layer's uniforms in one call (the first layer to ask), then read per layer
             assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
-            seeds, positions = self.seeds, self.lengths + (call - 1)
+            step = self._step
+            if step is None or step[0] != call or layer not in step[1] or step[2].shape[-1] != num_experts:
+                layers = sorted(self.calls)  # every layer has routed its prefill by now
+                positions = (self.lengths + (call - 1)).to(device)
+                uniforms = layers_uniform(self.seeds.to(device), positions, layers, num_experts)  # (L, B, E)
+                step = self._step = (call, {x: i for i, x in enumerate(layers)}, uniforms)
+            return step[2][step[1][layer]]
         return layer_uniform(seeds.to(device), positions.to(device), layer, num_experts)
 
 
