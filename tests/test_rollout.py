@@ -8,6 +8,7 @@ import torch
 from expertrl.collect import routing_usage
 from expertrl.config import TrainConfig
 from expertrl.models import build_tiny_moe
+from expertrl.moe.gumbel import row_seeds
 from expertrl.moe.hooks import route
 from expertrl.moe.policies import Multinomial
 from expertrl.objective import Denominators
@@ -16,7 +17,7 @@ from expertrl.policy import policy_forward
 from expertrl.rollout import completion_mask, generate_rollout
 from expertrl.run import objective_for
 from expertrl.tokenizer import EOS_ID, PAD_ID, build_char_tokenizer
-from expertrl.types import UNROUTED
+from expertrl.types import UNROUTED, Sampling
 
 ITEMS = [{"prompt": "12+3=", "answer": "15"}, {"prompt": "ab", "answer": "c"}]  # different widths: left padding
 G, MAX_NEW, SEED = 4, 6, 0
@@ -191,3 +192,32 @@ def test_pad_along_adds_values_on_both_sides_of_one_dim(dim):
     assert torch.equal(out.narrow(d, 1, x.shape[d]), x)  # the original in the middle
     assert (out.narrow(d, 0, 1) == -1).all() and (out.narrow(d, 1 + x.shape[d], 2) == -1).all()
     assert pad_along(x, dim, 0, 0, -1) is x
+
+
+@pytest.mark.parametrize("shared_prompts", [False, True])
+def test_a_rollout_that_keeps_expert_ids_only_draws_the_same_routes_without_set_logprobs(shared_prompts):
+    """``routes="experts"`` (the trainer's rollouts): the same experts and tokens as ``routes="full"`` from the same
+    counter-based seeds, set log-probs left at 0 (not computed: the trainer takes them from its first update's
+    forward), also through the shared prefill of group prompt routes."""
+    model, tok = build_tiny_moe("qwen3_moe", "tiny").eval(), build_char_tokenizer()
+    rows = torch.arange(len(ITEMS) * G)
+    seeds = dict(route_seeds=row_seeds(3, rows), prompt_route_seeds=row_seeds(4, rows // G) if shared_prompts else None)
+    out = {
+        routes: generate_rollout(
+            model,
+            tok,
+            ITEMS,
+            group_size=G,
+            max_new_tokens=MAX_NEW,
+            policy=Multinomial(),
+            sampling=Sampling(routing_temperature=0.7),
+            old_routing=None,
+            routes=routes,
+            **seeds,
+        )  # fmt: skip
+        for routes in ("full", "experts")
+    }
+    full, ids = out["full"], out["experts"]
+    assert torch.equal(full.input_ids, ids.input_ids) and torch.equal(full.routing.experts, ids.routing.experts)
+    routed = full.routing.experts[..., 0] != UNROUTED  # (L, B, S)
+    assert (full.routing.set_logp[routed] < 0).all() and (ids.routing.set_logp == 0).all()

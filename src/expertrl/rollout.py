@@ -146,7 +146,8 @@ def generate_rollout(
             else those generation sampled with (the last position, never routed, is 0). Routing rewards and
             evaluation's routing statistics read them.
         routes: what the caller reads of generation's routing trace: ``full`` (expert ids and set log-probs),
-            ``experts`` (ids only) or ``none`` (nothing: ``rollout.routing`` is then an empty L = 0 trace). Top-K
+            ``experts`` (ids only; set log-probs 0, not computed) or ``none`` (nothing: ``rollout.routing`` is then an
+            empty L = 0 trace). Top-K
             routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
             (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
         share_prompts: on those native paths, and for sampled routes whose prompt seeds are shared
@@ -181,11 +182,12 @@ def generate_rollout(
     native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs and native_precision(model)
     # sampled routes whose prompt draws are shared by rows (one seed per group) route those rows' prompts alike
     shared_draws = keyed and prompt_route_seeds is not None and allowed is None and not keep_generation_probs
+    set_kind = sampling.set_logprob if routes == "full" else None  # set log-probs only where the caller reads them
     cache = rollout_cache(model, P + max_new_tokens)
     start, prefix = 0, None  # the first prompt column generate computes; a shared prefill's routes
     if share_prompts and (native and routes != "full" or shared_draws) and mm is None and cache is not None and P > 1:
-        record = _prefill_recorder(model, policy, sampling, prompt_mask, native=native, routes=routes,
-                                   seeds=prompt_route_seeds)  # fmt: skip
+        record = _prefill_recorder(model, policy, sampling.routing_temperature, set_kind, prompt_mask,
+                                   native=native, routes=routes, seeds=prompt_route_seeds)  # fmt: skip
         key = prompt_route_seeds[:, None] if shared_draws else None
         start, prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, record, key=key)
     if route_seeds is not None:
@@ -197,7 +199,7 @@ def generate_rollout(
     else:
         recorder = route(
             model, policy, temperature=sampling.routing_temperature, allowed=allowed, generator=generator,
-            set_logprob=sampling.set_logprob, keep_probs=keep_generation_probs,
+            set_logprob=set_kind, keep_probs=keep_generation_probs,
         )  # fmt: skip
     with recorder as rec:
         sequences = model.generate(
@@ -309,7 +311,8 @@ def _shared_prefill(
 def _prefill_recorder(
     model: nn.Module,
     policy: TopK | Multinomial | NoisyTopK,
-    sampling: Sampling,
+    temperature: float,
+    set_kind: str | None,
     prompt_mask: Tensor,
     *,
     native: bool,
@@ -325,7 +328,7 @@ def _prefill_recorder(
 
     def record(rows: Tensor) -> AbstractContextManager:
         return route(
-            model, policy, temperature=sampling.routing_temperature, set_logprob=sampling.set_logprob,
+            model, policy, temperature=temperature, set_logprob=set_kind,
             generator=RouteSeeds(seeds[rows], prompt_mask[rows, : P - 1], prompt_seeds=seeds[rows]),
         )  # fmt: skip
 

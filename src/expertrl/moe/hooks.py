@@ -223,7 +223,7 @@ def _softmax_forward(
     temperature: float,
     allowed: AllowedFn | None,
     generator: torch.Generator | RouteSeeds | None,
-    set_kind: str,
+    set_kind: str | None,
     rec: RoutingRecorder,
     hidden_states: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -255,7 +255,10 @@ def _softmax_forward(
         weights = probs.gather(1, experts)  # (N, K) gradient reaches the router through the chosen experts
         if site.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        set_logp = set_logprob(set_kind, route_scores, experts)  # (N,) exact from all E scores (setprob)
+        if set_kind is None:  # nobody reads it (route's set_logprob=None)
+            set_logp = torch.zeros(experts.shape[0], device=experts.device)  # (N,)
+        else:
+            set_logp = set_logprob(set_kind, route_scores, experts)  # (N,) exact from all E scores (setprob)
         _record(rec, pos, experts, set_logp, router_logp.gather(1, experts), probs, logits)
     else:  # (N, K') with UNROUTED slots: real index (the token's top-1 expert), weight exactly 0
         used = experts != UNROUTED  # (N, K')
@@ -326,7 +329,7 @@ def route(
     keep_logits: bool = False,
     score_experts: Tensor | None = None,
     sites: list[RouterSite] | None = None,
-    set_logprob: str = "plackett_luce",
+    set_logprob: str | None = "plackett_luce",
 ) -> Iterator[RoutingRecorder]:
     """Route every MoE layer of ``model`` with ``policy`` inside the block; yields the recorder.
 
@@ -345,9 +348,10 @@ def route(
         score_experts: optional (L, N, K) expert ids (e.g. an older trace) whose live log-probs are recorded too
             (``rec.scored``), whatever the policy chooses; softmax routers only.
         sites: routers to patch (default: ``find_routers(model)``).
-        set_logprob: the set log-probability recorded for each chosen expert set (``setprob.SET_LOGPROBS``).
+        set_logprob: the set log-probability recorded for each chosen expert set (``setprob.SET_LOGPROBS``), or
+            None where nobody reads it (a rollout that keeps expert ids only): recorded as 0, not computed.
     """
-    if set_logprob not in SET_LOGPROBS:
+    if set_logprob is not None and set_logprob not in SET_LOGPROBS:
         raise ValueError(f"unknown set_logprob {set_logprob!r}; choose from {sorted(SET_LOGPROBS)}")
     custom = not isinstance(policy, (TopK, Replay))
     if sites is None:  # top-K or replay of a dense model is the identity; anything else needs real routers
