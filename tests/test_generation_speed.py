@@ -60,8 +60,9 @@ def test_policies_that_sample_or_need_probabilities_still_route(tiny_moe, tokeni
     again = _rollout(tiny_moe, tokenizer, "full", policy=Multinomial())
     assert torch.equal(sampled.input_ids, again.input_ids)  # the sampled routes shaped the tokens: same draws
     assert torch.equal(sampled.routing.experts, again.routing.experts)
-    with_probs = _rollout(tiny_moe, tokenizer, "experts", keep_probs=True)
-    assert with_probs.route_probs is not None and with_probs.routing.set_logp.any()
+    with_probs = _rollout(tiny_moe, tokenizer, "experts", keep_probs=True)  # routed under route (probs kept)
+    assert with_probs.route_probs is not None and with_probs.route_probs.any()
+    assert not with_probs.routing.set_logp.any()  # ids only: generation's set log-probs are not computed
 
 
 def test_capture_hooks_are_removed_on_error(tiny_moe):

@@ -5,6 +5,7 @@ distribution ``policies.Multinomial`` samples), and the expert weights are ``moe
 import itertools
 import math
 
+import pytest
 import torch
 
 from expertrl.moe.gumbel import counter_uniform, expert_weights, gumbel_noise, mix64, sample_without_replacement
@@ -93,18 +94,21 @@ def test_layer_keys_wrap_like_int64_for_every_layer_of_a_real_model():
         assert torch.equal(layer_uniform(seeds, positions, layer, E), expected[:, layer])
 
 
-def test_a_decode_steps_uniforms_for_all_layers_at_once_equal_each_layers_own():
+@pytest.mark.parametrize("start", [0, 3])  # 3 = P - 1: a shared prefill computed the columns before it
+def test_a_decode_steps_uniforms_for_all_layers_at_once_equal_each_layers_own(start):
     """``RouteSeeds`` computes a decode step's uniforms for every layer in one call (one hash over (L, B, E) instead
-    of L): bit for bit what each layer's own ``layer_uniform`` gives, at every step, with the prefill per layer."""
+    of L): bit for bit what each layer's own ``layer_uniform`` gives, at every step, whatever order the layers ask
+    in, with the prefill per layer."""
     from expertrl.moe.gumbel import RouteSeeds, layer_uniform
 
     seeds = torch.tensor([11, -3, 2**61 + 5], dtype=torch.int64)
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])  # left-padded prompts of 3, 4 and 2 tokens
     L, E = 5, 128
-    rs = RouteSeeds(seeds, mask, prompt_seeds=seeds + 1)
+    rs = RouteSeeds(seeds, mask, prompt_seeds=seeds + 1, start=start)
     for layer in range(L):  # the prefill, per layer
-        assert rs.uniform(layer, 3 * 4, E).shape == (12, E)
+        assert rs.uniform(layer, 3 * (4 - start), E).shape == (3 * (4 - start), E)
+    order = torch.Generator().manual_seed(0)
     for step in range(1, 4):
-        for layer in range(L):
+        for layer in torch.randperm(L, generator=order).tolist() if step > 1 else range(L):
             expected = layer_uniform(seeds, mask.sum(-1) + step - 1, layer, E)  # (B, E)
             assert torch.equal(rs.uniform(layer, 3, E), expected), (step, layer)

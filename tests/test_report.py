@@ -77,9 +77,14 @@ def test_report_for_one_run(runs, tmp_path):
         write_report([run], tmp_path / "x", labels=["a", "b"])
 
 
-def test_report_for_two_runs_side_by_side(runs, tmp_path, capsys):
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_report_for_two_runs_side_by_side(runs, tmp_path, capsys, progress):
     hf_logging.enable_progress_bar()  # as a fresh process has it: the report's loading bar follows its own switch
-    code = report_main([str(runs[0]), str(runs[1]), "--output", str(tmp_path / "cmp"), "--labels", "base,rl"])
+    try:
+        args = [str(runs[0]), str(runs[1]), "--output", str(tmp_path / "cmp"), "--labels", "base,rl"]
+        code = report_main([*args, "--progress", progress])
+    finally:
+        hf_logging.disable_progress_bar()
     assert code == 0
     out, err = capsys.readouterr()
     assert "report.html" in out

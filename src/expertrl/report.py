@@ -347,8 +347,8 @@ def write_report(
         output: directory for the two files (default: ``RUN_DIR/report`` for one run, ``report-A-vs-B`` next to
             the first run for several).
         labels: names of the runs in legends and tables (default: the directories' names).
-        progress: show the loading and evaluation bars of a run whose routing statistics need an evaluation pass
-            (on a terminal only).
+        progress: show the progress of a run whose routing statistics need an evaluation pass: Hugging Face's
+            loading bar (on a terminal only) and the evaluation's (off a terminal, a plain line every 30 s).
     Returns:
         ``{"html": Path, "markdown": Path}``.
     """
@@ -383,7 +383,8 @@ def report_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=None, help="comma-separated run names, one per RUN_DIR")
     parser.add_argument(
         "--progress", default="true", choices=["true", "false"],
-        help="loading and evaluation bars of a run that needs an evaluation pass (on a terminal only)",
+        help="progress of a run that needs an evaluation pass: Hugging Face's loading bar (on a terminal only) and the "
+        "evaluation's bar (off a terminal, a plain line every 30 s); default true",
     )  # fmt: skip
     args = parser.parse_args(argv)
     labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]

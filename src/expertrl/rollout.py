@@ -41,9 +41,9 @@ from expertrl.decoding import (
 )
 from expertrl.mm import VISION_KWARGS
 from expertrl.moe.adapters import find_routers, native_precision
-from expertrl.moe.capture import capture_experts
+from expertrl.moe.capture import ExpertCapture, capture_experts
 from expertrl.moe.gumbel import RouteSeeds
-from expertrl.moe.hooks import AllowedFn, route
+from expertrl.moe.hooks import AllowedFn, RoutingRecorder, route
 from expertrl.moe.policies import Multinomial, NoisyTopK, TopK
 from expertrl.ops import pad_along
 from expertrl.policy import distinct_prompts, policy_forward, position_ids_from_mask, with_old_policy
@@ -147,9 +147,9 @@ def generate_rollout(
             evaluation's routing statistics read them.
         routes: what the caller reads of generation's routing trace: ``full`` (expert ids and set log-probs),
             ``experts`` (ids only; set log-probs 0, not computed) or ``none`` (nothing: ``rollout.routing`` is then an
-            empty L = 0 trace). Top-K
-            routing without an expert mask or kept probabilities then runs the native routers, with a capture hook
-            (``experts``, set log-probs 0) or without any (``none``); other policies always route with ``route``.
+            empty L = 0 trace). Top-K routing without an expert mask or kept probabilities then runs the native
+            routers, with a capture hook (``experts``) or without any (``none``); other policies always route with
+            ``route``.
         share_prompts: on those native paths, and for sampled routes whose prompt seeds are shared
             (``prompt_route_seeds``), prefill each distinct prompt once (``_shared_prefill``). The prefill is one more
             forward where prompts repeat: pass False where the ranks of a sharded model, which must run the same
@@ -175,9 +175,11 @@ def generate_rollout(
     keep_generation_probs = keep_probs and old_routing is None
     keyed = route_seeds is not None and policy.stochastic
     assert prompt_route_seeds is None or route_seeds is not None, "prompt_route_seeds needs route_seeds"
-    if route_seeds is not None:
+    if route_seeds is not None:  # (B,) on the model's device, where the noise is hashed and the prompts indexed
         assert route_seeds.shape == (B,), (route_seeds.shape, B)
         assert prompt_route_seeds is None or prompt_route_seeds.shape == (B,), prompt_route_seeds.shape
+        route_seeds = route_seeds.to(device)
+        prompt_route_seeds = None if prompt_route_seeds is None else prompt_route_seeds.to(device)
     # the native routers suffice: top-K, no mask, nothing but ids kept, and routers computing in route's precision
     native = isinstance(policy, TopK) and allowed is None and not keep_generation_probs and native_precision(model)
     # sampled routes whose prompt draws are shared by rows (one seed per group) route those rows' prompts alike
@@ -186,8 +188,10 @@ def generate_rollout(
     cache = rollout_cache(model, P + max_new_tokens)
     start, prefix = 0, None  # the first prompt column generate computes; a shared prefill's routes
     if share_prompts and (native and routes != "full" or shared_draws) and mm is None and cache is not None and P > 1:
-        record = _prefill_recorder(model, policy, sampling.routing_temperature, set_kind, prompt_mask,
-                                   native=native, routes=routes, seeds=prompt_route_seeds)  # fmt: skip
+        record = _prefill_recorder(
+            model, policy, prompt_mask, temperature=sampling.routing_temperature, set_kind=set_kind, native=native,
+            routes=routes, seeds=prompt_route_seeds,
+        )  # fmt: skip
         key = prompt_route_seeds[:, None] if shared_draws else None
         start, prefix = _shared_prefill(model, prompt_ids, prompt_mask, cache, record, key=key)
     if route_seeds is not None:
@@ -311,10 +315,10 @@ def _shared_prefill(
 def _prefill_recorder(
     model: nn.Module,
     policy: TopK | Multinomial | NoisyTopK,
-    temperature: float,
-    set_kind: str | None,
     prompt_mask: Tensor,
     *,
+    temperature: float,
+    set_kind: str | None,
     native: bool,
     routes: str,
     seeds: Tensor | None,
@@ -335,7 +339,9 @@ def _prefill_recorder(
     return record
 
 
-def _generation_trace(rec, prefix: tuple[Tensor, Tensor] | None, sequences: Tensor) -> RoutingTrace:
+def _generation_trace(
+    rec: RoutingRecorder | ExpertCapture | None, prefix: tuple[Tensor, Tensor] | None, sequences: Tensor
+) -> RoutingTrace:
     """The (L, B, S, K) routes of ``generate``'s (B, S) ``sequences``: the shared prefill's (``prefix``) then the
     recorder's own (``rec``: None or no router sites = an empty L = 0 trace); the last position, generated but never
     fed back, is ``UNROUTED``."""

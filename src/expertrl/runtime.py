@@ -54,8 +54,9 @@ BF16_ON_SLOW_CPU = (
 
 def compute_device() -> torch.device:
     """Where a single-process command (``expertrl sft``, ``eval``, ``report``'s evaluation pass) runs its model: the
-    current CUDA device where torch sees one, else the CPU (``CUDA_VISIBLE_DEVICES=`` keeps a command on the CPU).
-    ``expertrl train`` takes accelerate's device instead, which is the same in a single process."""
+    current CUDA device where torch sees one, else the CPU (``CUDA_VISIBLE_DEVICES=`` keeps a command on the CPU;
+    other accelerators, MPS or XPU, are not used). ``expertrl train`` takes accelerate's device instead, which is
+    the same on a CUDA machine in a single process."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -106,8 +106,9 @@ class RoutingTrace:
             (int8 up to E = 128, else int16); a trace built from wider integers is narrowed on construction.
         set_logp: (L, B, S) float32 log-probability, under the distribution the routes were drawn from (masked,
             tempered router softmax; ``Sampling``), of the expert set chosen at each position, computed inside the
-            router call from all E scores (``expertrl.moe.setprob``). 0 where ``experts`` is ``UNROUTED`` and where
-            no set probability exists (variable-K or sigmoid routers).
+            router call from all E scores (``expertrl.moe.setprob``). 0 where ``experts`` is ``UNROUTED``, where
+            no set probability exists (variable-K or sigmoid routers) and in rollouts that keep expert ids only
+            (``generate_rollout(routes="experts")``: not computed).
         layers: absolute decoder-layer index of each of the L MoE layers.
         num_experts: E.
     """

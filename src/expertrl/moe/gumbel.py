@@ -21,6 +21,8 @@ Pure functions of tensors (int64 wrap-around arithmetic for the hash, float64 fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -71,10 +73,19 @@ def layer_uniform(seeds: Tensor, positions: Tensor, layer: int, num_experts: int
     return layers_uniform(seeds, positions, [layer], num_experts)[0]
 
 
-def layers_uniform(seeds: Tensor, positions: Tensor, layers, num_experts: int) -> Tensor:
-    """(len(layers), N, E) float64 uniforms of the MoE layers ``layers`` (ints): the one definition of the noise.
-    Every element is the same integer hash whatever else is computed with it, so one call over all layers (a decode
-    step's) equals per-layer calls bit for bit."""
+def layers_uniform(seeds: Tensor, positions: Tensor, layers: Sequence[int], num_experts: int) -> Tensor:
+    """Uniforms of several MoE layers at once: the one definition of the noise. Every element is the same integer hash
+    whatever else is computed with it, so one call over all layers (a decode step's) equals per-layer calls bit for
+    bit.
+
+    Args:
+        seeds: (N,) int64 seed of each row's request.
+        positions: (N,) int64 position of each row in its request's sequence.
+        layers: the MoE layers' indices (l = the l-th MoE layer).
+        num_experts: E.
+    Returns:
+        (len(layers), N, E) float64 in the open interval (0, 1).
+    """
     keys = torch.tensor([_signed(layer * _LAYER + 1) for layer in layers], dtype=torch.int64, device=seeds.device)
     row = mix64(mix64(seeds[None, :] ^ keys[:, None]) ^ positions[None, :])  # (L, N)
     experts = mix64(torch.arange(num_experts, dtype=torch.int64, device=seeds.device))  # (E,)
@@ -94,7 +105,9 @@ class RouteSeeds:
     route computes the state that predicts the first generated token: a completion route) and the generated ones.
     ``hooks.route`` asks ``uniform(layer, n)`` at every router call: the first call of a layer is the prefill of
     prompt columns ``start .. P-1`` (n = B * (P - start) tokens; columns before ``start`` were prefilled by another
-    call, a shared prefill), each later one a decode step (n = B, the token just generated).
+    call, a shared prefill), each later one a decode step (n = B, the token just generated). One ``RouteSeeds`` serves
+    one ``generate`` call. A decode step's uniforms are hashed for every layer at the first layer's call and read by
+    the others (layers of different E each recompute them).
 
     Args:
         seeds: (B,) int64 (``row_seeds``).
@@ -105,8 +118,8 @@ class RouteSeeds:
     """
 
     def __init__(self, seeds: Tensor, prompt_mask: Tensor, prompt_seeds: Tensor | None = None, start: int = 0) -> None:
-        self.seeds = seeds.to(torch.int64)
-        self.prompt_seeds = self.seeds if prompt_seeds is None else prompt_seeds.to(torch.int64)
+        self.seeds = seeds.to(device=prompt_mask.device, dtype=torch.int64)  # where the prompts are (the model's)
+        self.prompt_seeds = self.seeds if prompt_seeds is None else prompt_seeds.to(self.seeds)
         self.lengths = prompt_mask.long().sum(-1)  # (B,) prompt tokens per row
         self.prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) pads: 0, never used
         assert 0 <= start < prompt_mask.shape[1], (start, prompt_mask.shape)
@@ -135,7 +148,7 @@ class RouteSeeds:
                 positions = (self.lengths + (call - 1)).to(device)
                 uniforms = layers_uniform(self.seeds.to(device), positions, layers, num_experts)  # (L, B, E)
                 step = self._step = (call, {x: i for i, x in enumerate(layers)}, uniforms)
-            return step[2][step[1][layer]]
+            return step[2][step[1][layer]]  # (B, E)
         return layer_uniform(seeds.to(device), positions.to(device), layer, num_experts)
 
 
