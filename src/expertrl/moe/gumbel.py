@@ -65,7 +65,8 @@ def counter_uniform(seeds: Tensor, positions: Tensor, num_layers: int, num_exper
     Returns:
         (N, L, E) float64 in the open interval (0, 1).
     """
-    return layers_uniform(seeds, positions, range(num_layers), num_experts).transpose(0, 1)
+    # per layer: a big prefill (N tokens) then holds one layer's (N, E) int64 temporaries at a time, not L of them
+    return torch.stack([layer_uniform(seeds, positions, layer, num_experts) for layer in range(num_layers)], dim=1)
 
 
 def layer_uniform(seeds: Tensor, positions: Tensor, layer: int, num_experts: int) -> Tensor:
