@@ -177,6 +177,11 @@ BAD_INPUT = [
     Case("every checkpoint damaged", _all_checkpoints_damaged, ["no checkpoint", "reads back whole", "trainer_state"]),
     Case("K > E", lambda t: train_args(t / "run", "--model.top_k", "16"), ["model.top_k", "16"]),
     Case(
+        "--resume of a misspelled folder",
+        lambda t: (_finished_run(t), train_args(t / "rnu", "--resume", str(t / "rnu")))[1],  # meant t / "run"
+        ["resume:", "rnu", "is not a directory"],
+    ),
+    Case(
         "a 10 MB JSONL row",
         _long_row,
         [
@@ -218,8 +223,10 @@ def test_overwrite_replaces_only_a_runs_own_files(tmp_path):
     out = tmp_path / "run"
     assert cli(*train_args(out, "--steps", "1")) == 0
     (out / "my_notes.txt").write_text("keep me")
+    (out / "report").mkdir()  # `expertrl report`'s default output: it describes the run being replaced
+    (out / "report" / "report.md").write_text("the old run")
     assert cli(*train_args(out, "--steps", "1", "--overwrite", "true")) == 0
-    assert (out / "my_notes.txt").read_text() == "keep me"
+    assert (out / "my_notes.txt").read_text() == "keep me" and not (out / "report").exists()
     assert [r["step"] for r in records(out / "metrics.jsonl")] == [-1, 0, 1]  # not appended to the old run's
 
 

@@ -315,6 +315,8 @@ def find_resume_checkpoint(cfg: TrainConfig | SFTJobConfig) -> Path:
     unreadable optimizer state, an empty trainer state) is skipped with a warning naming the damaged file. Nothing
     in the run directory is touched here."""
     run_dir = Path(cfg.resume)
+    if not run_dir.is_dir():  # a typo: say so before suggesting anything built from it
+        raise ConfigError(f"resume: {str(run_dir)!r} is not a directory; pass the run directory to continue")
     if run_dir.resolve() != Path(cfg.output_dir).resolve():
         raise ConfigError(
             f"resume: a resumed run continues in its own directory, but output_dir is {cfg.output_dir!r}; "

@@ -594,7 +594,7 @@ class TrainConfig:
     save_every: int = 0
     """write a resumable checkpoint every this many steps; 0 = only the final model"""
     progress: bool = True
-    """show a progress bar"""
+    """show progress (a bar on a terminal, plain lines otherwise)"""
     resume: str | None = None
     """continue the run in this directory from its newest checkpoint that reads back whole (checkpoints/step-N or,
     inside the warm-up, sft-step-N); output_dir must name the same directory, and every other setting except steps,

@@ -37,9 +37,10 @@ RUN_MARKERS = (
     "sft_checkpoints",
 )
 """What marks a directory as holding a run."""
-RUN_FILES = (*RUN_MARKERS, "runs", "wandb", "wandb_run_id", "engine")
+RUN_FILES = (*RUN_MARKERS, "runs", "wandb", "wandb_run_id", "engine", "report")
 """What a run writes into its directory (``--overwrite`` removes exactly these): the markers, the trackers' files
-(tensorboard's ``runs/``, wandb's ``wandb/`` and ``wandb_run_id``) and the vLLM engine's weight folder."""
+(tensorboard's ``runs/``, wandb's ``wandb/`` and ``wandb_run_id``), the vLLM engine's weight folder and the report
+``expertrl report`` writes there by default (it would describe the replaced run)."""
 
 
 class RunDir:
