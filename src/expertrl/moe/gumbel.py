@@ -133,24 +133,21 @@ class RouteSeeds:
         """(n_tokens, E) float64 uniforms of this router call (see the class docstring)."""
         call = self.calls.get(layer, 0)
         self.calls[layer] = call + 1
-        B, P = self.prompt_positions.shape
-        device = self.seeds.device
-        if call == 0:
+        B, P = self.prompt_positions.shape  # seeds, lengths and positions all live on the prompts' device
+        if call == 0:  # the prefill
             width = P - self.start
             assert n_tokens == B * width, f"prefill of {n_tokens} tokens for {B} prompts of width {width}"
-            shared = torch.arange(self.start, P, device=device) < P - 1  # (width,) all prompt columns but the last
+            shared = torch.arange(self.start, P, device=self.seeds.device) < P - 1  # (width,) prompt columns but last
             seeds = torch.where(shared, self.prompt_seeds[:, None], self.seeds[:, None]).reshape(-1)  # (B * width,)
-            positions = self.prompt_positions[:, self.start :].reshape(-1)
-        else:  # a decode step: every layer's uniforms in one call (the first layer to ask), then read per layer
-            assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
-            step = self._step
-            if step is None or step[0] != call or layer not in step[1] or step[2].shape[-1] != num_experts:
-                layers = sorted(self.calls)  # every layer has routed its prefill by now
-                positions = (self.lengths + (call - 1)).to(device)
-                uniforms = layers_uniform(self.seeds.to(device), positions, layers, num_experts)  # (L, B, E)
-                step = self._step = (call, {x: i for i, x in enumerate(layers)}, uniforms)
-            return step[2][step[1][layer]]  # (B, E)
-        return layer_uniform(seeds.to(device), positions.to(device), layer, num_experts)
+            return layer_uniform(seeds, self.prompt_positions[:, self.start :].reshape(-1), layer, num_experts)
+        # a decode step: every layer's uniforms in one call (the first layer to ask), then read per layer
+        assert n_tokens == B, f"decode step of {n_tokens} tokens for {B} rows"
+        step = self._step
+        if step is None or step[0] != call or layer not in step[1] or step[2].shape[-1] != num_experts:
+            layers = sorted(self.calls)  # every layer has routed its prefill by now
+            uniforms = layers_uniform(self.seeds, self.lengths + (call - 1), layers, num_experts)  # (L, B, E)
+            step = self._step = (call, {x: i for i, x in enumerate(layers)}, uniforms)
+        return step[2][step[1][layer]]  # (B, E)
 
 
 def gumbel_noise(seeds: Tensor, positions: Tensor, num_layers: int, num_experts: int) -> Tensor:
